@@ -1,0 +1,87 @@
+//! Image references in skopeo's style. Today: `oci:DIR[:TAG]`, an OCI image layout on disk.
+
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    /// An OCI image layout directory and, optionally, the tag (`org.opencontainers.image.ref.name`)
+    /// of one image in it.
+    Layout { dir: PathBuf, tag: Option<String> },
+}
+
+impl ImageRef {
+    /// Parses `oci:DIR[:TAG]`. The directory ends at the first `:` after the transport.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(rest) = text.strip_prefix("oci:") else {
+            return Err(format!(
+                "image reference {text:?} has no known transport; expected oci:DIR[:TAG]"
+            ));
+        };
+        let (dir, tag) = match rest.split_once(':') {
+            Some((dir, tag)) => (dir, Some(tag.to_owned())),
+            None => (rest, None),
+        };
+        if dir.is_empty() {
+            return Err(format!("image reference {text:?} names no directory"));
+        }
+        if let Some(tag) = &tag {
+            check_tag(tag).map_err(|e| format!("image reference {text:?}: {e}"))?;
+        }
+        Ok(ImageRef::Layout {
+            dir: PathBuf::from(dir),
+            tag,
+        })
+    }
+}
+
+/// A tag as the distribution spec allows it: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let b = tag.as_bytes();
+    let valid = !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if !valid {
+        return Err(format!(
+            "tag {tag:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageRef::Layout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
+            ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_layout_references() {
+        assert_eq!(
+            ImageRef::parse("oci:out/app:v1").unwrap(),
+            ImageRef::Layout {
+                dir: "out/app".into(),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            ImageRef::parse("oci:base").unwrap(),
+            ImageRef::Layout {
+                dir: "base".into(),
+                tag: None
+            }
+        );
+        assert!(ImageRef::parse("docker-archive:x").is_err());
+        assert!(ImageRef::parse("oci::tag").is_err());
+        assert!(ImageRef::parse("oci:dir:bad/tag").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! workerbundle: Cloudflare-style Workers in, one deterministic workerd container image out.
+//!
+//! The data flow is visible in the module names:
+//! - [`worker`]: what a worker is (Cloudflare upload metadata, module kinds, validation);
+//! - [`source`]: where a worker's files come from (a directory today);
+//! - [`image`]: the builder — deterministic layers, the workerd config, image assembly, OCI layouts;
+//! - [`base_image`]: the workerd base image, assembled from package archives.
+
+pub mod base_image;
+pub mod digest;
+pub mod image;
+pub mod source;
+pub mod worker;

@@ -1,0 +1,176 @@
+//! The `workerbundle` command line: parse, call the library, print.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
+use workerbundle::image::build::{build, BuildRequest, WorkerInput};
+use workerbundle::image::reference::ImageRef;
+
+#[derive(Parser)]
+#[command(
+    name = "workerbundle",
+    version,
+    about = "Cloudflare-style Workers in, one deterministic workerd container image out."
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build workers into one workerd image over a base image.
+    ///
+    /// Each worker is a directory of modules plus an optional metadata.json in Cloudflare's upload
+    /// format (main_module, compatibility_date, compatibility_flags, bindings of type plain_text,
+    /// json and secret_text). Each worker gets its own layer; a small top-level layer holds the
+    /// workerd config. The same inputs always give the same image digest, which is printed as the
+    /// last line of stdout.
+    ///
+    /// Example:
+    ///   workerbundle build --base oci:base:workerd \
+    ///     --worker hello=testdata/workers/hello --worker secret=testdata/workers/secret@9000 \
+    ///     --output oci:out:latest
+    #[command(verbatim_doc_comment)]
+    Build {
+        /// Base image with workerd: oci:DIR[:TAG] (an OCI image layout; the tag may be left out
+        /// when the layout holds one image). Example: --base oci:base:workerd
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        base: ImageRef,
+        /// A worker: NAME=DIR[@PORT]. NAME is a DNS-1123 label; ports default to 8080, 8081, ... in
+        /// the order given. Repeat for more workers. Example: --worker api=./api@8080
+        #[arg(long = "worker", value_name = "NAME=DIR[@PORT]", required = true, value_parser = WorkerInput::parse)]
+        workers: Vec<WorkerInput>,
+        /// Prefix of the environment variables that carry a worker's secrets: NAME=PREFIX. The
+        /// default for worker my-api is MY_API_, so secret KEY is read from MY_API_KEY.
+        /// Example: --env-prefix api=API_
+        #[arg(long = "env-prefix", value_name = "NAME=PREFIX", value_parser = parse_env_prefix)]
+        env_prefixes: Vec<(String, String)>,
+        /// Where to write the image: oci:DIR:TAG. A new directory is created whole or not at all;
+        /// an existing layout gains the tag. Example: --output oci:out:latest
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        output: ImageRef,
+        /// Value of org.opencontainers.image.base.name. Default: the base reference's tag.
+        #[arg(long, value_name = "NAME")]
+        base_name: Option<String>,
+        /// Timestamp for every file, the config's `created` and the created annotation, in seconds
+        /// since the epoch.
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
+        source_date_epoch: i64,
+    },
+    /// Assemble the workerd base image from pinned package archives (no Docker, no network).
+    ///
+    /// Reads the npm tarball of workerd and the Debian packages of glibc and CA certificates from
+    /// the archive cache (fill it with base-images/workerd/fetch.py), checks each against the
+    /// sha256 pinned in the recipe, and writes a two-layer image. Prints the manifest digest last.
+    ///
+    /// Example:
+    ///   python3 base-images/workerd/fetch.py && workerbundle base-image --output oci:base:workerd
+    #[command(verbatim_doc_comment)]
+    BaseImage {
+        /// Where to write the image: oci:DIR:TAG.
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        output: ImageRef,
+        /// Directory holding the package archives. Default: $WORKERBUNDLE_ARCHIVES, else
+        /// ~/.cache/workerbundle/archives.
+        #[arg(long, value_name = "DIR")]
+        archives: Option<PathBuf>,
+        /// A recipe other than the built-in base-images/workerd/recipe.json.
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
+        /// Timestamp for every file and the config, in seconds since the epoch.
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
+        source_date_epoch: i64,
+    },
+}
+
+fn parse_env_prefix(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(n, p)| (n.to_owned(), p.to_owned()))
+        .ok_or_else(|| format!("--env-prefix {text:?} must look like NAME=PREFIX"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(digest) => {
+            println!("{digest}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<String, String> {
+    match command {
+        Command::Build {
+            base,
+            mut workers,
+            env_prefixes,
+            output,
+            base_name,
+            source_date_epoch,
+        } => {
+            for (name, prefix) in env_prefixes {
+                let worker = workers.iter_mut().find(|w| w.name == name).ok_or_else(|| {
+                    format!("--env-prefix names worker {name:?}, which no --worker defines")
+                })?;
+                worker.env_prefix = Some(prefix);
+            }
+            let request = BuildRequest {
+                base,
+                base_name,
+                workers,
+                output,
+                source_date_epoch,
+            };
+            let outcome = build(&request).map_err(|e| e.to_string())?;
+            Ok(outcome.manifest_digest.to_string())
+        }
+        Command::BaseImage {
+            output,
+            archives,
+            recipe,
+            source_date_epoch,
+        } => {
+            let text = match &recipe {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?,
+                None => BUILTIN_RECIPE.to_owned(),
+            };
+            let recipe = Recipe::parse(&text)?;
+            let ImageRef::Layout { dir, tag } = output;
+            let tag = tag.ok_or("--output needs a tag: oci:DIR:TAG")?;
+            let archives = archives.unwrap_or_else(base_image::default_archive_dir);
+            let digest = base_image::build_base_image(&recipe, &archives, &dir, &tag, source_date_epoch)
+                .map_err(|e| e.to_string())?;
+            Ok(digest.to_string())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

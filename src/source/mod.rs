@@ -1,0 +1,16 @@
+//! Where a worker's files come from. Each source yields the same thing: module paths (relative,
+//! `/`-separated) mapped to contents, `metadata.json` included, ready for [`crate::worker::Worker::from_files`].
+
+mod dir;
+
+pub use dir::read_dir_source;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read worker directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("worker directory {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}

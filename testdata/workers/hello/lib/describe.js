@@ -1,0 +1,3 @@
+export function describe(config) {
+  return `tags: ${config.tags.join(", ")}`;
+}

@@ -1,0 +1,5 @@
+module.exports = {
+  shout(text) {
+    return text.toUpperCase();
+  },
+};
