@@ -160,6 +160,7 @@ fn pick_main_module(metadata: &Metadata, modules: &[Module]) -> Result<String, S
                 )
             })?,
     };
+    names::check_module_path(&main)?;
     let module = modules.iter().find(|m| m.path == main).ok_or_else(|| {
         let present: Vec<&str> = modules.iter().map(|m| m.path.as_str()).collect();
         format!(
@@ -232,13 +233,18 @@ fn convert_bindings(raw: &[RawBinding], env_prefix: &str) -> Result<Vec<Binding>
                      remove \"text\" and pass the value as the environment variable {env_prefix}{name}"
                 ))
             }
-            "secret_text" => Binding::FromEnvironment {
-                variable: format!("{env_prefix}{name}"),
-                name,
-            },
-            other => return Err(format!(
+            "secret_text" => {
+                names::check_secret_name(&name)?;
+                Binding::FromEnvironment {
+                    variable: format!("{env_prefix}{name}"),
+                    name,
+                }
+            }
+            other => {
+                return Err(format!(
                 "binding {name:?} has type {other:?}; supported types are plain_text, json and secret_text"
-            )),
+            ))
+            }
         });
     }
     Ok(bindings)
@@ -338,6 +344,11 @@ mod tests {
         );
         assert!(error_of(files(&[("util.js", "")])).contains("no main module"));
         assert!(error_of(files(&[("index.js", ""), ("../x.js", "")])).contains("'..'"));
+        let escape = error_of(files(&[
+            ("metadata.json", r#"{"main_module":"../../etc/x.js"}"#),
+            ("index.js", ""),
+        ]));
+        assert!(escape.contains("'..'"), "{escape}");
         assert!(error_of(files(&[("index.js", ""), ("/abs.js", "")])).contains("absolute"));
         assert!(error_of(files(&[("metadata.json", "{nope"), ("index.js", "")])).contains("not valid"));
         let secret = error_of(files(&[

@@ -46,12 +46,21 @@ pub fn check_module_path(path: &str) -> Result<(), String> {
     }
 }
 
-/// Binding names become JavaScript property names and, for secrets, parts of environment
-/// variable names; `=` and NUL cannot appear in either.
+/// Binding names become JavaScript property names: any text but NUL.
 pub fn check_binding_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.contains(['=', '\0']) || name.len() > 256 {
+    if name.is_empty() || name.contains('\0') || name.len() > 256 {
         return Err(format!(
-            "binding name {name:?} must be 1-256 characters without '=' or NUL"
+            "binding name {name:?} must be 1-256 characters without NUL"
+        ));
+    }
+    Ok(())
+}
+
+/// A secret's name is also the tail of an environment variable name, which cannot hold `=`.
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    if name.contains('=') {
+        return Err(format!(
+            "secret binding name {name:?} cannot contain '=': it names an environment variable"
         ));
     }
     Ok(())
