@@ -98,7 +98,7 @@ fn bad_workers_are_refused_before_anything_is_written() {
 
     refused(
         &format!("oci:{}:workerd", root.join("no-such-layout").display()),
-        &[good.clone()],
+        std::slice::from_ref(&good),
         "oci-layout",
     );
     let not_layout = root.join("not-a-layout");
@@ -106,7 +106,7 @@ fn bad_workers_are_refused_before_anything_is_written() {
     fs::write(not_layout.join("index.json"), "{}").unwrap();
     refused(
         &format!("oci:{}", not_layout.display()),
-        &[good.clone()],
+        std::slice::from_ref(&good),
         "oci-layout",
     );
     let base_dir = base.strip_prefix("oci:").unwrap().rsplit_once(':').unwrap().0;
