@@ -1,0 +1,14 @@
+# The workerbundle controller/CLI image. The images workerbundle builds need no Docker; this file is
+# for publishing workerbundle itself with any OCI builder (docker build, buildah, kaniko).
+FROM docker.io/library/rust:1.85-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY src src
+COPY base-images base-images
+COPY examples examples
+RUN cargo build --release --locked --bin workerbundle
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/workerbundle /usr/local/bin/workerbundle
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/workerbundle"]
