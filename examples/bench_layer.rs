@@ -41,9 +41,9 @@ impl Rng {
 
 fn javascript(size: usize, rng: &mut Rng) -> Vec<u8> {
     const WORDS: [&str; 24] = [
-        "const", "return", "await", "request", "response", "headers", "env", "fetch", "JSON", "parse",
-        "if", "else", "for", "of", "new", "URL", "export", "default", "async", "function", "=>", "null",
-        "this", "length",
+        "const", "return", "await", "request", "response", "headers", "env", "fetch", "JSON", "parse", "if",
+        "else", "for", "of", "new", "URL", "export", "default", "async", "function", "=>", "null", "this",
+        "length",
     ];
     let mut out = Vec::with_capacity(size + 64);
     while out.len() < size {
@@ -76,7 +76,11 @@ fn main() -> io::Result<()> {
     let per_file = args.size_mib * 1024 * 1024 / args.files.max(1);
     let mut layer = LayerBuilder::new();
     for i in 0..args.files {
-        layer.file(&format!("etc/workerd/workers/bench/src/module{i:04}.js"), javascript(per_file, &mut rng), 0o644);
+        layer.file(
+            &format!("etc/workerd/workers/bench/src/module{i:04}.js"),
+            javascript(per_file, &mut rng),
+            0o644,
+        );
     }
 
     // The exact tar stream the builder hashes, for the peer to compress.
@@ -84,7 +88,11 @@ fn main() -> io::Result<()> {
         let (digests, blob) = layer.to_blob(0)?;
         let mut tar = Vec::new();
         flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut tar)?;
-        assert_eq!(Digest::of(&tar), digests.diff_id, "diffID must be the sha256 of the tar stream");
+        assert_eq!(
+            Digest::of(&tar),
+            digests.diff_id,
+            "diffID must be the sha256 of the tar stream"
+        );
         tar
     };
     let tar_size = tar.len() as u64;
@@ -117,9 +125,26 @@ fn main() -> io::Result<()> {
 
     let (ours, peer) = (median(ours), median(peer));
     let mut stdout = io::stdout().lock();
-    writeln!(stdout, "input: {} files, {:.1} MiB of tar, {} runs each (median)", args.files, tar_size as f64 / 1048576.0, args.runs)?;
-    writeln!(stdout, "workerbundle layer (tar+sha256+gzip-1+sha256): {:>8.1} MiB/s  ({:?}, {:.1}x smaller)", mib_per_s(tar_size, ours), ours, tar_size as f64 / compressed as f64)?;
-    writeln!(stdout, "gzip -1 | openssl dgst -sha256:                {:>8.1} MiB/s  ({:?})", mib_per_s(tar_size, peer), peer)?;
+    writeln!(
+        stdout,
+        "input: {} files, {:.1} MiB of tar, {} runs each (median)",
+        args.files,
+        tar_size as f64 / 1048576.0,
+        args.runs
+    )?;
+    writeln!(
+        stdout,
+        "workerbundle layer (tar+sha256+gzip-1+sha256): {:>8.1} MiB/s  ({:?}, {:.1}x smaller)",
+        mib_per_s(tar_size, ours),
+        ours,
+        tar_size as f64 / compressed as f64
+    )?;
+    writeln!(
+        stdout,
+        "gzip -1 | openssl dgst -sha256:                {:>8.1} MiB/s  ({:?})",
+        mib_per_s(tar_size, peer),
+        peer
+    )?;
     writeln!(stdout, "ratio: {:.2}x", peer.as_secs_f64() / ours.as_secs_f64())?;
     Ok(())
 }
