@@ -56,11 +56,7 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-            written: 0,
-        }
+        Self { inner, hasher: Sha256::new(), written: 0 }
     }
 
     /// The digest and size of everything written, and the inner writer.

@@ -9,5 +9,6 @@
 pub mod base_image;
 pub mod digest;
 pub mod image;
+pub mod registry;
 pub mod source;
 pub mod worker;

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
 use workerbundle::image::build::{build, BuildRequest, WorkerInput};
 use workerbundle::image::reference::ImageRef;
+use workerbundle::registry::pull::delete_image;
+use workerbundle::registry::{Registries, RegistryOptions};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +22,33 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach registries (for docker:// references).
+#[derive(clap::Args, Clone, Default)]
+struct RegistryArgs {
+    /// Credentials for every registry, USER:PASS. Example: --creds ci:s3cret
+    #[arg(long, value_name = "USER:PASS")]
+    creds: Option<String>,
+    /// A docker config.json (or a Kubernetes .dockerconfigjson) to take credentials from.
+    /// Default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json.
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+    /// Talk plain HTTP to registries on this machine (127.0.0.1, ::1, localhost); refused for
+    /// any other host.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl RegistryArgs {
+    fn registries(&self) -> Registries {
+        Registries::new(RegistryOptions {
+            creds: self.creds.clone(),
+            authfile: self.authfile.clone(),
+            insecure: self.insecure,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -42,10 +71,13 @@ enum Command {
     ///   workerbundle build --base oci:base:workerd \
     ///     --worker hello=testdata/workers/hello --worker secret=testdata/workers/secret@9000 \
     ///     --output oci:out:latest
+    ///   workerbundle build --base docker://127.0.0.1:5000/workerd-base:1 --insecure \
+    ///     --worker hello=testdata/workers/hello --output docker://127.0.0.1:5000/acct/app:v2
     #[command(verbatim_doc_comment)]
     Build {
         /// Base image with workerd: oci:DIR[:TAG] (an OCI image layout; the tag may be left out
-        /// when the layout holds one image). Example: --base oci:base:workerd
+        /// when the layout holds one image) or docker://HOST[:PORT]/REPO:TAG|@DIGEST.
+        /// Example: --base oci:base:workerd
         #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
         base: ImageRef,
         /// A worker: NAME=DIR[@PORT]. NAME is a DNS-1123 label; ports default to 8080, 8081, ... in
@@ -57,8 +89,9 @@ enum Command {
         /// Example: --env-prefix api=API_
         #[arg(long = "env-prefix", value_name = "NAME=PREFIX", value_parser = parse_env_prefix)]
         env_prefixes: Vec<(String, String)>,
-        /// Where to write the image: oci:DIR:TAG. A new directory is created whole or not at all;
-        /// an existing layout gains the tag. Example: --output oci:out:latest
+        /// Where to write the image: oci:DIR:TAG (a new directory is created whole or not at all;
+        /// an existing layout gains the tag) or docker://HOST[:PORT]/REPO:TAG (only blobs the
+        /// registry lacks are sent; the tag moves last). Example: --output oci:out:latest
         #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
         output: ImageRef,
         /// Value of org.opencontainers.image.base.name. Default: the base reference's tag.
@@ -68,6 +101,20 @@ enum Command {
         /// since the epoch.
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Delete an image from a registry by digest (registries delete by digest, not by tag).
+    ///
+    /// Example:
+    ///   workerbundle delete docker://127.0.0.1:5000/acct/app@sha256:... --insecure
+    #[command(verbatim_doc_comment)]
+    Delete {
+        /// docker://HOST[:PORT]/REPO@sha256:...
+        #[arg(value_name = "REF", value_parser = ImageRef::parse)]
+        image: ImageRef,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Assemble the workerd base image from pinned package archives (no Docker, no network).
     ///
@@ -104,7 +151,14 @@ fn parse_env_prefix(text: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli.command) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
         Ok(digest) => {
             println!("{digest}");
             ExitCode::SUCCESS
@@ -116,7 +170,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<String, String> {
+async fn run(command: Command) -> Result<String, String> {
     match command {
         Command::Build {
             base,
@@ -125,6 +179,7 @@ fn run(command: Command) -> Result<String, String> {
             output,
             base_name,
             source_date_epoch,
+            registry,
         } => {
             for (name, prefix) in env_prefixes {
                 let worker = workers.iter_mut().find(|w| w.name == name).ok_or_else(|| {
@@ -132,30 +187,38 @@ fn run(command: Command) -> Result<String, String> {
                 })?;
                 worker.env_prefix = Some(prefix);
             }
-            let request = BuildRequest {
-                base,
-                base_name,
-                workers,
-                output,
-                source_date_epoch,
-            };
-            let outcome = build(&request).map_err(|e| e.to_string())?;
+            let request = BuildRequest { base, base_name, workers, output, source_date_epoch };
+            let outcome = build(&request, &registry.registries()).await.map_err(|e| e.to_string())?;
+            if let Some(push) = &outcome.push {
+                eprintln!(
+                    "pushed: {} uploaded, {} mounted, {} already there; {} registry requests",
+                    push.uploaded, push.mounted, push.skipped, push.requests
+                );
+            }
             Ok(outcome.manifest_digest.to_string())
         }
-        Command::BaseImage {
-            output,
-            archives,
-            recipe,
-            source_date_epoch,
-        } => {
+        Command::Delete { image, registry } => {
+            let ImageRef::Registry(r) = &image else {
+                return Err(format!("{image} is not a registry reference (docker://...)"));
+            };
+            let digest = r.digest.clone().ok_or("delete needs a digest: docker://HOST/REPO@sha256:...")?;
+            let client = registry.registries().client(&r.registry).map_err(|e| e.to_string())?;
+            let deleted = delete_image(&client, &r.repository, &digest).await.map_err(|e| e.to_string())?;
+            if !deleted {
+                eprintln!("{image} was already gone");
+            }
+            Ok(digest.to_string())
+        }
+        Command::BaseImage { output, archives, recipe, source_date_epoch } => {
             let text = match &recipe {
                 Some(path) => std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?,
                 None => BUILTIN_RECIPE.to_owned(),
             };
             let recipe = Recipe::parse(&text)?;
-            let ImageRef::Layout { dir, tag } = output;
-            let tag = tag.ok_or("--output needs a tag: oci:DIR:TAG")?;
+            let ImageRef::Layout { dir, tag: Some(tag) } = output else {
+                return Err("--output of base-image must be an OCI layout with a tag: oci:DIR:TAG".into());
+            };
             let archives = archives.unwrap_or_else(base_image::default_archive_dir);
             let digest = base_image::build_base_image(&recipe, &archives, &dir, &tag, source_date_epoch)
                 .map_err(|e| e.to_string())?;
@@ -166,9 +229,7 @@ fn run(command: Command) -> Result<String, String> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

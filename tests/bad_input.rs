@@ -20,10 +20,7 @@ fn refused(base: &str, workers: &[String], expected: &str) {
     let output = workerbundle(&args);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{workers:?} was accepted");
-    assert!(
-        stderr.contains(expected),
-        "{workers:?}: expected {expected:?} in:\n{stderr}"
-    );
+    assert!(stderr.contains(expected), "{workers:?}: expected {expected:?} in:\n{stderr}");
     assert!(!out.exists(), "{workers:?}: the output directory was written");
     let leftovers: Vec<_> = fs::read_dir(work.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "{workers:?}: left {leftovers:?}");
@@ -45,56 +42,32 @@ fn bad_workers_are_refused_before_anything_is_written() {
     let good = worker_dir(root, "good", &[("index.js", "export default {}")]);
     let base = base_layout();
 
-    let no_main = worker_dir(
-        root,
-        "nomain",
-        &[("metadata.json", r#"{"main_module":"app.js"}"#), ("util.js", "")],
-    );
+    let no_main =
+        worker_dir(root, "nomain", &[("metadata.json", r#"{"main_module":"app.js"}"#), ("util.js", "")]);
     refused(base, &[no_main], "main module \"app.js\" is missing");
     let dotdot = worker_dir(
         root,
         "dotdot",
-        &[
-            ("metadata.json", r#"{"main_module":"../../etc/x.js"}"#),
-            ("index.js", ""),
-        ],
+        &[("metadata.json", r#"{"main_module":"../../etc/x.js"}"#), ("index.js", "")],
     );
     refused(base, &[dotdot], "contains '..'");
     let absolute = worker_dir(
         root,
         "absolute",
-        &[
-            ("metadata.json", r#"{"main_module":"/etc/passwd"}"#),
-            ("index.js", ""),
-        ],
+        &[("metadata.json", r#"{"main_module":"/etc/passwd"}"#), ("index.js", "")],
     );
     refused(base, &[absolute], "is absolute");
-    let bad_json = worker_dir(
-        root,
-        "badjson",
-        &[("metadata.json", "{\"main_module\": "), ("index.js", "")],
-    );
+    let bad_json = worker_dir(root, "badjson", &[("metadata.json", "{\"main_module\": "), ("index.js", "")]);
     refused(base, &[bad_json], "metadata.json is not valid");
     refused(
         base,
-        &[
-            format!("{good}@8080"),
-            format!("other={}@8080", root.join("good").display()),
-        ],
+        &[format!("{good}@8080"), format!("other={}@8080", root.join("good").display())],
         "both use port 8080",
     );
     refused(base, &[format!("{good}@70000")], "outside 1-65535");
     refused(base, &[format!("{good}@0")], "outside 1-65535");
-    refused(
-        base,
-        &[format!("Bad_Name={}", root.join("good").display())],
-        "not a DNS-1123 label",
-    );
-    refused(
-        base,
-        &[format!("missing={}", root.join("nope").display())],
-        "cannot read worker directory",
-    );
+    refused(base, &[format!("Bad_Name={}", root.join("good").display())], "not a DNS-1123 label");
+    refused(base, &[format!("missing={}", root.join("nope").display())], "cannot read worker directory");
 
     refused(
         &format!("oci:{}:workerd", root.join("no-such-layout").display()),
@@ -104,17 +77,9 @@ fn bad_workers_are_refused_before_anything_is_written() {
     let not_layout = root.join("not-a-layout");
     fs::create_dir_all(&not_layout).unwrap();
     fs::write(not_layout.join("index.json"), "{}").unwrap();
-    refused(
-        &format!("oci:{}", not_layout.display()),
-        std::slice::from_ref(&good),
-        "oci-layout",
-    );
+    refused(&format!("oci:{}", not_layout.display()), std::slice::from_ref(&good), "oci-layout");
     let base_dir = base.strip_prefix("oci:").unwrap().rsplit_once(':').unwrap().0;
-    refused(
-        &format!("oci:{base_dir}:no-such-tag"),
-        &[good],
-        "has no image tagged \"no-such-tag\"",
-    );
+    refused(&format!("oci:{base_dir}:no-such-tag"), &[good], "has no image tagged \"no-such-tag\"");
 }
 
 #[test]
@@ -125,20 +90,9 @@ fn a_failed_build_leaves_an_existing_layout_untouched() {
     build(&sample_worker_args(), &reference);
     let before = tree(&out);
 
-    let broken = worker_dir(
-        work.path(),
-        "broken",
-        &[("metadata.json", "not json"), ("index.js", "")],
-    );
-    let output = workerbundle(&[
-        "build",
-        "--base",
-        base_layout(),
-        "--output",
-        &reference,
-        "--worker",
-        &broken,
-    ]);
+    let broken = worker_dir(work.path(), "broken", &[("metadata.json", "not json"), ("index.js", "")]);
+    let output =
+        workerbundle(&["build", "--base", base_layout(), "--output", &reference, "--worker", &broken]);
     assert!(!output.status.success());
     assert_eq!(tree(&out), before, "the layout changed although the build failed");
 }

@@ -39,10 +39,7 @@ fn two_builds_at_different_times_from_different_places_are_bit_identical() {
     let workers: Vec<String> = ["hello", "secret"]
         .iter()
         .flat_map(|n| {
-            [
-                "--worker".to_owned(),
-                format!("{n}={}", work.path().join("elsewhere").join(n).display()),
-            ]
+            ["--worker".to_owned(), format!("{n}={}", work.path().join("elsewhere").join(n).display())]
         })
         .collect();
     let second = work.path().join("second");
@@ -78,12 +75,7 @@ struct Layers {
 fn layers_of(dir: &Path, digest: &str) -> Layers {
     let all = manifest_layers(dir, digest);
     assert_eq!(all.len(), 5);
-    Layers {
-        base: all[..2].to_vec(),
-        hello: all[2].clone(),
-        secret: all[3].clone(),
-        config: all[4].clone(),
-    }
+    Layers { base: all[..2].to_vec(), hello: all[2].clone(), secret: all[3].clone(), config: all[4].clone() }
 }
 
 fn workers_in(dir: &Path, secret_port: &str) -> Vec<String> {
@@ -125,10 +117,7 @@ fn each_change_touches_exactly_its_layers() {
     let original = fs::read_to_string(&metadata).unwrap();
     fs::write(&metadata, original.replace("\"production\"", "\"staging\"")).unwrap();
     let var_change = build_tag("var", "");
-    assert_eq!(
-        (&var_change.base, &var_change.hello, &var_change.secret),
-        (&v1.base, &v1.hello, &v1.secret)
-    );
+    assert_eq!((&var_change.base, &var_change.hello, &var_change.secret), (&v1.base, &v1.hello, &v1.secret));
     assert_ne!(var_change.config, v1.config);
     fs::write(&metadata, original).unwrap();
 

@@ -15,16 +15,8 @@ pub fn for_each_tar_entry(
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(|e| format!("not a tar archive: {e}"))? {
         let mut entry = entry.map_err(|e| format!("corrupt tar entry: {e}"))?;
-        let raw = entry
-            .path()
-            .map_err(|e| format!("bad path in tar: {e}"))?
-            .to_string_lossy()
-            .into_owned();
-        let path = raw
-            .trim_start_matches("./")
-            .trim_start_matches('/')
-            .trim_end_matches('/')
-            .to_owned();
+        let raw = entry.path().map_err(|e| format!("bad path in tar: {e}"))?.to_string_lossy().into_owned();
+        let path = raw.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/').to_owned();
         if path.is_empty() || path == "." {
             continue;
         }
@@ -43,9 +35,7 @@ pub fn deb_data(deb: &[u8]) -> Result<Vec<u8>, String> {
             continue;
         }
         let mut compressed = Vec::new();
-        member
-            .read_to_end(&mut compressed)
-            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        member.read_to_end(&mut compressed).map_err(|e| format!("cannot read {name}: {e}"))?;
         let mut data = Vec::new();
         let result = match name.as_str() {
             "data.tar.xz" => xz2::read::XzDecoder::new(compressed.as_slice()).read_to_end(&mut data),
@@ -85,9 +75,7 @@ pub fn add_tar_entries(
             }
             tar::EntryType::Regular => {
                 let mut content = Vec::new();
-                entry
-                    .read_to_end(&mut content)
-                    .map_err(|e| format!("{path}: {e}"))?;
+                entry.read_to_end(&mut content).map_err(|e| format!("{path}: {e}"))?;
                 layer.file(path, content, mode);
             }
             tar::EntryType::Symlink => {

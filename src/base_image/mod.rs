@@ -28,17 +28,9 @@ pub use recipe::{Recipe, BUILTIN_RECIPE};
 #[derive(Debug, thiserror::Error)]
 pub enum BaseImageError {
     #[error("archive {archive} is not in {dir}: run base-images/workerd/fetch.py to download the pinned archives ({source})")]
-    MissingArchive {
-        archive: String,
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    MissingArchive { archive: String, dir: PathBuf, source: std::io::Error },
     #[error("archive {archive} has sha256 {actual}, but the recipe pins {pinned}: run base-images/workerd/fetch.py (or --refresh-pins to update the pins)")]
-    PinMismatch {
-        archive: String,
-        actual: String,
-        pinned: String,
-    },
+    PinMismatch { archive: String, actual: String, pinned: String },
     #[error("archive {archive}: {message}")]
     Archive { archive: String, message: String },
     #[error("{0}")]
@@ -76,11 +68,7 @@ fn read_pinned(dir: &Path, archive: &str, sha256: &str) -> Result<Vec<u8>, BaseI
     })?;
     let actual = Digest::of(&bytes).hex().to_owned();
     if actual != sha256 {
-        return Err(BaseImageError::PinMismatch {
-            archive: archive.into(),
-            actual,
-            pinned: sha256.into(),
-        });
+        return Err(BaseImageError::PinMismatch { archive: archive.into(), actual, pinned: sha256.into() });
     }
     Ok(bytes)
 }
@@ -90,10 +78,7 @@ pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, Ba
     let mut runtime = LayerBuilder::new();
     for deb in &recipe.debs {
         let bytes = read_pinned(archives, &deb.archive, &deb.sha256)?;
-        let fail = |message| BaseImageError::Archive {
-            archive: deb.archive.clone(),
-            message,
-        };
+        let fail = |message| BaseImageError::Archive { archive: deb.archive.clone(), message };
         let data = archive::deb_data(&bytes).map_err(fail)?;
         let added = archive::add_tar_entries(&data, |p| deb.includes(p), &mut runtime).map_err(fail)?;
         if added == 0 {
@@ -102,18 +87,12 @@ pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, Ba
     }
     let bundle = ca_bundle(&runtime, &recipe.ca_bundle.from);
     if bundle.is_empty() {
-        return Err(BaseImageError::Recipe(format!(
-            "no certificates under {}",
-            recipe.ca_bundle.from
-        )));
+        return Err(BaseImageError::Recipe(format!("no certificates under {}", recipe.ca_bundle.from)));
     }
     runtime.file(&recipe.ca_bundle.to, bundle, 0o644);
     for dir in &recipe.directories {
         let mode = u32::from_str_radix(&dir.mode, 8).map_err(|_| {
-            BaseImageError::Recipe(format!(
-                "directory {} has mode {:?}, not octal",
-                dir.path, dir.mode
-            ))
+            BaseImageError::Recipe(format!("directory {} has mode {:?}, not octal", dir.path, dir.mode))
         })?;
         runtime.dir(&dir.path, mode);
     }
@@ -124,17 +103,12 @@ pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, Ba
     archive::for_each_tar_entry(flate2::read::GzDecoder::new(tgz.as_slice()), |path, entry| {
         if path == npm.binary {
             let mut content = Vec::new();
-            entry
-                .read_to_end(&mut content)
-                .map_err(|e| format!("{path}: {e}"))?;
+            entry.read_to_end(&mut content).map_err(|e| format!("{path}: {e}"))?;
             binary = Some(content);
         }
         Ok(())
     })
-    .map_err(|message| BaseImageError::Archive {
-        archive: npm.archive.clone(),
-        message,
-    })?;
+    .map_err(|message| BaseImageError::Archive { archive: npm.archive.clone(), message })?;
     let binary = binary.ok_or_else(|| BaseImageError::Archive {
         archive: npm.archive.clone(),
         message: format!("has no {}", npm.binary),
@@ -193,12 +167,10 @@ pub fn build_base_image(
     if let Some(dir) = &settings.working_dir {
         process["WorkingDir"] = json!(dir);
     }
-    let packages: Vec<String> = std::iter::once(format!(
-        "{}@{}",
-        recipe.workerd.npm_package, recipe.workerd.version
-    ))
-    .chain(recipe.debs.iter().map(|d| format!("{}={}", d.package, d.version)))
-    .collect();
+    let packages: Vec<String> =
+        std::iter::once(format!("{}@{}", recipe.workerd.npm_package, recipe.workerd.version))
+            .chain(recipe.debs.iter().map(|d| format!("{}={}", d.package, d.version)))
+            .collect();
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
@@ -211,18 +183,12 @@ pub fn build_base_image(
         ],
     });
     let serialize = |e: serde_json::Error| AssembleError::Serialize(e.to_string());
-    let config = Blob::from_bytes(
-        MediaType::ImageConfig,
-        to_canonical_json(&config).map_err(serialize)?,
-    );
+    let config = Blob::from_bytes(MediaType::ImageConfig, to_canonical_json(&config).map_err(serialize)?);
     let annotations: HashMap<String, String> = [
         (ANNOTATION_CREATED, created.clone()),
         (ANNOTATION_TITLE, "workerd base image".to_owned()),
         (ANNOTATION_VERSION, recipe.workerd.version.clone()),
-        (
-            ANNOTATION_DESCRIPTION,
-            format!("workerd and its runtime, from {}", packages.join(", ")),
-        ),
+        (ANNOTATION_DESCRIPTION, format!("workerd and its runtime, from {}", packages.join(", "))),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -231,19 +197,12 @@ pub fn build_base_image(
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(config.descriptor()?)
-        .layers(
-            blobs
-                .iter()
-                .map(Blob::descriptor)
-                .collect::<Result<Vec<_>, _>>()?,
-        )
+        .layers(blobs.iter().map(Blob::descriptor).collect::<Result<Vec<_>, _>>()?)
         .annotations(annotations)
         .build()
         .map_err(|e| AssembleError::Serialize(e.to_string()))?;
-    let manifest = Blob::from_bytes(
-        MediaType::ImageManifest,
-        to_canonical_json(&manifest).map_err(serialize)?,
-    );
+    let manifest =
+        Blob::from_bytes(MediaType::ImageManifest, to_canonical_json(&manifest).map_err(serialize)?);
 
     let writer = LayoutWriter::begin(out_dir)?;
     for blob in blobs.iter().chain([&config, &manifest]) {

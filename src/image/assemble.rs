@@ -52,11 +52,7 @@ pub struct Blob {
 
 impl Blob {
     pub fn from_bytes(media_type: MediaType, bytes: Vec<u8>) -> Self {
-        Blob {
-            media_type,
-            digest: Digest::of(&bytes),
-            bytes,
-        }
+        Blob { media_type, digest: Digest::of(&bytes), bytes }
     }
 
     pub fn descriptor(&self) -> Result<Descriptor, AssembleError> {
@@ -65,10 +61,8 @@ impl Blob {
 }
 
 fn descriptor(media_type: MediaType, digest: &Digest, size: u64) -> Result<Descriptor, AssembleError> {
-    let digest: oci_spec::image::Digest = digest
-        .as_str()
-        .parse()
-        .map_err(|e| AssembleError::Serialize(format!("digest {digest}: {e}")))?;
+    let digest: oci_spec::image::Digest =
+        digest.as_str().parse().map_err(|e| AssembleError::Serialize(format!("digest {digest}: {e}")))?;
     Ok(Descriptor::new(media_type, size, digest))
 }
 
@@ -109,10 +103,7 @@ pub fn check_workers(workers: &[Worker]) -> Result<(), String> {
             return Err(format!("worker {:?} is given twice", w.name));
         }
         if let Some(other) = ports.insert(w.port, w.name.as_str()) {
-            return Err(format!(
-                "workers {other:?} and {:?} both use port {}",
-                w.name, w.port
-            ));
+            return Err(format!("workers {other:?} and {:?} both use port {}", w.name, w.port));
         }
     }
     Ok(())
@@ -134,18 +125,10 @@ pub fn assemble(
 
     let mut new_layers = Vec::with_capacity(sorted.len() + 1);
     for worker in &sorted {
-        new_layers.push(make_layer(
-            format!("worker/{}", worker.name),
-            &worker_layer(worker),
-            mtime,
-        )?);
+        new_layers.push(make_layer(format!("worker/{}", worker.name), &worker_layer(worker), mtime)?);
     }
     let mut config_layer = LayerBuilder::new();
-    config_layer.file(
-        CONFIG_PATH,
-        workerd_config::top_level_config(&sorted).into_bytes(),
-        0o644,
-    );
+    config_layer.file(CONFIG_PATH, workerd_config::top_level_config(&sorted).into_bytes(), 0o644);
     new_layers.push(make_layer("config".into(), &config_layer, mtime)?);
 
     let config = image_config(&base.config, &sorted, &new_layers, &created)?;
@@ -162,44 +145,28 @@ pub fn assemble(
     let annotations = [
         (ANNOTATION_CREATED.to_owned(), created),
         (ANNOTATION_BASE_IMAGE_NAME.to_owned(), options.base_name.clone()),
-        (
-            ANNOTATION_BASE_IMAGE_DIGEST.to_owned(),
-            base.manifest_digest.to_string(),
-        ),
+        (ANNOTATION_BASE_IMAGE_DIGEST.to_owned(), base.manifest_digest.to_string()),
     ];
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(config.descriptor()?)
         .layers(layers)
-        .annotations(
-            annotations
-                .into_iter()
-                .collect::<std::collections::HashMap<_, _>>(),
-        )
+        .annotations(annotations.into_iter().collect::<std::collections::HashMap<_, _>>())
         .build()
         .map_err(|e| AssembleError::Serialize(e.to_string()))?;
     let manifest = Blob::from_bytes(
         MediaType::ImageManifest,
         to_canonical_json(&manifest).map_err(|e| AssembleError::Serialize(e.to_string()))?,
     );
-    Ok(AssembledImage {
-        manifest,
-        config,
-        base_layers,
-        new_layers,
-    })
+    Ok(AssembledImage { manifest, config, base_layers, new_layers })
 }
 
 /// A worker's layer: its module files under `src/` and the fragment that lists them.
 pub fn worker_layer(worker: &Worker) -> LayerBuilder {
     let dir = workerd_config::worker_dir(&worker.name);
     let mut layer = LayerBuilder::new();
-    layer.file(
-        &format!("{dir}/modules.capnp"),
-        workerd_config::modules_fragment(worker).into_bytes(),
-        0o644,
-    );
+    layer.file(&format!("{dir}/modules.capnp"), workerd_config::modules_fragment(worker).into_bytes(), 0o644);
     for module in &worker.modules {
         layer.file(
             &format!("{dir}/{}", workerd_config::module_file(&module.path)),
@@ -212,16 +179,9 @@ pub fn worker_layer(worker: &Worker) -> LayerBuilder {
 
 fn make_layer(role: String, layer: &LayerBuilder, mtime: u64) -> Result<NewLayer, AssembleError> {
     let (digests, bytes) = layer.to_blob(mtime)?;
-    let blob = Blob {
-        media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()),
-        digest: digests.digest,
-        bytes,
-    };
-    Ok(NewLayer {
-        role,
-        diff_id: digests.diff_id,
-        blob,
-    })
+    let blob =
+        Blob { media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()), digest: digests.digest, bytes };
+    Ok(NewLayer { role, diff_id: digests.diff_id, blob })
 }
 
 /// The base's config with the workerd entrypoint, the workers' ports, the new diffIDs and history.
@@ -232,9 +192,7 @@ fn image_config(
     created: &str,
 ) -> Result<Value, AssembleError> {
     let mut config = base.clone();
-    let root = config
-        .as_object_mut()
-        .ok_or_else(|| AssembleError::BaseConfig("not a JSON object".into()))?;
+    let root = config.as_object_mut().ok_or_else(|| AssembleError::BaseConfig("not a JSON object".into()))?;
     root.insert("created".into(), json!(created));
     let process = root.entry("config").or_insert_with(|| json!({}));
     let process = process
@@ -246,20 +204,13 @@ fn image_config(
         .and_then(Value::as_str)
         .unwrap_or(DEFAULT_WORKERD_PATH)
         .to_owned();
-    process.insert(
-        "Entrypoint".into(),
-        json!([workerd, "serve", format!("/{CONFIG_PATH}")]),
-    );
+    process.insert("Entrypoint".into(), json!([workerd, "serve", format!("/{CONFIG_PATH}")]));
     process.remove("Cmd");
-    let ports: serde_json::Map<String, Value> = workers
-        .iter()
-        .map(|w| (format!("{}/tcp", w.port), json!({})))
-        .collect();
+    let ports: serde_json::Map<String, Value> =
+        workers.iter().map(|w| (format!("{}/tcp", w.port), json!({}))).collect();
     process.insert("ExposedPorts".into(), Value::Object(ports));
 
-    let rootfs = root
-        .entry("rootfs")
-        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+    let rootfs = root.entry("rootfs").or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
     let diff_ids = rootfs
         .get_mut("diff_ids")
         .and_then(Value::as_array_mut)
@@ -267,9 +218,8 @@ fn image_config(
     diff_ids.extend(new_layers.iter().map(|l| json!(l.diff_id.as_str())));
 
     let history = root.entry("history").or_insert_with(|| json!([]));
-    let history = history
-        .as_array_mut()
-        .ok_or_else(|| AssembleError::BaseConfig("history is not a list".into()))?;
+    let history =
+        history.as_array_mut().ok_or_else(|| AssembleError::BaseConfig("history is not a list".into()))?;
     history.extend(
         new_layers
             .iter()
@@ -307,23 +257,14 @@ mod tests {
         let manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .config(descriptor(MediaType::ImageConfig, &Digest::of(b"c"), 1).unwrap())
-            .layers(vec![
-                descriptor(MediaType::ImageLayerGzip, &Digest::of(b"l"), 1).unwrap()
-            ])
+            .layers(vec![descriptor(MediaType::ImageLayerGzip, &Digest::of(b"l"), 1).unwrap()])
             .build()
             .unwrap();
-        LayoutImage {
-            manifest_digest: Digest::of(b"m"),
-            manifest,
-            config,
-        }
+        LayoutImage { manifest_digest: Digest::of(b"m"), manifest, config }
     }
 
     fn options() -> AssembleOptions {
-        AssembleOptions {
-            source_date_epoch: 0,
-            base_name: "workerd-base".into(),
-        }
+        AssembleOptions { source_date_epoch: 0, base_name: "workerd-base".into() }
     }
 
     fn layer_digests(image: &AssembledImage) -> Vec<Digest> {
@@ -332,21 +273,13 @@ mod tests {
 
     #[test]
     fn config_keeps_base_settings_and_sets_entrypoint_ports_and_history() {
-        let image = assemble(
-            &base(),
-            &[worker("b", 8081, "1"), worker("a", 8080, "2")],
-            &options(),
-        )
-        .unwrap();
+        let image = assemble(&base(), &[worker("b", 8081, "1"), worker("a", 8080, "2")], &options()).unwrap();
         let config: Value = serde_json::from_slice(&image.config.bytes).unwrap();
         assert_eq!(
             config["config"]["Entrypoint"],
             json!(["/opt/workerd", "serve", "/etc/workerd/config.capnp"])
         );
-        assert_eq!(
-            config["config"]["ExposedPorts"],
-            json!({"8080/tcp": {}, "8081/tcp": {}})
-        );
+        assert_eq!(config["config"]["ExposedPorts"], json!({"8080/tcp": {}, "8081/tcp": {}}));
         assert_eq!(config["config"]["Env"], json!(["PATH=/bin"]));
         assert_eq!(config["config"]["User"], json!("65532"));
         assert!(config["config"].get("Cmd").is_none());
@@ -356,30 +289,15 @@ mod tests {
         assert_eq!(roles, ["worker/a", "worker/b", "config"]);
         let manifest: Value = serde_json::from_slice(&image.manifest.bytes).unwrap();
         assert_eq!(manifest["layers"].as_array().unwrap().len(), 4);
-        assert_eq!(
-            manifest["annotations"][ANNOTATION_BASE_IMAGE_NAME],
-            json!("workerd-base")
-        );
-        assert_eq!(
-            manifest["annotations"][ANNOTATION_BASE_IMAGE_DIGEST],
-            json!(Digest::of(b"m").as_str())
-        );
+        assert_eq!(manifest["annotations"][ANNOTATION_BASE_IMAGE_NAME], json!("workerd-base"));
+        assert_eq!(manifest["annotations"][ANNOTATION_BASE_IMAGE_DIGEST], json!(Digest::of(b"m").as_str()));
     }
 
     #[test]
     fn code_change_touches_only_that_workers_layer() {
-        let before = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("b", 8081, "1")],
-            &options(),
-        )
-        .unwrap();
-        let after = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("b", 8081, "2")],
-            &options(),
-        )
-        .unwrap();
+        let before =
+            assemble(&base(), &[worker("a", 8080, "1"), worker("b", 8081, "1")], &options()).unwrap();
+        let after = assemble(&base(), &[worker("a", 8080, "1"), worker("b", 8081, "2")], &options()).unwrap();
         let (b, a) = (layer_digests(&before), layer_digests(&after));
         assert_eq!(b[0], a[0]);
         assert_ne!(b[1], a[1]);
@@ -388,18 +306,9 @@ mod tests {
 
     #[test]
     fn port_change_touches_only_the_config_layer() {
-        let before = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("b", 8081, "1")],
-            &options(),
-        )
-        .unwrap();
-        let after = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("b", 9000, "1")],
-            &options(),
-        )
-        .unwrap();
+        let before =
+            assemble(&base(), &[worker("a", 8080, "1"), worker("b", 8081, "1")], &options()).unwrap();
+        let after = assemble(&base(), &[worker("a", 8080, "1"), worker("b", 9000, "1")], &options()).unwrap();
         let (b, a) = (layer_digests(&before), layer_digests(&after));
         assert_eq!(b[..2], a[..2]);
         assert_ne!(b[2], a[2]);
@@ -407,19 +316,11 @@ mod tests {
 
     #[test]
     fn duplicate_ports_and_names_are_refused() {
-        let err = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("b", 8080, "1")],
-            &options(),
-        )
-        .unwrap_err();
+        let err =
+            assemble(&base(), &[worker("a", 8080, "1"), worker("b", 8080, "1")], &options()).unwrap_err();
         assert!(err.to_string().contains("both use port 8080"), "{err}");
-        let err = assemble(
-            &base(),
-            &[worker("a", 8080, "1"), worker("a", 8081, "1")],
-            &options(),
-        )
-        .unwrap_err();
+        let err =
+            assemble(&base(), &[worker("a", 8080, "1"), worker("a", 8081, "1")], &options()).unwrap_err();
         assert!(err.to_string().contains("given twice"), "{err}");
     }
 }

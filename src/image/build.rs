@@ -3,12 +3,15 @@
 
 use std::path::PathBuf;
 
+use bytes::Bytes;
 use tracing::info;
 
 use super::assemble::{assemble, AssembleError, AssembleOptions, AssembledImage};
-use super::layout::{Layout, LayoutError, LayoutWriter};
+use super::layout::{descriptor_digest, Layout, LayoutError, LayoutImage, LayoutWriter};
 use super::reference::ImageRef;
 use crate::digest::Digest;
+use crate::registry::pull::{fetch_blob, fetch_image};
+use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryError, RegistryRef};
 use crate::source::{read_dir_source, SourceError};
 use crate::worker::{Worker, WorkerError, WorkerFiles};
 
@@ -25,6 +28,8 @@ pub enum BuildError {
     Base(LayoutError),
     #[error("output: {0}")]
     Output(LayoutError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error(transparent)]
     Assemble(#[from] AssembleError),
     #[error("{0}")]
@@ -54,9 +59,8 @@ impl WorkerInput {
             .ok_or_else(|| format!("--worker {text:?} must look like NAME=DIR[@PORT]"))?;
         let (dir, port) = match rest.rsplit_once('@') {
             Some((dir, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-                let port: u32 = port
-                    .parse()
-                    .map_err(|_| format!("--worker {text:?}: port {port} is outside 1-65535"))?;
+                let port: u32 =
+                    port.parse().map_err(|_| format!("--worker {text:?}: port {port} is outside 1-65535"))?;
                 let port = u16::try_from(port)
                     .ok()
                     .filter(|p| *p != 0)
@@ -68,19 +72,14 @@ impl WorkerInput {
         if name.is_empty() || dir.is_empty() {
             return Err(format!("--worker {text:?} must look like NAME=DIR[@PORT]"));
         }
-        Ok(WorkerInput {
-            name: name.into(),
-            source: WorkerSource::Dir(dir.into()),
-            port,
-            env_prefix: None,
-        })
+        Ok(WorkerInput { name: name.into(), source: WorkerSource::Dir(dir.into()), port, env_prefix: None })
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct BuildRequest {
     pub base: ImageRef,
-    /// `org.opencontainers.image.base.name`; defaults to the base reference's tag.
+    /// `org.opencontainers.image.base.name`; defaults to the base reference (its tag for a layout).
     pub base_name: Option<String>,
     pub workers: Vec<WorkerInput>,
     pub output: ImageRef,
@@ -91,6 +90,8 @@ pub struct BuildRequest {
 pub struct BuildOutcome {
     pub manifest_digest: Digest,
     pub image: AssembledImage,
+    /// For registry outputs: what the push cost.
+    pub push: Option<PushReport>,
 }
 
 /// Ports default to 8080, 8081, ... in the order given, skipping ports other workers asked for.
@@ -134,62 +135,136 @@ pub fn load_workers(inputs: &[WorkerInput]) -> Result<Vec<Worker>, BuildError> {
         .collect()
 }
 
-pub fn build(request: &BuildRequest) -> Result<BuildOutcome, BuildError> {
-    let ImageRef::Layout {
-        dir: out_dir,
-        tag: out_tag,
-    } = &request.output;
-    let out_tag = out_tag.as_deref().ok_or_else(|| {
-        BuildError::Invalid(format!("--output {} needs a tag: oci:DIR:TAG", request.output))
+/// Where the base image was read from, and its metadata.
+enum Base {
+    Layout(Layout),
+    Registry(RegistryRef),
+}
+
+async fn read_base(
+    reference: &ImageRef,
+    registries: &Registries,
+) -> Result<(Base, LayoutImage, String), BuildError> {
+    match reference {
+        ImageRef::Layout { dir, tag } => {
+            let layout = Layout::open(dir).map_err(BuildError::Base)?;
+            let image = layout.image(tag.as_deref()).map_err(BuildError::Base)?;
+            let name = tag.clone().unwrap_or_else(|| image.manifest_digest.to_string());
+            Ok((Base::Layout(layout), image, name))
+        }
+        ImageRef::Registry(r) => {
+            let manifest = r
+                .manifest_reference()
+                .ok_or_else(|| BuildError::Invalid(format!("--base {reference} needs a tag or a digest")))?;
+            let client = registries.client(&r.registry)?;
+            let image = fetch_image(&client, &r.repository, &manifest).await?;
+            let name = reference.to_string().trim_start_matches("docker://").to_owned();
+            Ok((Base::Registry(r.clone()), image, name))
+        }
+    }
+}
+
+pub async fn build(request: &BuildRequest, registries: &Registries) -> Result<BuildOutcome, BuildError> {
+    let output_tag = match &request.output {
+        ImageRef::Layout { tag, .. } => tag.clone(),
+        ImageRef::Registry(r) if r.digest.is_none() => r.tag.clone(),
+        ImageRef::Registry(_) => None,
+    };
+    let output_tag = output_tag.ok_or_else(|| {
+        BuildError::Invalid(format!("--output {} needs a tag (and no digest)", request.output))
     })?;
     let workers = load_workers(&request.workers)?;
+    let (base, base_image, default_name) = read_base(&request.base, registries).await?;
+    let base_name = request.base_name.clone().unwrap_or(default_name);
+    let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
+    let image = assemble(&base_image, &workers, &options)?;
 
-    let ImageRef::Layout {
-        dir: base_dir,
-        tag: base_tag,
-    } = &request.base;
-    let base_layout = Layout::open(base_dir).map_err(BuildError::Base)?;
-    let base = base_layout.image(base_tag.as_deref()).map_err(BuildError::Base)?;
-    let base_name = request
-        .base_name
-        .clone()
-        .or_else(|| base_tag.clone())
-        .unwrap_or_else(|| base.manifest_digest.to_string());
+    let push = match &request.output {
+        ImageRef::Layout { dir, .. } => {
+            write_layout(dir, &output_tag, &image, &base, registries).await?;
+            None
+        }
+        ImageRef::Registry(out) => Some(push_to_registry(out, &output_tag, &image, &base, registries).await?),
+    };
+    info!(output = %request.output, digest = %image.manifest.digest, "image written");
+    Ok(BuildOutcome { manifest_digest: image.manifest.digest.clone(), image, push })
+}
 
-    let image = assemble(
-        &base,
-        &workers,
-        &AssembleOptions {
-            source_date_epoch: request.source_date_epoch,
-            base_name,
-        },
-    )?;
-
-    let writer = LayoutWriter::begin(out_dir).map_err(BuildError::Output)?;
+async fn write_layout(
+    dir: &std::path::Path,
+    tag: &str,
+    image: &AssembledImage,
+    base: &Base,
+    registries: &Registries,
+) -> Result<(), BuildError> {
+    let writer = LayoutWriter::begin(dir).map_err(BuildError::Output)?;
     for layer in &image.base_layers {
-        writer
-            .copy_blob(&base_layout, layer)
-            .map_err(BuildError::Output)?;
+        match base {
+            Base::Layout(layout) => writer.copy_blob(layout, layer).map_err(BuildError::Output)?,
+            Base::Registry(r) => {
+                let digest = descriptor_digest(layer).map_err(BuildError::Invalid)?;
+                let client = registries.client(&r.registry)?;
+                let bytes = fetch_blob(&client, &r.repository, &digest).await?;
+                writer.put_blob(&digest, &bytes).map_err(BuildError::Output)?;
+            }
+        }
     }
     for layer in &image.new_layers {
-        writer
-            .put_blob(&layer.blob.digest, &layer.blob.bytes)
-            .map_err(BuildError::Output)?;
+        writer.put_blob(&layer.blob.digest, &layer.blob.bytes).map_err(BuildError::Output)?;
     }
-    writer
-        .put_blob(&image.config.digest, &image.config.bytes)
-        .map_err(BuildError::Output)?;
-    writer
-        .put_blob(&image.manifest.digest, &image.manifest.bytes)
-        .map_err(BuildError::Output)?;
-    writer
-        .commit(out_tag, &image.manifest_descriptor()?)
-        .map_err(BuildError::Output)?;
-    info!(output = %request.output, digest = %image.manifest.digest, "image written");
-    Ok(BuildOutcome {
-        manifest_digest: image.manifest.digest.clone(),
-        image,
-    })
+    writer.put_blob(&image.config.digest, &image.config.bytes).map_err(BuildError::Output)?;
+    writer.put_blob(&image.manifest.digest, &image.manifest.bytes).map_err(BuildError::Output)?;
+    writer.commit(tag, &image.manifest_descriptor()?).map_err(BuildError::Output)
+}
+
+async fn push_to_registry(
+    out: &RegistryRef,
+    tag: &str,
+    image: &AssembledImage,
+    base: &Base,
+    registries: &Registries,
+) -> Result<PushReport, BuildError> {
+    let mut blobs = Vec::new();
+    for layer in &image.base_layers {
+        let digest = descriptor_digest(layer).map_err(BuildError::Invalid)?;
+        let source = match base {
+            Base::Layout(layout) => BlobSource::File(layout.blob_path(&digest)),
+            Base::Registry(r) if r.registry == out.registry => BlobSource::Repository(r.repository.clone()),
+            Base::Registry(r) => {
+                let client = registries.client(&r.registry)?;
+                BlobSource::Memory(fetch_blob(&client, &r.repository, &digest).await?)
+            }
+        };
+        blobs.push(PushBlob { digest, size: layer.size(), source });
+    }
+    let in_memory = image.new_layers.iter().map(|l| &l.blob).chain([&image.config]);
+    for blob in in_memory {
+        blobs.push(PushBlob {
+            digest: blob.digest.clone(),
+            size: blob.bytes.len() as u64,
+            source: BlobSource::Memory(Bytes::from(blob.bytes.clone())),
+        });
+    }
+    let client = registries.client(&out.registry)?;
+    let memory = registries.memory(&out.registry);
+    let manifest = Bytes::from(image.manifest.bytes.clone());
+    let (digest, report) = push_image(
+        &client,
+        &memory,
+        &out.repository,
+        tag,
+        blobs,
+        image.manifest.media_type.as_ref(),
+        manifest,
+    )
+    .await?;
+    if digest != image.manifest.digest {
+        return Err(BuildError::Invalid(format!(
+            "pushed manifest digest {digest} differs from {}",
+            image.manifest.digest
+        )));
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -197,36 +272,17 @@ mod tests {
     use super::*;
 
     fn input(name: &str, port: Option<u16>) -> WorkerInput {
-        WorkerInput {
-            name: name.into(),
-            source: WorkerSource::Dir("d".into()),
-            port,
-            env_prefix: None,
-        }
+        WorkerInput { name: name.into(), source: WorkerSource::Dir("d".into()), port, env_prefix: None }
     }
 
     #[test]
     fn parses_worker_flags() {
         assert_eq!(
             WorkerInput::parse("api=dir/api@9000").unwrap(),
-            WorkerInput {
-                port: Some(9000),
-                ..input("api", None)
-            }
-            .with_dir("dir/api")
+            WorkerInput { port: Some(9000), ..input("api", None) }.with_dir("dir/api")
         );
-        assert_eq!(
-            WorkerInput::parse("api=dir@x").unwrap(),
-            input("api", None).with_dir("dir@x")
-        );
-        for bad in [
-            "api",
-            "=dir",
-            "api=",
-            "api=dir@0",
-            "api=dir@65536",
-            "api=dir@99999999999",
-        ] {
+        assert_eq!(WorkerInput::parse("api=dir@x").unwrap(), input("api", None).with_dir("dir@x"));
+        for bad in ["api", "=dir", "api=", "api=dir@0", "api=dir@65536", "api=dir@99999999999"] {
             assert!(WorkerInput::parse(bad).is_err(), "{bad}");
         }
     }
@@ -240,13 +296,9 @@ mod tests {
 
     #[test]
     fn default_ports_count_up_from_8080_around_explicit_ones() {
-        let ports = assign_ports(&[
-            input("a", None),
-            input("b", Some(8081)),
-            input("c", None),
-            input("d", None),
-        ])
-        .unwrap();
+        let ports =
+            assign_ports(&[input("a", None), input("b", Some(8081)), input("c", None), input("d", None)])
+                .unwrap();
         assert_eq!(ports, [8080, 8081, 8082, 8083]);
         let ports = assign_ports(&[input("a", Some(8080)), input("b", None)]).unwrap();
         assert_eq!(ports, [8080, 8081]);

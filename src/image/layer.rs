@@ -54,8 +54,7 @@ impl LayerBuilder {
     /// Adds a file and, where missing, its parent directories (mode 0755).
     pub fn file(&mut self, path: &str, content: Vec<u8>, mode: u32) -> &mut Self {
         self.parents(path);
-        self.entries
-            .insert(path.to_owned(), Entry::File { content, mode });
+        self.entries.insert(path.to_owned(), Entry::File { content, mode });
         self
     }
 
@@ -69,12 +68,7 @@ impl LayerBuilder {
 
     pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
         self.parents(path);
-        self.entries.insert(
-            path.to_owned(),
-            Entry::Symlink {
-                target: target.to_owned(),
-            },
-        );
+        self.entries.insert(path.to_owned(), Entry::Symlink { target: target.to_owned() });
         self
     }
 
@@ -90,9 +84,7 @@ impl LayerBuilder {
         let mut end = 0;
         while let Some(i) = path[end..].find('/') {
             end += i;
-            self.entries
-                .entry(path[..end].to_owned())
-                .or_insert(Entry::Dir { mode: 0o755 });
+            self.entries.entry(path[..end].to_owned()).or_insert(Entry::Dir { mode: 0o755 });
             end += 1;
         }
     }
@@ -112,15 +104,7 @@ impl LayerBuilder {
         }
         let (diff_id, tar_size, gzip) = tar.into_inner()?.finish();
         let (digest, size, sink) = gzip.finish()?.finish();
-        Ok((
-            LayerDigests {
-                digest,
-                diff_id,
-                size,
-                tar_size,
-            },
-            sink,
-        ))
+        Ok((LayerDigests { digest, diff_id, size, tar_size }, sink))
     }
 
     /// The layer in memory, for small layers and for pushing.
@@ -167,11 +151,7 @@ mod tests {
         layer.file("etc/workerd/b.js", b"b".to_vec(), 0o644);
         layer.file("etc/workerd/a.js", b"a".to_vec(), 0o644);
         layer.symlink("lib64/ld.so", "/lib/ld.so");
-        layer.file(
-            &format!("deep/{}/x.txt", "n".repeat(120)),
-            b"long".to_vec(),
-            0o644,
-        );
+        layer.file(&format!("deep/{}/x.txt", "n".repeat(120)), b"long".to_vec(), 0o644);
         layer
     }
 
@@ -181,9 +161,7 @@ mod tests {
         assert_eq!(d.digest, Digest::of(&blob));
         assert_eq!(d.size, blob.len() as u64);
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(blob.as_slice())
-            .read_to_end(&mut tar)
-            .unwrap();
+        flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut tar).unwrap();
         assert_eq!(d.diff_id, Digest::of(&tar));
         assert_eq!(d.tar_size, tar.len() as u64);
     }
@@ -198,26 +176,14 @@ mod tests {
             let h = entry.header();
             assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (0, 0));
             assert_eq!(h.mtime().unwrap(), 1_700_000_000);
-            seen.push(
-                entry
-                    .path()
-                    .unwrap()
-                    .to_string_lossy()
-                    .trim_end_matches('/')
-                    .to_owned(),
-            );
+            seen.push(entry.path().unwrap().to_string_lossy().trim_end_matches('/').to_owned());
         }
         let mut sorted = seen.clone();
         sorted.sort();
         assert_eq!(seen, sorted);
         assert_eq!(
             &seen[..4],
-            [
-                "deep",
-                &format!("deep/{}", "n".repeat(120)),
-                &format!("deep/{}/x.txt", "n".repeat(120)),
-                "etc"
-            ]
+            ["deep", &format!("deep/{}", "n".repeat(120)), &format!("deep/{}/x.txt", "n".repeat(120)), "etc"]
         );
         assert!(seen.contains(&"lib64".to_owned()));
     }
@@ -225,11 +191,7 @@ mod tests {
     #[test]
     fn same_entries_in_any_insertion_order_give_the_same_blob() {
         let mut reversed = LayerBuilder::new();
-        reversed.file(
-            &format!("deep/{}/x.txt", "n".repeat(120)),
-            b"long".to_vec(),
-            0o644,
-        );
+        reversed.file(&format!("deep/{}/x.txt", "n".repeat(120)), b"long".to_vec(), 0o644);
         reversed.symlink("lib64/ld.so", "/lib/ld.so");
         reversed.file("etc/workerd/a.js", b"a".to_vec(), 0o644);
         reversed.file("etc/workerd/b.js", b"b".to_vec(), 0o644);

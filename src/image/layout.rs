@@ -21,17 +21,9 @@ const MAX_JSON_BLOB: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error("OCI layout {dir}: cannot read {what}: {source}")]
-    Read {
-        dir: PathBuf,
-        what: String,
-        source: io::Error,
-    },
+    Read { dir: PathBuf, what: String, source: io::Error },
     #[error("OCI layout {dir}: cannot write {what}: {source}")]
-    Write {
-        dir: PathBuf,
-        what: String,
-        source: io::Error,
-    },
+    Write { dir: PathBuf, what: String, source: io::Error },
     #[error("OCI layout {dir}: {message}")]
     Invalid { dir: PathBuf, message: String },
 }
@@ -53,9 +45,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn open(dir: &Path) -> Result<Self, LayoutError> {
-        let layout = Layout {
-            dir: dir.to_path_buf(),
-        };
+        let layout = Layout { dir: dir.to_path_buf() };
         let marker =
             fs::read(dir.join(OCI_LAYOUT_FILE)).map_err(|source| layout.read_err("oci-layout", source))?;
         let version: serde_json::Value = serde_json::from_slice(&marker)
@@ -93,9 +83,9 @@ impl Layout {
         let bytes = fs::read(self.blob_path(&digest))
             .map_err(|source| self.read_err(&format!("blob {digest}"), source))?;
         if Digest::of(&bytes) != digest || bytes.len() as u64 != descriptor.size() {
-            return Err(self.invalid(format!(
-                "blob {digest} does not match its digest or size (corrupt layout?)"
-            )));
+            return Err(
+                self.invalid(format!("blob {digest} does not match its digest or size (corrupt layout?)"))
+            );
         }
         Ok(bytes)
     }
@@ -107,19 +97,11 @@ impl Layout {
         let tags: Vec<&str> = index
             .manifests()
             .iter()
-            .filter_map(|d| {
-                d.annotations()
-                    .as_ref()?
-                    .get(ANNOTATION_REF_NAME)
-                    .map(String::as_str)
-            })
+            .filter_map(|d| d.annotations().as_ref()?.get(ANNOTATION_REF_NAME).map(String::as_str))
             .collect();
         let chosen = match tag {
             Some(tag) => index.manifests().iter().find(|d| {
-                d.annotations()
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_REF_NAME))
-                    .map(String::as_str)
+                d.annotations().as_ref().and_then(|a| a.get(ANNOTATION_REF_NAME)).map(String::as_str)
                     == Some(tag)
             }),
             None if index.manifests().len() == 1 => index.manifests().first(),
@@ -141,17 +123,11 @@ impl Layout {
         let descriptor = self.platform_manifest(descriptor.clone())?;
         let manifest_bytes = self.read_blob(&descriptor)?;
         let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| {
-            self.invalid(format!(
-                "manifest {} is not an OCI image manifest: {e}",
-                descriptor.digest()
-            ))
+            self.invalid(format!("manifest {} is not an OCI image manifest: {e}", descriptor.digest()))
         })?;
         let config_bytes = self.read_blob(manifest.config())?;
         let config = serde_json::from_slice(&config_bytes).map_err(|e| {
-            self.invalid(format!(
-                "image config {} is not JSON: {e}",
-                manifest.config().digest()
-            ))
+            self.invalid(format!("image config {} is not JSON: {e}", manifest.config().digest()))
         })?;
         for layer in manifest.layers() {
             let digest = descriptor_digest(layer).map_err(|m| self.invalid(m))?;
@@ -159,17 +135,11 @@ impl Layout {
                 .map_err(|source| self.read_err(&format!("layer {digest}"), source))?
                 .len();
             if size != layer.size() {
-                return Err(self.invalid(format!(
-                    "layer {digest} is {size} bytes, the manifest says {}",
-                    layer.size()
-                )));
+                return Err(self
+                    .invalid(format!("layer {digest} is {size} bytes, the manifest says {}", layer.size())));
             }
         }
-        Ok(LayoutImage {
-            manifest_digest: Digest::of(&manifest_bytes),
-            manifest,
-            config,
-        })
+        Ok(LayoutImage { manifest_digest: Digest::of(&manifest_bytes), manifest, config })
     }
 
     fn platform_manifest(&self, descriptor: Descriptor) -> Result<Descriptor, LayoutError> {
@@ -189,26 +159,16 @@ impl Layout {
             })
             .cloned()
             .ok_or_else(|| {
-                self.invalid(format!(
-                    "image index {} has no linux/amd64 image",
-                    descriptor.digest()
-                ))
+                self.invalid(format!("image index {} has no linux/amd64 image", descriptor.digest()))
             })
     }
 
     fn read_err(&self, what: &str, source: io::Error) -> LayoutError {
-        LayoutError::Read {
-            dir: self.dir.clone(),
-            what: what.to_owned(),
-            source,
-        }
+        LayoutError::Read { dir: self.dir.clone(), what: what.to_owned(), source }
     }
 
     fn invalid(&self, message: String) -> LayoutError {
-        LayoutError::Invalid {
-            dir: self.dir.clone(),
-            message,
-        }
+        LayoutError::Invalid { dir: self.dir.clone(), message }
     }
 }
 
@@ -230,11 +190,8 @@ impl LayoutWriter {
     /// Prepares to write into `dir`: an existing OCI layout gains the image, a missing directory
     /// is created at commit. An existing directory that is not a layout is refused.
     pub fn begin(dir: &Path) -> Result<Self, LayoutError> {
-        let write_err = |what: &str, source| LayoutError::Write {
-            dir: dir.to_path_buf(),
-            what: what.into(),
-            source,
-        };
+        let write_err =
+            |what: &str, source| LayoutError::Write { dir: dir.to_path_buf(), what: what.into(), source };
         if dir.exists() {
             let empty_dir = fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
             if !empty_dir {
@@ -251,21 +208,13 @@ impl LayoutWriter {
             }
         }
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("layout");
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| write_err("parent directory", e))?;
         let work = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(work.join("blobs/sha256")).map_err(|e| write_err("staging directory", e))?;
         fs::write(work.join(OCI_LAYOUT_FILE), OCI_LAYOUT_CONTENT).map_err(|e| write_err("oci-layout", e))?;
-        Ok(LayoutWriter {
-            target: dir.into(),
-            work,
-            staged: true,
-            committed: false,
-        })
+        Ok(LayoutWriter { target: dir.into(), work, staged: true, committed: false })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -273,11 +222,7 @@ impl LayoutWriter {
     }
 
     fn write_err(&self, what: String, source: io::Error) -> LayoutError {
-        LayoutError::Write {
-            dir: self.target.clone(),
-            what,
-            source,
-        }
+        LayoutError::Write { dir: self.target.clone(), what, source }
     }
 
     /// Stores a blob under its digest unless it is already there.
@@ -292,20 +237,15 @@ impl LayoutWriter {
     /// Copies a blob from another layout, checking its digest on the way; a hard link is used when
     /// both layouts share a filesystem.
     pub fn copy_blob(&self, from: &Layout, descriptor: &Descriptor) -> Result<(), LayoutError> {
-        let digest = descriptor_digest(descriptor).map_err(|message| LayoutError::Invalid {
-            dir: from.dir().into(),
-            message,
-        })?;
+        let digest = descriptor_digest(descriptor)
+            .map_err(|message| LayoutError::Invalid { dir: from.dir().into(), message })?;
         let dest = self.blob_path(&digest);
         if dest.exists() {
             return Ok(());
         }
         let src = from.blob_path(&digest);
-        let read_err = |source| LayoutError::Read {
-            dir: from.dir().into(),
-            what: format!("blob {digest}"),
-            source,
-        };
+        let read_err =
+            |source| LayoutError::Read { dir: from.dir().into(), what: format!("blob {digest}"), source };
         let mut input = File::open(&src).map_err(read_err)?;
         let tmp = temp_sibling(&dest);
         let copied = (|| {
@@ -336,10 +276,7 @@ impl LayoutWriter {
     pub fn commit(mut self, tag: &str, manifest: &Descriptor) -> Result<(), LayoutError> {
         let index_path = self.work.join("index.json");
         let mut index = if index_path.exists() {
-            Layout {
-                dir: self.work.clone(),
-            }
-            .index()?
+            Layout { dir: self.work.clone() }.index()?
         } else {
             oci_spec::image::ImageIndexBuilder::default()
                 .schema_version(2u32)
@@ -349,19 +286,12 @@ impl LayoutWriter {
                 .map_err(|e| self.write_err("index.json".into(), io::Error::other(e)))?
         };
         let mut entry = manifest.clone();
-        entry.set_annotations(Some(
-            [(ANNOTATION_REF_NAME.to_owned(), tag.to_owned())]
-                .into_iter()
-                .collect(),
-        ));
+        entry.set_annotations(Some([(ANNOTATION_REF_NAME.to_owned(), tag.to_owned())].into_iter().collect()));
         let mut manifests: Vec<Descriptor> = index
             .manifests()
             .iter()
             .filter(|d| {
-                d.annotations()
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_REF_NAME))
-                    .map(String::as_str)
+                d.annotations().as_ref().and_then(|a| a.get(ANNOTATION_REF_NAME)).map(String::as_str)
                     != Some(tag)
             })
             .cloned()

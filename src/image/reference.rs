@@ -1,21 +1,32 @@
-//! Image references in skopeo's style. Today: `oci:DIR[:TAG]`, an OCI image layout on disk.
+//! Image references in skopeo's style: `oci:DIR[:TAG]` (an OCI image layout on disk) and
+//! `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]` (a registry).
 
 use std::fmt;
 use std::path::PathBuf;
+
+use crate::registry::RegistryRef;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageRef {
     /// An OCI image layout directory and, optionally, the tag (`org.opencontainers.image.ref.name`)
     /// of one image in it.
-    Layout { dir: PathBuf, tag: Option<String> },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    Registry(RegistryRef),
 }
 
 impl ImageRef {
-    /// Parses `oci:DIR[:TAG]`. The directory ends at the first `:` after the transport.
+    /// Parses `oci:DIR[:TAG]` (the directory ends at the first `:` after the transport) or
+    /// `docker://HOST[:PORT]/REPO[:TAG|@DIGEST]`.
     pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(rest) = text.strip_prefix("docker://") {
+            return RegistryRef::parse(rest).map(ImageRef::Registry);
+        }
         let Some(rest) = text.strip_prefix("oci:") else {
             return Err(format!(
-                "image reference {text:?} has no known transport; expected oci:DIR[:TAG]"
+                "image reference {text:?} has no known transport; expected oci:DIR[:TAG] or docker://HOST/REPO[:TAG]"
             ));
         };
         let (dir, tag) = match rest.split_once(':') {
@@ -28,10 +39,7 @@ impl ImageRef {
         if let Some(tag) = &tag {
             check_tag(tag).map_err(|e| format!("image reference {text:?}: {e}"))?;
         }
-        Ok(ImageRef::Layout {
-            dir: PathBuf::from(dir),
-            tag,
-        })
+        Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag })
     }
 }
 
@@ -41,12 +49,9 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     let valid = !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
     if !valid {
-        return Err(format!(
-            "tag {tag:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
-        ));
+        return Err(format!("tag {tag:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"));
     }
     Ok(())
 }
@@ -56,6 +61,7 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::Layout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
             ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+            ImageRef::Registry(r) => r.fmt(f),
         }
     }
 }
@@ -68,19 +74,13 @@ mod tests {
     fn parses_layout_references() {
         assert_eq!(
             ImageRef::parse("oci:out/app:v1").unwrap(),
-            ImageRef::Layout {
-                dir: "out/app".into(),
-                tag: Some("v1".into())
-            }
+            ImageRef::Layout { dir: "out/app".into(), tag: Some("v1".into()) }
         );
-        assert_eq!(
-            ImageRef::parse("oci:base").unwrap(),
-            ImageRef::Layout {
-                dir: "base".into(),
-                tag: None
-            }
-        );
+        assert_eq!(ImageRef::parse("oci:base").unwrap(), ImageRef::Layout { dir: "base".into(), tag: None });
         assert!(ImageRef::parse("docker-archive:x").is_err());
+        assert!(
+            matches!(ImageRef::parse("docker://127.0.0.1:5000/a/b:t").unwrap(), ImageRef::Registry(r) if r.repository == "a/b")
+        );
         assert!(ImageRef::parse("oci::tag").is_err());
         assert!(ImageRef::parse("oci:dir:bad/tag").is_err());
     }

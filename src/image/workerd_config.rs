@@ -37,10 +37,7 @@ pub fn modules_fragment(worker: &Worker) -> String {
             )
         })
         .collect();
-    format!(
-        "{HEADER}\nconst modules :List(Workerd.Worker.Module) = [\n{}\n];\n",
-        modules.join(",\n")
-    )
+    format!("{HEADER}\nconst modules :List(Workerd.Worker.Module) = [\n{}\n];\n", modules.join(",\n"))
 }
 
 /// The top-level config: one service and one socket (`*:PORT`, named after the worker) per worker.
@@ -66,11 +63,7 @@ pub fn top_level_config(workers: &[&Worker]) -> String {
 
 fn service(worker: &Worker) -> String {
     let flags: Vec<String> = worker.compatibility_flags.iter().map(|f| quote(f)).collect();
-    let bindings: Vec<String> = worker
-        .bindings
-        .iter()
-        .map(|b| format!("        {}", binding(b)))
-        .collect();
+    let bindings: Vec<String> = worker.bindings.iter().map(|b| format!("        {}", binding(b))).collect();
     let modules_import = quote(&format!("workers/{}/modules.capnp", worker.name));
     format!(
         "    (name = {name}, worker = (\n      modules = import {modules_import}.modules,\n      \
@@ -106,26 +99,12 @@ mod tests {
             compatibility_date: "2024-09-23".into(),
             compatibility_flags: vec!["nodejs_compat".into()],
             bindings: vec![
-                Binding::Text {
-                    name: "G".into(),
-                    value: "hi".into(),
-                },
-                Binding::FromEnvironment {
-                    name: "K".into(),
-                    variable: "X_K".into(),
-                },
+                Binding::Text { name: "G".into(), value: "hi".into() },
+                Binding::FromEnvironment { name: "K".into(), variable: "X_K".into() },
             ],
             modules: vec![
-                Module {
-                    path: "add.wasm".into(),
-                    kind: ModuleKind::Wasm,
-                    content: vec![],
-                },
-                Module {
-                    path: "index.js".into(),
-                    kind: ModuleKind::EsModule,
-                    content: vec![],
-                },
+                Module { path: "add.wasm".into(), kind: ModuleKind::Wasm, content: vec![] },
+                Module { path: "index.js".into(), kind: ModuleKind::EsModule, content: vec![] },
             ],
         }
     }
@@ -133,12 +112,8 @@ mod tests {
     #[test]
     fn fragment_lists_main_module_first_with_embeds_under_src() {
         let f = modules_fragment(&worker("alpha", 8080));
-        let index = f
-            .find("(name = \"index.js\", esModule = embed \"src/index.js\")")
-            .unwrap();
-        let wasm = f
-            .find("(name = \"add.wasm\", wasm = embed \"src/add.wasm\")")
-            .unwrap();
+        let index = f.find("(name = \"index.js\", esModule = embed \"src/index.js\")").unwrap();
+        let wasm = f.find("(name = \"add.wasm\", wasm = embed \"src/add.wasm\")").unwrap();
         assert!(index < wasm, "{f}");
         assert!(f.contains("const modules :List(Workerd.Worker.Module) = ["));
     }
@@ -150,14 +125,8 @@ mod tests {
             c.contains("(name = \"alpha\", address = \"*:8080\", http = (), service = \"alpha\")"),
             "{c}"
         );
-        assert!(
-            c.contains("(name = \"beta\", address = \"*:8081\", http = (), service = \"beta\")"),
-            "{c}"
-        );
-        assert!(
-            c.contains("modules = import \"workers/alpha/modules.capnp\".modules"),
-            "{c}"
-        );
+        assert!(c.contains("(name = \"beta\", address = \"*:8081\", http = (), service = \"beta\")"), "{c}");
+        assert!(c.contains("modules = import \"workers/alpha/modules.capnp\".modules"), "{c}");
         assert!(c.contains("(name = \"K\", fromEnvironment = \"X_K\")"), "{c}");
         assert!(c.contains("compatibilityFlags = [\"nodejs_compat\"]"), "{c}");
     }
@@ -165,15 +134,10 @@ mod tests {
     #[test]
     fn hostile_values_stay_inside_their_literal() {
         let mut w = worker("alpha", 8080);
-        w.bindings = vec![Binding::Text {
-            name: "X\"), (name = \"Y".into(),
-            value: "\n) ]; const evil = (".into(),
-        }];
+        w.bindings =
+            vec![Binding::Text { name: "X\"), (name = \"Y".into(), value: "\n) ]; const evil = (".into() }];
         let c = top_level_config(&[&w]);
-        assert!(
-            c.contains(r#"(name = "X\"), (name = \"Y", text = "\n) ]; const evil = (")"#),
-            "{c}"
-        );
+        assert!(c.contains(r#"(name = "X\"), (name = \"Y", text = "\n) ]; const evil = (")"#), "{c}");
         assert_eq!(c.matches("\nconst ").count(), 1, "no second declaration: {c}");
     }
 }

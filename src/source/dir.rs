@@ -15,10 +15,7 @@ pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, SourceE
     };
     let meta = fs::metadata(root).map_err(io(root))?;
     if !meta.is_dir() {
-        return Err(SourceError::Invalid {
-            path: root.to_path_buf(),
-            message: "is not a directory".into(),
-        });
+        return Err(SourceError::Invalid { path: root.to_path_buf(), message: "is not a directory".into() });
     }
     let mut files = BTreeMap::new();
     let mut pending = vec![root.to_path_buf()];
@@ -52,10 +49,7 @@ pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, SourceE
 }
 
 fn relative_name(root: &Path, path: &Path) -> Result<String, SourceError> {
-    let invalid = |message: String| SourceError::Invalid {
-        path: root.to_path_buf(),
-        message,
-    };
+    let invalid = |message: String| SourceError::Invalid { path: root.to_path_buf(), message };
     let relative = path
         .strip_prefix(root)
         .map_err(|_| invalid(format!("{} is outside the directory", path.display())))?;

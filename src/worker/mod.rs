@@ -79,18 +79,12 @@ impl Worker {
     /// Validates a worker's files and metadata. Nothing is written; every problem is reported with
     /// the worker's name and what to change.
     pub fn from_files(input: WorkerFiles) -> Result<Worker, WorkerError> {
-        let fail = |message: String| WorkerError {
-            worker: input.name.clone(),
-            message,
-        };
+        let fail = |message: String| WorkerError { worker: input.name.clone(), message };
         names::check_worker_name(&input.name).map_err(fail)?;
         if input.port == 0 {
             return Err(fail("port 0 is outside 1-65535".into()));
         }
-        let env_prefix = input
-            .env_prefix
-            .clone()
-            .unwrap_or_else(|| names::default_env_prefix(&input.name));
+        let env_prefix = input.env_prefix.clone().unwrap_or_else(|| names::default_env_prefix(&input.name));
         names::check_env_prefix(&env_prefix).map_err(fail)?;
 
         let mut files = input.files.clone();
@@ -108,21 +102,15 @@ impl Worker {
         let mut modules = Vec::with_capacity(files.len());
         for (path, content) in files {
             names::check_module_path(&path).map_err(fail)?;
-            modules.push(Module {
-                kind: ModuleKind::from_path(&path),
-                path,
-                content,
-            });
+            modules.push(Module { kind: ModuleKind::from_path(&path), path, content });
         }
         if modules.is_empty() {
             return Err(fail("has no modules".into()));
         }
 
         let main_module = pick_main_module(&metadata, &modules).map_err(fail)?;
-        let compatibility_date = metadata
-            .compatibility_date
-            .clone()
-            .unwrap_or_else(|| DEFAULT_COMPATIBILITY_DATE.to_owned());
+        let compatibility_date =
+            metadata.compatibility_date.clone().unwrap_or_else(|| DEFAULT_COMPATIBILITY_DATE.to_owned());
         check_date(&compatibility_date).map_err(fail)?;
         let compatibility_flags = check_flags(&metadata.compatibility_flags).map_err(fail)?;
         let bindings = convert_bindings(&metadata.bindings, &env_prefix).map_err(fail)?;
@@ -163,15 +151,10 @@ fn pick_main_module(metadata: &Metadata, modules: &[Module]) -> Result<String, S
     names::check_module_path(&main)?;
     let module = modules.iter().find(|m| m.path == main).ok_or_else(|| {
         let present: Vec<&str> = modules.iter().map(|m| m.path.as_str()).collect();
-        format!(
-            "main module {main:?} is missing (modules present: {})",
-            present.join(", ")
-        )
+        format!("main module {main:?} is missing (modules present: {})", present.join(", "))
     })?;
     if !module.kind.is_script() {
-        return Err(format!(
-            "main module {main:?} is not JavaScript (.js, .mjs or .cjs)"
-        ));
+        return Err(format!("main module {main:?} is not JavaScript (.js, .mjs or .cjs)"));
     }
     Ok(main)
 }
@@ -179,9 +162,7 @@ fn pick_main_module(metadata: &Metadata, modules: &[Module]) -> Result<String, S
 fn check_date(date: &str) -> Result<(), String> {
     let valid = date.len() == 10 && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok();
     if !valid {
-        return Err(format!(
-            "compatibility_date {date:?} is not a date of the form YYYY-MM-DD"
-        ));
+        return Err(format!("compatibility_date {date:?} is not a date of the form YYYY-MM-DD"));
     }
     Ok(())
 }
@@ -191,9 +172,7 @@ fn check_flags(flags: &[String]) -> Result<Vec<String>, String> {
     for flag in flags {
         let valid = !flag.is_empty() && flag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid {
-            return Err(format!(
-                "compatibility flag {flag:?} may hold only letters, digits and '_'"
-            ));
+            return Err(format!("compatibility flag {flag:?} may hold only letters, digits and '_'"));
         }
         if !seen.insert(flag) {
             return Err(format!("compatibility flag {flag:?} is given twice"));
@@ -235,10 +214,7 @@ fn convert_bindings(raw: &[RawBinding], env_prefix: &str) -> Result<Vec<Binding>
             }
             "secret_text" => {
                 names::check_secret_name(&name)?;
-                Binding::FromEnvironment {
-                    variable: format!("{env_prefix}{name}"),
-                    name,
-                }
+                Binding::FromEnvironment { variable: format!("{env_prefix}{name}"), name }
             }
             other => {
                 return Err(format!(
@@ -259,10 +235,7 @@ mod tests {
             name: "hello".into(),
             port: 8080,
             env_prefix: None,
-            files: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
+            files: entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
         }
     }
 
@@ -284,18 +257,9 @@ mod tests {
         assert_eq!(
             w.bindings,
             [
-                Binding::Text {
-                    name: "G".into(),
-                    value: "hi".into()
-                },
-                Binding::Json {
-                    name: "C".into(),
-                    json: r#"{"b":[1,2]}"#.into()
-                },
-                Binding::FromEnvironment {
-                    name: "API_KEY".into(),
-                    variable: "HELLO_API_KEY".into()
-                },
+                Binding::Text { name: "G".into(), value: "hi".into() },
+                Binding::Json { name: "C".into(), json: r#"{"b":[1,2]}"#.into() },
+                Binding::FromEnvironment { name: "API_KEY".into(), variable: "HELLO_API_KEY".into() },
             ]
         );
     }
@@ -311,21 +275,12 @@ mod tests {
     #[test]
     fn env_prefix_can_be_set() {
         let mut input = files(&[
-            (
-                "metadata.json",
-                r#"{"bindings":[{"name":"K","type":"secret_text"}]}"#,
-            ),
+            ("metadata.json", r#"{"bindings":[{"name":"K","type":"secret_text"}]}"#),
             ("index.js", ""),
         ]);
         input.env_prefix = Some("APP_".into());
         let w = Worker::from_files(input).unwrap();
-        assert_eq!(
-            w.bindings[0],
-            Binding::FromEnvironment {
-                name: "K".into(),
-                variable: "APP_K".into()
-            }
-        );
+        assert_eq!(w.bindings[0], Binding::FromEnvironment { name: "K".into(), variable: "APP_K".into() });
     }
 
     fn error_of(input: WorkerFiles) -> String {
@@ -334,43 +289,27 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused_with_a_reason() {
-        let missing = error_of(files(&[
-            ("metadata.json", r#"{"main_module":"main.js"}"#),
-            ("other.js", ""),
-        ]));
-        assert!(
-            missing.contains("main module \"main.js\" is missing"),
-            "{missing}"
-        );
+        let missing = error_of(files(&[("metadata.json", r#"{"main_module":"main.js"}"#), ("other.js", "")]));
+        assert!(missing.contains("main module \"main.js\" is missing"), "{missing}");
         assert!(error_of(files(&[("util.js", "")])).contains("no main module"));
         assert!(error_of(files(&[("index.js", ""), ("../x.js", "")])).contains("'..'"));
-        let escape = error_of(files(&[
-            ("metadata.json", r#"{"main_module":"../../etc/x.js"}"#),
-            ("index.js", ""),
-        ]));
+        let escape =
+            error_of(files(&[("metadata.json", r#"{"main_module":"../../etc/x.js"}"#), ("index.js", "")]));
         assert!(escape.contains("'..'"), "{escape}");
         assert!(error_of(files(&[("index.js", ""), ("/abs.js", "")])).contains("absolute"));
         assert!(error_of(files(&[("metadata.json", "{nope"), ("index.js", "")])).contains("not valid"));
         let secret = error_of(files(&[
-            (
-                "metadata.json",
-                r#"{"bindings":[{"name":"K","type":"secret_text","text":"v"}]}"#,
-            ),
+            ("metadata.json", r#"{"bindings":[{"name":"K","type":"secret_text","text":"v"}]}"#),
             ("index.js", ""),
         ]));
         assert!(secret.contains("never go into an image"), "{secret}");
         let kv = error_of(files(&[
-            (
-                "metadata.json",
-                r#"{"bindings":[{"name":"K","type":"kv_namespace","namespace_id":"x"}]}"#,
-            ),
+            ("metadata.json", r#"{"bindings":[{"name":"K","type":"kv_namespace","namespace_id":"x"}]}"#),
             ("index.js", ""),
         ]));
         assert!(kv.contains("\"kv_namespace\""), "{kv}");
-        let date = error_of(files(&[
-            ("metadata.json", r#"{"compatibility_date":"2024-13-01"}"#),
-            ("index.js", ""),
-        ]));
+        let date =
+            error_of(files(&[("metadata.json", r#"{"compatibility_date":"2024-13-01"}"#), ("index.js", "")]));
         assert!(date.contains("YYYY-MM-DD"), "{date}");
         let mut bad_name = files(&[("index.js", "")]);
         bad_name.name = "Bad_Name".into();

@@ -15,10 +15,7 @@ impl ModuleKind {
     /// `.js`/`.mjs` ES module, `.cjs` CommonJS, `.wasm` WebAssembly, `.json` JSON, common text
     /// formats as text, anything else as binary data.
     pub fn from_path(path: &str) -> Self {
-        let ext = path
-            .rsplit_once('.')
-            .map(|(_, e)| e.to_ascii_lowercase())
-            .unwrap_or_default();
+        let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
         match ext.as_str() {
             "js" | "mjs" => ModuleKind::EsModule,
             "cjs" => ModuleKind::CommonJs,

@@ -4,9 +4,7 @@
 /// directory in the image.
 pub fn check_worker_name(name: &str) -> Result<(), String> {
     let bytes = name.as_bytes();
-    let valid_chars = bytes
-        .iter()
-        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
+    let valid_chars = bytes.iter().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
     let valid_ends = bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
     if name.is_empty() || name.len() > 63 || !valid_chars || !valid_ends {
@@ -49,9 +47,7 @@ pub fn check_module_path(path: &str) -> Result<(), String> {
 /// Binding names become JavaScript property names: any text but NUL.
 pub fn check_binding_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.contains('\0') || name.len() > 256 {
-        return Err(format!(
-            "binding name {name:?} must be 1-256 characters without NUL"
-        ));
+        return Err(format!("binding name {name:?} must be 1-256 characters without NUL"));
     }
     Ok(())
 }
@@ -102,18 +98,7 @@ mod tests {
         for ok in ["index.js", "lib/util.js", "a\"b.js", "dir/x y.txt", "..hidden.js"] {
             assert!(check_module_path(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x.js",
-            "a/../../x",
-            "a//b",
-            "./a",
-            "a/./b",
-            "a\\b",
-            "a\nb",
-            "a/",
-        ] {
+        for bad in ["", "/etc/passwd", "../x.js", "a/../../x", "a//b", "./a", "a/./b", "a\\b", "a\nb", "a/"] {
             assert!(check_module_path(bad).is_err(), "{bad}");
         }
     }

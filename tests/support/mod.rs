@@ -15,36 +15,21 @@ pub fn repo_path(relative: &str) -> PathBuf {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("wb-test-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
+    tempfile::Builder::new().prefix("wb-test-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
 /// Runs the CLI with `SOURCE_DATE_EPOCH` unset, so only the arguments decide the output.
 pub fn workerbundle(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("SOURCE_DATE_EPOCH")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    Command::new(BIN).args(args).env_remove("SOURCE_DATE_EPOCH").env("RUST_LOG", "warn").output().unwrap()
 }
 
 /// Runs the CLI and returns the digest it prints last, failing the test with its stderr otherwise.
 pub fn workerbundle_ok(args: &[&str]) -> String {
     let out = workerbundle(args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "workerbundle {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "workerbundle {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let last = stdout.lines().last().unwrap_or_default().to_owned();
-    assert!(
-        last.starts_with("sha256:") && last.len() == 71,
-        "last line is not a digest: {stdout}"
-    );
+    assert!(last.starts_with("sha256:") && last.len() == 71, "last line is not a digest: {stdout}");
     last
 }
 
@@ -90,12 +75,7 @@ pub fn layout_json(dir: &Path, digest: &str) -> serde_json::Value {
 
 pub fn manifest_layers(dir: &Path, manifest_digest: &str) -> Vec<String> {
     let manifest = layout_json(dir, manifest_digest);
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_owned())
-        .collect()
+    manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Every file of a directory tree, by relative path.
@@ -106,10 +86,7 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 walk(root, &path, out);
             } else {
-                out.insert(
-                    path.strip_prefix(root).unwrap().display().to_string(),
-                    fs::read(&path).unwrap(),
-                );
+                out.insert(path.strip_prefix(root).unwrap().display().to_string(), fs::read(&path).unwrap());
             }
         }
     }
@@ -139,11 +116,7 @@ pub fn umoci_unpack(layout_dir: &Path, tag: &str, into: &Path) -> PathBuf {
         .arg(&bundle)
         .output()
         .expect("umoci is not installed (apt-get install umoci)");
-    assert!(
-        out.status.success(),
-        "umoci unpack failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "umoci unpack failed: {}", String::from_utf8_lossy(&out.stderr));
     bundle
 }
 
@@ -162,22 +135,11 @@ pub fn serve_from_bundle(bundle: &Path, extra_env: &[(&str, &str)], ports: &[u16
     let runtime: serde_json::Value =
         serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
     let process = &runtime["process"];
-    let args: Vec<String> = process["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
-    let (uid, gid) = (
-        process["user"]["uid"].as_u64().unwrap(),
-        process["user"]["gid"].as_u64().unwrap(),
-    );
-    let mut env: Vec<String> = process["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e.as_str().unwrap().to_owned())
-        .collect();
+    let args: Vec<String> =
+        process["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+    let (uid, gid) = (process["user"]["uid"].as_u64().unwrap(), process["user"]["gid"].as_u64().unwrap());
+    let mut env: Vec<String> =
+        process["env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect();
     env.extend(extra_env.iter().map(|(k, v)| format!("{k}={v}")));
 
     let rootfs = bundle.join("rootfs");
@@ -197,10 +159,7 @@ pub fn serve_from_bundle(bundle: &Path, extra_env: &[(&str, &str)], ports: &[u16
             quote(&rootfs.join("dev").join(dev).display().to_string())
         );
     }
-    script += &format!(
-        "mount -t proc proc {}\n",
-        quote(&rootfs.join("proc").display().to_string())
-    );
+    script += &format!("mount -t proc proc {}\n", quote(&rootfs.join("proc").display().to_string()));
     script += &format!(
         "env -i {} \"$(command -v chroot)\" --userspec={uid}:{gid} {} {} > {} 2>&1 &\npid=$!\n",
         env.iter().map(|e| quote(e)).collect::<Vec<_>>().join(" "),
@@ -215,10 +174,7 @@ pub fn serve_from_bundle(bundle: &Path, extra_env: &[(&str, &str)], ports: &[u16
         );
     }
     script += "kill $pid\nwait $pid\nexit 0\n";
-    let status = Command::new("unshare")
-        .args(["--net", "--mount", "sh", "-c", &script])
-        .status()
-        .unwrap();
+    let status = Command::new("unshare").args(["--net", "--mount", "sh", "-c", &script]).status().unwrap();
     assert!(status.success(), "the namespace script failed");
     let log = fs::read_to_string(results.join("workerd.log")).unwrap_or_default();
     let bodies = ports

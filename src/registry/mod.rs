@@ -1,0 +1,116 @@
+//! Registries: push, pull, mount and delete over the OCI distribution API.
+//!
+//! The protocol is spoken directly over reqwest rather than through oci-client's push helpers:
+//! those send every blob with their own POST/PUT sequence and cannot skip, mount-with-fallback,
+//! upload in a single request, resume chunks, or tell us how many requests a push cost, and that
+//! control is the whole point of this module (see push.rs for the rules).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub mod auth;
+pub mod client;
+pub mod pull;
+pub mod push;
+pub mod reference;
+
+pub use auth::Credentials;
+pub use client::{ClientOptions, RegistryClient, RetryPolicy};
+pub use push::{push_image, BlobSource, PushBlob, PushMemory, PushReport};
+pub use reference::RegistryRef;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {registry}: {request} failed: {message}")]
+    Transport { registry: String, request: String, message: String },
+    #[error("registry {registry}: {request} answered HTTP {status} after {attempts} attempt(s): {message}")]
+    Status { registry: String, request: String, status: u16, message: String, attempts: u32 },
+    #[error("registry {registry}: {request} answered 401 Unauthorized: {message}")]
+    Unauthorized { registry: String, request: String, message: String },
+    #[error("registry {registry}: {message}")]
+    Protocol { registry: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{message}")]
+    Local { message: String },
+}
+
+impl RegistryError {
+    /// Whether trying again may help (connection trouble, 408, 429, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Transport { .. } => true,
+            RegistryError::Status { status, .. } => {
+                reqwest::StatusCode::from_u16(*status).is_ok_and(client::is_transient)
+            }
+            _ => false,
+        }
+    }
+}
+
+type RegistryEntry = (Arc<RegistryClient>, Arc<PushMemory>);
+
+/// One client and one push memory per registry host, shared by every build of a process (the CLI
+/// runs one; the controller keeps it for its lifetime so a rebuild pays only for what changed).
+pub struct Registries {
+    options: RegistryOptions,
+    clients: Mutex<HashMap<String, RegistryEntry>>,
+}
+
+/// How to reach registries: credentials and transport.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// `USER:PASS` for every registry.
+    pub creds: Option<String>,
+    /// A docker config.json (or Kubernetes `.dockerconfigjson`) to read credentials from.
+    pub authfile: Option<std::path::PathBuf>,
+    /// The raw `.dockerconfigjson` payload of a Kubernetes Secret.
+    pub dockerconfigjson: Option<Vec<u8>>,
+    /// Plain HTTP for loopback registries.
+    pub insecure: bool,
+    pub retry: RetryPolicy,
+}
+
+impl Registries {
+    pub fn new(options: RegistryOptions) -> Self {
+        Registries { options, clients: Default::default() }
+    }
+
+    fn entry(&self, registry: &str) -> Result<(Arc<RegistryClient>, Arc<PushMemory>), RegistryError> {
+        let mut clients =
+            self.clients.lock().map_err(|_| RegistryError::Config("registry clients poisoned".into()))?;
+        if let Some(entry) = clients.get(registry) {
+            return Ok(entry.clone());
+        }
+        let credentials = match &self.options.dockerconfigjson {
+            Some(payload) if self.options.creds.is_none() => {
+                auth::credentials_from_docker_config(payload, registry)
+                    .map_err(|e| RegistryError::Config(format!(".dockerconfigjson: {e}")))?
+            }
+            _ => auth::resolve_credentials(
+                self.options.creds.as_deref(),
+                self.options.authfile.as_deref(),
+                registry,
+            )
+            .map_err(RegistryError::Config)?,
+        };
+        let loopback =
+            RegistryRef { registry: registry.into(), repository: String::new(), tag: None, digest: None }
+                .is_loopback();
+        let options =
+            ClientOptions { credentials, insecure: self.options.insecure, retry: self.options.retry.clone() };
+        let entry =
+            (std::sync::Arc::new(RegistryClient::new(registry, loopback, options)?), Default::default());
+        clients.insert(registry.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    pub fn client(&self, registry: &str) -> Result<Arc<RegistryClient>, RegistryError> {
+        self.entry(registry).map(|(client, _)| client)
+    }
+
+    /// The push memory of a registry (created with its client).
+    pub fn memory(&self, registry: &str) -> Arc<PushMemory> {
+        self.entry(registry).map(|(_, memory)| memory).unwrap_or_default()
+    }
+}

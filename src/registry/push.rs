@@ -1,0 +1,404 @@
+//! Pushing an image at the floor of round trips.
+//!
+//! - Blobs the repository is known to hold are not sent: known from this process's own pushes,
+//!   or learned with ONE GET of the manifest the tag points at now (never a HEAD per base layer).
+//! - Base layers in another repository of the same registry are mounted; a 202 answer (mount
+//!   refused) cancels the stray session and falls back to an upload.
+//! - Blobs under 4 MiB go up in one request (`POST ?digest=`) where the registry takes it, else
+//!   POST + PUT; larger blobs go in chunks under 4 MiB, resuming from the registry's offset after
+//!   a failure.
+//! - Blobs go up in parallel (bounded); the manifest is PUT last, only after every blob it names
+//!   is confirmed, so a tag never points at a manifest with a missing blob.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::{Method, StatusCode};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::client::{describe, is_transient, RegistryClient, Req};
+use super::pull::{fetch_blob, MANIFEST_ACCEPT};
+use super::RegistryError;
+use crate::digest::Digest;
+
+/// The largest body of one upload request: some registries (GHCR) refuse requests over 4 MiB.
+pub const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024 - 64 * 1024;
+/// Blobs uploaded at once.
+pub const PARALLEL_UPLOADS: usize = 4;
+
+/// Where a blob's bytes come from.
+#[derive(Clone, Debug)]
+pub enum BlobSource {
+    Memory(Bytes),
+    /// A blob file of an OCI layout: HEADed first (it is probably there from an earlier push).
+    File(PathBuf),
+    /// Another repository of the same registry: mounted.
+    Repository(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct PushBlob {
+    pub digest: Digest,
+    pub size: u64,
+    pub source: BlobSource,
+}
+
+/// What a registry's repositories are known to hold, and what the registry can do; kept for the
+/// life of the process so that a second push pays only for what changed.
+#[derive(Debug, Default)]
+pub struct PushMemory {
+    known: Mutex<HashSet<(String, Digest)>>,
+    learned: Mutex<HashSet<String>>,
+    single_request_upload: Mutex<Option<bool>>,
+}
+
+impl PushMemory {
+    fn knows(&self, repo: &str, digest: &Digest) -> bool {
+        self.known.lock().is_ok_and(|k| k.contains(&(repo.to_owned(), digest.clone())))
+    }
+
+    fn remember(&self, repo: &str, digest: &Digest) {
+        if let Ok(mut known) = self.known.lock() {
+            known.insert((repo.to_owned(), digest.clone()));
+        }
+    }
+
+    fn single_request(&self) -> Option<bool> {
+        self.single_request_upload.lock().ok().and_then(|v| *v)
+    }
+
+    fn set_single_request(&self, value: bool) {
+        if let Ok(mut v) = self.single_request_upload.lock() {
+            *v = Some(value);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    pub uploaded: usize,
+    pub mounted: usize,
+    pub skipped: usize,
+    /// Requests sent to the registry during this push (token requests included).
+    pub requests: u64,
+}
+
+enum Outcome {
+    Uploaded,
+    Mounted,
+    Present,
+}
+
+pub async fn push_image(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    tag: &str,
+    blobs: Vec<PushBlob>,
+    manifest_media_type: &str,
+    manifest: Bytes,
+) -> Result<(Digest, PushReport), RegistryError> {
+    let span = info_span!("push", registry = client.registry(), repo, tag);
+    async move {
+        let start = client.request_count();
+        client.want_scope(repo, "pull,push");
+        for blob in &blobs {
+            if let BlobSource::Repository(from) = &blob.source {
+                client.want_scope(from, "pull");
+            }
+        }
+        learn_repository(client, memory, repo, tag).await?;
+
+        let mut report = PushReport::default();
+        let mut pending = Vec::new();
+        let mut seen = HashSet::new();
+        for blob in blobs {
+            if !seen.insert(blob.digest.clone()) {
+                continue;
+            }
+            if memory.knows(repo, &blob.digest) || matches!(&blob.source, BlobSource::Repository(from) if from == repo) {
+                report.skipped += 1;
+            } else {
+                pending.push(blob);
+            }
+        }
+        let outcomes: Vec<Outcome> = futures::stream::iter(pending.into_iter().map(|blob| push_blob(client, memory, repo, blob)))
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .try_collect()
+            .await?;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Uploaded => report.uploaded += 1,
+                Outcome::Mounted => report.mounted += 1,
+                Outcome::Present => report.skipped += 1,
+            }
+        }
+
+        let digest = Digest::of(&manifest);
+        let req = Req::new(Method::PUT, format!("/v2/{repo}/manifests/{tag}"))
+            .header(CONTENT_TYPE, manifest_media_type)
+            .body(manifest);
+        let response = client.send(&req).await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(client.status_error(&req, response, 1).await);
+        }
+        if let Some(echoed) = response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+            if echoed != digest.as_str() {
+                return Err(RegistryError::Protocol {
+                    registry: client.registry().into(),
+                    message: format!("stored the manifest as {echoed}, but its digest is {digest}"),
+                });
+            }
+        }
+        memory.remember(repo, &digest);
+        report.requests = client.request_count() - start;
+        info!(%digest, uploaded = report.uploaded, mounted = report.mounted, skipped = report.skipped, requests = report.requests, "pushed");
+        Ok((digest, report))
+    }
+    .instrument(span)
+    .await
+}
+
+/// One GET of the manifest the tag points at now tells which blobs the repository holds.
+async fn learn_repository(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    tag: &str,
+) -> Result<(), RegistryError> {
+    let first_time = memory.learned.lock().is_ok_and(|mut l| l.insert(repo.to_owned()));
+    if !first_time {
+        return Ok(());
+    }
+    let req = Req::new(Method::GET, format!("/v2/{repo}/manifests/{tag}"))
+        .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT);
+    let response = client.send(&req).await?;
+    if !response.status().is_success() {
+        debug!(status = %response.status(), "no current manifest to learn from");
+        return Ok(());
+    }
+    let body = response.bytes().await.unwrap_or_default();
+    let Ok(manifest) = serde_json::from_slice::<serde_json::Value>(&body) else { return Ok(()) };
+    let descriptors =
+        manifest["layers"].as_array().into_iter().flatten().chain(std::iter::once(&manifest["config"]));
+    for digest in descriptors.filter_map(|d| d["digest"].as_str()).filter_map(Digest::parse) {
+        memory.remember(repo, &digest);
+    }
+    Ok(())
+}
+
+async fn push_blob(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    blob: PushBlob,
+) -> Result<Outcome, RegistryError> {
+    let outcome = match &blob.source {
+        BlobSource::Repository(from) => match mount(client, repo, from, &blob.digest).await? {
+            true => Outcome::Mounted,
+            false => {
+                let bytes = fetch_blob(client, from, &blob.digest).await?;
+                upload(client, memory, repo, &blob.digest, bytes).await?
+            }
+        },
+        BlobSource::File(path) => {
+            if exists(client, repo, &blob.digest).await? {
+                Outcome::Present
+            } else {
+                let bytes = tokio::fs::read(path).await.map_err(|e| RegistryError::Local {
+                    message: format!("cannot read blob {}: {e}", path.display()),
+                })?;
+                upload(client, memory, repo, &blob.digest, Bytes::from(bytes)).await?
+            }
+        }
+        BlobSource::Memory(bytes) => upload(client, memory, repo, &blob.digest, bytes.clone()).await?,
+    };
+    memory.remember(repo, &blob.digest);
+    Ok(outcome)
+}
+
+async fn exists(client: &RegistryClient, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
+    let response = client.send(&Req::new(Method::HEAD, format!("/v2/{repo}/blobs/{digest}"))).await?;
+    Ok(response.status().is_success())
+}
+
+/// Cross-repository mount; `false` when the registry declined (its upload session is cancelled).
+async fn mount(
+    client: &RegistryClient,
+    repo: &str,
+    from: &str,
+    digest: &Digest,
+) -> Result<bool, RegistryError> {
+    let req = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"));
+    let response = client.send(&req).await?;
+    match response.status() {
+        StatusCode::CREATED => Ok(true),
+        StatusCode::ACCEPTED => {
+            if let Some(location) = location(&response) {
+                let _ = client.send_once(&Req::new(Method::DELETE, location)).await;
+            }
+            warn!(%digest, from, "cross-repository mount declined; uploading instead");
+            Ok(false)
+        }
+        _ => Err(client.status_error(&req, response, 1).await),
+    }
+}
+
+/// Uploads one blob; a failure in the middle starts a fresh session (after checking whether the
+/// blob arrived after all).
+async fn upload(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    digest: &Digest,
+    bytes: Bytes,
+) -> Result<Outcome, RegistryError> {
+    if Digest::of(&bytes) != *digest {
+        return Err(RegistryError::Local {
+            message: format!("blob {digest} does not match its content; refusing to push it"),
+        });
+    }
+    let policy = client.retry_policy().clone();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = if bytes.len() <= MAX_REQUEST_BODY {
+            upload_small(client, memory, repo, digest, bytes.clone()).await
+        } else {
+            upload_chunked(client, repo, digest, &bytes).await
+        };
+        match result {
+            Ok(()) => return Ok(Outcome::Uploaded),
+            Err(e) if e.is_transient() && attempt < policy.attempts => {
+                warn!(%digest, attempt, error = %e, "upload failed; starting again");
+                tokio::time::sleep(policy.base_delay * attempt).await;
+                if exists(client, repo, digest).await? {
+                    return Ok(Outcome::Uploaded);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn upload_small(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    digest: &Digest,
+    bytes: Bytes,
+) -> Result<(), RegistryError> {
+    let start = if memory.single_request() != Some(false) {
+        Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(bytes.clone())
+    } else {
+        Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"))
+    };
+    let response = client.send(&start).await?;
+    match response.status() {
+        StatusCode::CREATED if start.body.is_some() => {
+            memory.set_single_request(true);
+            return Ok(());
+        }
+        StatusCode::ACCEPTED => {
+            if start.body.is_some() {
+                debug!("registry does not take single-request uploads; using POST + PUT");
+                memory.set_single_request(false);
+            }
+        }
+        _ => return Err(client.status_error(&start, response, 1).await),
+    }
+    let session = location(&response).ok_or_else(|| missing_location(client, &start))?;
+    let put = Req::new(Method::PUT, with_digest(&session, digest))
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(bytes);
+    expect_created(client, &put).await
+}
+
+async fn upload_chunked(
+    client: &RegistryClient,
+    repo: &str,
+    digest: &Digest,
+    bytes: &Bytes,
+) -> Result<(), RegistryError> {
+    let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+    let response = client.send(&start).await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(client.status_error(&start, response, 1).await);
+    }
+    let mut session = location(&response).ok_or_else(|| missing_location(client, &start))?;
+    let mut offset = 0usize;
+    let policy = client.retry_policy().clone();
+    let mut failures = 0;
+    while offset < bytes.len() {
+        let end = (offset + MAX_REQUEST_BODY).min(bytes.len());
+        let patch = Req::new(Method::PATCH, session.clone())
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_RANGE, &format!("{offset}-{}", end - 1))
+            .body(bytes.slice(offset..end));
+        let failure = match client.send_once(&patch).await {
+            Ok(r) if r.status() == StatusCode::ACCEPTED => {
+                session = location(&r).unwrap_or(session);
+                offset = end;
+                failures = 0;
+                continue;
+            }
+            Ok(r) if is_transient(r.status()) => client.status_error(&patch, r, 1).await,
+            Ok(r) => return Err(client.status_error(&patch, r, 1).await),
+            Err(e) if e.is_transient() => e,
+            Err(e) => return Err(e),
+        };
+        failures += 1;
+        if failures >= policy.attempts {
+            return Err(failure);
+        }
+        tokio::time::sleep(policy.base_delay * failures).await;
+        // Ask the registry how much it has, and carry on from there.
+        let status = client.send(&Req::new(Method::GET, session.clone())).await?;
+        if status.status() != StatusCode::NO_CONTENT {
+            return Err(failure);
+        }
+        if let Some(next) = location(&status) {
+            session = next;
+        }
+        offset = status
+            .headers()
+            .get(RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| r.rsplit('-').next())
+            .and_then(|end| end.parse::<usize>().ok())
+            .map_or(0, |end| end + 1);
+        debug!(request = %describe(&patch), offset, "resuming upload");
+    }
+    expect_created(client, &Req::new(Method::PUT, with_digest(&session, digest))).await
+}
+
+async fn expect_created(client: &RegistryClient, req: &Req) -> Result<(), RegistryError> {
+    let response = client.send_once(req).await?;
+    if response.status() == StatusCode::CREATED {
+        Ok(())
+    } else {
+        Err(client.status_error(req, response, 1).await)
+    }
+}
+
+fn location(response: &reqwest::Response) -> Option<String> {
+    response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn missing_location(client: &RegistryClient, req: &Req) -> RegistryError {
+    RegistryError::Protocol {
+        registry: client.registry().into(),
+        message: format!("{} answered 202 without a Location for the upload", describe(req)),
+    }
+}
+
+fn with_digest(location: &str, digest: &Digest) -> String {
+    let separator = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{separator}digest={digest}")
+}
