@@ -2,6 +2,9 @@
 //! (umoci, skopeo, workerd, curl) to read back and run what the builder produced.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
