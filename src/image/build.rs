@@ -11,6 +11,7 @@ use super::layout::{descriptor_digest, Layout, LayoutError, LayoutImage, LayoutW
 use super::reference::ImageRef;
 use crate::digest::Digest;
 use crate::registry::pull::{fetch_blob, fetch_image};
+use crate::registry::push::learn_repository;
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryError, RegistryRef};
 use crate::source::{read_dir_source, SourceError};
 use crate::worker::{Worker, WorkerError, WorkerFiles};
@@ -177,14 +178,37 @@ pub async fn build(request: &BuildRequest, registries: &Registries) -> Result<Bu
     let (base, base_image, default_name) = read_base(&request.base, registries).await?;
     let base_name = request.base_name.clone().unwrap_or(default_name);
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
-    let image = assemble(&base_image, &workers, &options)?;
+    // Assembly is CPU work: run it off the async threads and, when pushing, learn what the
+    // repository holds at the same time, so that round trip costs no wall-clock time.
+    let requests_before = match &request.output {
+        ImageRef::Registry(out) => registries.client(&out.registry)?.request_count(),
+        ImageRef::Layout { .. } => 0,
+    };
+    let assembling = tokio::task::spawn_blocking(move || assemble(&base_image, &workers, &options));
+    let learning = async {
+        match &request.output {
+            ImageRef::Registry(out) => {
+                let client = registries.client(&out.registry)?;
+                learn_repository(&client, &registries.memory(&out.registry), &out.repository, &output_tag)
+                    .await
+            }
+            ImageRef::Layout { .. } => Ok(()),
+        }
+    };
+    let (assembled, learned) = tokio::join!(assembling, learning);
+    learned?;
+    let image = assembled.map_err(|e| BuildError::Invalid(format!("image assembly stopped: {e}")))??;
 
     let push = match &request.output {
         ImageRef::Layout { dir, .. } => {
             write_layout(dir, &output_tag, &image, &base, registries).await?;
             None
         }
-        ImageRef::Registry(out) => Some(push_to_registry(out, &output_tag, &image, &base, registries).await?),
+        ImageRef::Registry(out) => {
+            let mut report = push_to_registry(out, &output_tag, &image, &base, registries).await?;
+            report.requests = registries.client(&out.registry)?.request_count() - requests_before;
+            Some(report)
+        }
     };
     info!(output = %request.output, digest = %image.manifest.digest, "image written");
     Ok(BuildOutcome { manifest_digest: image.manifest.digest.clone(), image, push })

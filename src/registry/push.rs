@@ -27,6 +27,8 @@ use crate::digest::Digest;
 
 /// The largest body of one upload request: some registries (GHCR) refuse requests over 4 MiB.
 pub const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024 - 64 * 1024;
+/// Largest blob sent with `POST ?digest=` before the registry has shown it takes them.
+const PROBE_LIMIT: usize = 64 * 1024;
 /// Blobs uploaded at once.
 pub const PARALLEL_UPLOADS: usize = 4;
 
@@ -105,7 +107,6 @@ pub async fn push_image(
     let span = info_span!("push", registry = client.registry(), repo, tag);
     async move {
         let start = client.request_count();
-        client.want_scope(repo, "pull,push");
         for blob in &blobs {
             if let BlobSource::Repository(from) = &blob.source {
                 client.want_scope(from, "pull");
@@ -163,13 +164,15 @@ pub async fn push_image(
     .await
 }
 
-/// One GET of the manifest the tag points at now tells which blobs the repository holds.
-async fn learn_repository(
+/// One GET of the manifest the tag points at now tells which blobs the repository holds; done
+/// once per repository and process (later pushes know what they pushed).
+pub async fn learn_repository(
     client: &RegistryClient,
     memory: &PushMemory,
     repo: &str,
     tag: &str,
 ) -> Result<(), RegistryError> {
+    client.want_scope(repo, "pull,push");
     let first_time = memory.learned.lock().is_ok_and(|mut l| l.insert(repo.to_owned()));
     if !first_time {
         return Ok(());
@@ -292,7 +295,13 @@ async fn upload_small(
     digest: &Digest,
     bytes: Bytes,
 ) -> Result<(), RegistryError> {
-    let start = if memory.single_request() != Some(false) {
+    // Until the registry has shown whether it takes single-request uploads, only small blobs
+    // probe it: a refusal (202) would have sent the body for nothing.
+    let single = match memory.single_request() {
+        Some(known) => known,
+        None => bytes.len() <= PROBE_LIMIT,
+    };
+    let start = if single {
         Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(bytes.clone())
