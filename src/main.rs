@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
-use workerbundle::image::build::{build, BuildRequest, WorkerInput};
+use workerbundle::image::build::{build, BuildContext, BuildRequest, WorkerInput};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
 use workerbundle::registry::{Registries, RegistryOptions};
+use workerbundle::source::s3::{S3Limits, S3Options};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,43 @@ struct RegistryArgs {
     /// any other host.
     #[arg(long)]
     insecure: bool,
+}
+
+/// Where S3 worker sources are read from.
+#[derive(clap::Args, Clone)]
+struct S3Args {
+    /// An S3-compatible endpoint (path-style addressing). Default: AWS_ENDPOINT_URL, else AWS S3.
+    /// Credentials come from the standard chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the
+    /// profile (AWS_PROFILE), web identity. Example: --s3-endpoint http://127.0.0.1:8014
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// Region. Default: AWS_REGION or the profile's, else us-east-1.
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Most objects one worker source may hold.
+    #[arg(long, value_name = "N", default_value_t = S3Limits::default().max_objects)]
+    s3_max_objects: usize,
+    /// Largest object, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = S3Limits::default().max_object_bytes)]
+    s3_max_object_bytes: u64,
+    /// Largest total of one worker source, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = S3Limits::default().max_total_bytes)]
+    s3_max_total_bytes: u64,
+}
+
+impl S3Args {
+    fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            limits: S3Limits {
+                max_objects: self.s3_max_objects,
+                max_object_bytes: self.s3_max_object_bytes,
+                max_total_bytes: self.s3_max_total_bytes,
+            },
+            ..S3Options::default()
+        }
+    }
 }
 
 impl RegistryArgs {
@@ -80,9 +118,11 @@ enum Command {
         /// Example: --base oci:base:workerd
         #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
         base: ImageRef,
-        /// A worker: NAME=DIR[@PORT]. NAME is a DNS-1123 label; ports default to 8080, 8081, ... in
-        /// the order given. Repeat for more workers. Example: --worker api=./api@8080
-        #[arg(long = "worker", value_name = "NAME=DIR[@PORT]", required = true, value_parser = WorkerInput::parse)]
+        /// A worker: NAME=SOURCE[@PORT]. SOURCE is a directory, s3://BUCKET/PREFIX/ (every object
+        /// under the prefix) or s3://BUCKET/KEY (one module). NAME is a DNS-1123 label; ports
+        /// default to 8080, 8081, ... in the order given. Repeat for more workers.
+        /// Example: --worker api=./api@8080 --worker auth=s3://workers/1234/auth/v3/
+        #[arg(long = "worker", value_name = "NAME=SOURCE[@PORT]", required = true, value_parser = WorkerInput::parse)]
         workers: Vec<WorkerInput>,
         /// Prefix of the environment variables that carry a worker's secrets: NAME=PREFIX. The
         /// default for worker my-api is MY_API_, so secret KEY is read from MY_API_KEY.
@@ -103,6 +143,8 @@ enum Command {
         source_date_epoch: i64,
         #[command(flatten)]
         registry: RegistryArgs,
+        #[command(flatten)]
+        s3: Box<S3Args>,
     },
     /// Delete an image from a registry by digest (registries delete by digest, not by tag).
     ///
@@ -180,6 +222,7 @@ async fn run(command: Command) -> Result<String, String> {
             base_name,
             source_date_epoch,
             registry,
+            s3,
         } => {
             for (name, prefix) in env_prefixes {
                 let worker = workers.iter_mut().find(|w| w.name == name).ok_or_else(|| {
@@ -188,7 +231,8 @@ async fn run(command: Command) -> Result<String, String> {
                 worker.env_prefix = Some(prefix);
             }
             let request = BuildRequest { base, base_name, workers, output, source_date_epoch };
-            let outcome = build(&request, &registry.registries()).await.map_err(|e| e.to_string())?;
+            let context = BuildContext::new(registry.registries(), s3.options());
+            let outcome = build(&request, &context).await.map_err(|e| e.to_string())?;
             if let Some(push) = &outcome.push {
                 eprintln!(
                     "pushed: {} uploaded, {} mounted, {} already there; {} registry requests",

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use support::fault_proxy::FaultProxy;
 use support::registry::{Logged, Registry, PASSWORD, USER};
 use support::*;
-use workerbundle::image::build::{build as build_image, BuildRequest, WorkerInput};
+use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest, WorkerInput};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::{Registries, RegistryOptions};
 
@@ -132,7 +132,10 @@ fn a_one_worker_change_in_the_same_process_costs_the_floor() {
     let registry = Registry::start(false);
     let work = tempdir();
     let workers = editable_workers(work.path());
-    let registries = Registries::new(RegistryOptions { insecure: true, ..Default::default() });
+    let context = BuildContext::new(
+        Registries::new(RegistryOptions { insecure: true, ..Default::default() }),
+        Default::default(),
+    );
     let request = |tag: &str| BuildRequest {
         base: ImageRef::parse(base_layout()).unwrap(),
         base_name: None,
@@ -141,11 +144,11 @@ fn a_one_worker_change_in_the_same_process_costs_the_floor() {
         source_date_epoch: 0,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(build_image(&request("live"), &registries)).unwrap();
+    runtime.block_on(build_image(&request("live"), &context)).unwrap();
     let before = registry.requests().len();
 
     change_hello(work.path(), "change 1");
-    let outcome = runtime.block_on(build_image(&request("live"), &registries)).unwrap();
+    let outcome = runtime.block_on(build_image(&request("live"), &context)).unwrap();
     let requests = registry.requests()[before..].to_vec();
     let mut methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
     methods.sort();

@@ -13,7 +13,7 @@ use crate::digest::Digest;
 use crate::registry::pull::{fetch_blob, fetch_image};
 use crate::registry::push::learn_repository;
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryError, RegistryRef};
-use crate::source::{read_dir_source, SourceError};
+use crate::source::{read_dir_source, S3Options, S3Source, S3Url, SourceError};
 use crate::worker::{Worker, WorkerError, WorkerFiles};
 
 /// The first port handed out when a worker names none; the next worker gets the next one.
@@ -41,6 +41,26 @@ pub enum BuildError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkerSource {
     Dir(PathBuf),
+    S3(S3Url),
+}
+
+/// What builds share for the life of a process: registry clients (and what they pushed) and the
+/// S3 client (and what it downloaded).
+pub struct BuildContext {
+    pub registries: Registries,
+    s3_options: S3Options,
+    s3: tokio::sync::OnceCell<S3Source>,
+}
+
+impl BuildContext {
+    pub fn new(registries: Registries, s3_options: S3Options) -> Self {
+        BuildContext { registries, s3_options, s3: tokio::sync::OnceCell::new() }
+    }
+
+    /// The S3 client, created on first use (so builds without S3 sources need no AWS config).
+    pub async fn s3(&self) -> &S3Source {
+        self.s3.get_or_init(|| S3Source::new(self.s3_options.clone())).await
+    }
 }
 
 /// One `--worker`: a name, a source and, optionally, a port and an environment prefix.
@@ -53,7 +73,8 @@ pub struct WorkerInput {
 }
 
 impl WorkerInput {
-    /// Parses `NAME=DIR[@PORT]`.
+    /// Parses `NAME=SOURCE[@PORT]`, where SOURCE is a directory, `s3://BUCKET/PREFIX/` or
+    /// `s3://BUCKET/KEY`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (name, rest) = text
             .split_once('=')
@@ -73,7 +94,12 @@ impl WorkerInput {
         if name.is_empty() || dir.is_empty() {
             return Err(format!("--worker {text:?} must look like NAME=DIR[@PORT]"));
         }
-        Ok(WorkerInput { name: name.into(), source: WorkerSource::Dir(dir.into()), port, env_prefix: None })
+        let source = if dir.starts_with("s3://") {
+            WorkerSource::S3(S3Url::parse(dir).map_err(|e| format!("--worker {text:?}: {e}"))?)
+        } else {
+            WorkerSource::Dir(dir.into())
+        };
+        Ok(WorkerInput { name: name.into(), source, port, env_prefix: None })
     }
 }
 
@@ -114,26 +140,24 @@ pub fn assign_ports(workers: &[WorkerInput]) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
-/// Reads and validates every worker.
-pub fn load_workers(inputs: &[WorkerInput]) -> Result<Vec<Worker>, BuildError> {
+/// Reads and validates every worker; S3 sources are read concurrently.
+pub async fn load_workers(inputs: &[WorkerInput], context: &BuildContext) -> Result<Vec<Worker>, BuildError> {
     let ports = assign_ports(inputs).map_err(BuildError::Invalid)?;
-    inputs
-        .iter()
-        .zip(ports)
-        .map(|(input, port)| {
-            let files = match &input.source {
-                WorkerSource::Dir(dir) => read_dir_source(dir)?,
-            };
-            let worker = Worker::from_files(WorkerFiles {
-                name: input.name.clone(),
-                port,
-                env_prefix: input.env_prefix.clone(),
-                files,
-            })?;
-            info!(worker = %worker.name, port, modules = worker.modules.len(), "worker read");
-            Ok(worker)
-        })
-        .collect()
+    let loads = inputs.iter().zip(ports).map(|(input, port)| async move {
+        let files = match &input.source {
+            WorkerSource::Dir(dir) => read_dir_source(dir)?,
+            WorkerSource::S3(url) => context.s3().await.read(url).await?,
+        };
+        let worker = Worker::from_files(WorkerFiles {
+            name: input.name.clone(),
+            port,
+            env_prefix: input.env_prefix.clone(),
+            files,
+        })?;
+        info!(worker = %worker.name, port, modules = worker.modules.len(), "worker read");
+        Ok::<_, BuildError>(worker)
+    });
+    futures::future::try_join_all(loads).await
 }
 
 /// Where the base image was read from, and its metadata.
@@ -165,7 +189,8 @@ async fn read_base(
     }
 }
 
-pub async fn build(request: &BuildRequest, registries: &Registries) -> Result<BuildOutcome, BuildError> {
+pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<BuildOutcome, BuildError> {
+    let registries = &context.registries;
     let output_tag = match &request.output {
         ImageRef::Layout { tag, .. } => tag.clone(),
         ImageRef::Registry(r) if r.digest.is_none() => r.tag.clone(),
@@ -174,7 +199,7 @@ pub async fn build(request: &BuildRequest, registries: &Registries) -> Result<Bu
     let output_tag = output_tag.ok_or_else(|| {
         BuildError::Invalid(format!("--output {} needs a tag (and no digest)", request.output))
     })?;
-    let workers = load_workers(&request.workers)?;
+    let workers = load_workers(&request.workers, context).await?;
     let (base, base_image, default_name) = read_base(&request.base, registries).await?;
     let base_name = request.base_name.clone().unwrap_or(default_name);
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };

@@ -100,7 +100,12 @@ impl RegistryClient {
         } else {
             "https"
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if loopback {
+            // A registry on this machine is never reached through a proxy from the environment.
+            builder = builder.no_proxy();
+        }
+        let http = builder
             .user_agent(concat!("workerbundle/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))

@@ -375,16 +375,23 @@ async fn upload_chunked(
         if let Some(next) = location(&status) {
             session = next;
         }
-        offset = status
-            .headers()
-            .get(RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|r| r.rsplit('-').next())
-            .and_then(|end| end.parse::<usize>().ok())
-            .map_or(0, |end| end + 1);
+        let range = status.headers().get(RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let Some(held) = resume_offset(range, end, bytes.len()) else { return Err(failure) };
+        offset = held;
         debug!(request = %describe(&patch), offset, "resuming upload");
     }
     expect_created(client, &Req::new(Method::PUT, with_digest(&session, digest))).await
+}
+
+/// Where to resume a chunked upload from the registry's `Range: 0-N` (N = last byte held), or
+/// `None` when the answer makes no sense for what we sent (then the blob starts again).
+/// Distribution answers `0-0` for an empty upload too; chunks are never one byte, so `0-0` means
+/// nothing arrived. A resume point must be a chunk boundary we sent, at most `chunk_end`.
+fn resume_offset(range: &str, chunk_end: usize, len: usize) -> Option<usize> {
+    let last: usize = range.trim().strip_prefix("0-")?.parse().ok()?;
+    let held = if last == 0 { 0 } else { last + 1 };
+    let boundary = held % MAX_REQUEST_BODY == 0 || held == len;
+    (held <= chunk_end && boundary).then_some(held)
 }
 
 async fn expect_created(client: &RegistryClient, req: &Req) -> Result<(), RegistryError> {
@@ -410,4 +417,35 @@ fn missing_location(client: &RegistryClient, req: &Req) -> RegistryError {
 fn with_digest(location: &str, digest: &Digest) -> String {
     let separator = if location.contains('?') { '&' } else { '?' };
     format!("{location}{separator}digest={digest}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_offsets_follow_the_registry_range() {
+        let len = MAX_REQUEST_BODY * 2 + 10;
+        assert_eq!(resume_offset("0-0", MAX_REQUEST_BODY, len), Some(0), "nothing arrived");
+        let first = format!("0-{}", MAX_REQUEST_BODY - 1);
+        assert_eq!(resume_offset(&first, MAX_REQUEST_BODY * 2, len), Some(MAX_REQUEST_BODY));
+        assert_eq!(
+            resume_offset(&first, MAX_REQUEST_BODY, len),
+            Some(MAX_REQUEST_BODY),
+            "the failed chunk landed"
+        );
+        assert_eq!(resume_offset("0-99", MAX_REQUEST_BODY, len), None, "not a boundary we sent");
+        assert_eq!(resume_offset(&format!("0-{}", len - 1), len, len), Some(len));
+        assert_eq!(resume_offset("bytes=5", MAX_REQUEST_BODY, len), None);
+    }
+
+    #[test]
+    fn digests_are_appended_to_upload_locations() {
+        let d = Digest::of(b"x");
+        assert_eq!(with_digest("/v2/r/blobs/uploads/u", &d), format!("/v2/r/blobs/uploads/u?digest={d}"));
+        assert_eq!(
+            with_digest("/v2/r/blobs/uploads/u?_state=s", &d),
+            format!("/v2/r/blobs/uploads/u?_state=s&digest={d}")
+        );
+    }
 }

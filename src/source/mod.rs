@@ -2,8 +2,10 @@
 //! `/`-separated) mapped to contents, `metadata.json` included, ready for [`crate::worker::Worker::from_files`].
 
 mod dir;
+pub mod s3;
 
 pub use dir::read_dir_source;
+pub use s3::{S3Options, S3Source, S3Url};
 
 use std::path::PathBuf;
 
@@ -13,4 +15,6 @@ pub enum SourceError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("worker directory {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{url}: {message}")]
+    S3 { url: String, message: String },
 }

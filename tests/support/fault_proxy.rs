@@ -5,12 +5,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct FaultProxy {
     pub port: u16,
     pub faults: Arc<AtomicU64>,
     pub forwarded: Arc<AtomicU64>,
+    /// The request line of every request received (`GET /path HTTP/1.1`).
+    pub seen: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -22,7 +24,8 @@ impl FaultProxy {
         let forwarded = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let rng = Arc::new(AtomicU64::new(seed | 1));
-        let (f, fw, st) = (faults.clone(), forwarded.clone(), stop.clone());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (f, fw, st, sn) = (faults.clone(), forwarded.clone(), stop.clone(), seen.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if st.load(Ordering::Relaxed) {
@@ -30,13 +33,13 @@ impl FaultProxy {
                 }
                 let Ok(stream) = stream else { continue };
                 let roll = next(&rng) % 100;
-                let (f, fw) = (f.clone(), fw.clone());
+                let (f, fw, sn) = (f.clone(), fw.clone(), sn.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(stream, upstream, roll, fault_percent, &f, &fw);
+                    let _ = handle(stream, upstream, roll, fault_percent, &f, &fw, &sn);
                 });
             }
         });
-        FaultProxy { port, faults, forwarded, stop }
+        FaultProxy { port, faults, forwarded, seen, stop }
     }
 }
 
@@ -63,6 +66,7 @@ fn handle(
     percent: u64,
     faults: &AtomicU64,
     forwarded: &AtomicU64,
+    seen: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
@@ -78,6 +82,11 @@ fn handle(
         }
         if lower.starts_with("connection:") {
             continue;
+        }
+        if head.is_empty() {
+            if let Ok(mut seen) = seen.lock() {
+                seen.push(line.trim_end().to_owned());
+            }
         }
         if line == "\r\n" {
             head.extend_from_slice(b"Connection: close\r\n\r\n");

@@ -4,6 +4,7 @@
 
 pub mod fault_proxy;
 pub mod registry;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -24,6 +25,16 @@ pub fn tempdir() -> tempfile::TempDir {
 /// Runs the CLI with `SOURCE_DATE_EPOCH` unset, so only the arguments decide the output.
 pub fn workerbundle(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env_remove("SOURCE_DATE_EPOCH").env("RUST_LOG", "warn").output().unwrap()
+}
+
+/// Runs the CLI with extra environment variables.
+pub fn workerbundle_env(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("SOURCE_DATE_EPOCH").env("RUST_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
 }
 
 /// Runs the CLI and returns the digest it prints last, failing the test with its stderr otherwise.
