@@ -12,3 +12,16 @@ pub mod image;
 pub mod registry;
 pub mod source;
 pub mod worker;
+
+/// An error and its sources on one line (`outer: inner: root cause`), for messages that must
+/// say what actually went wrong without a debug dump.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -149,18 +149,9 @@ impl Layout {
         let bytes = self.read_blob(&descriptor)?;
         let index: ImageIndex = serde_json::from_slice(&bytes)
             .map_err(|e| self.invalid(format!("image index {} is invalid: {e}", descriptor.digest())))?;
-        index
-            .manifests()
-            .iter()
-            .find(|d| {
-                d.platform()
-                    .as_ref()
-                    .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == "amd64")
-            })
-            .cloned()
-            .ok_or_else(|| {
-                self.invalid(format!("image index {} has no linux/amd64 image", descriptor.digest()))
-            })
+        linux_amd64(&index).cloned().ok_or_else(|| {
+            self.invalid(format!("image index {} has no linux/amd64 image", descriptor.digest()))
+        })
     }
 
     fn read_err(&self, what: &str, source: io::Error) -> LayoutError {
@@ -170,6 +161,15 @@ impl Layout {
     fn invalid(&self, message: String) -> LayoutError {
         LayoutError::Invalid { dir: self.dir.clone(), message }
     }
+}
+
+/// The linux/amd64 image of an index: the platform workerd's npm binary runs on.
+pub fn linux_amd64(index: &ImageIndex) -> Option<&Descriptor> {
+    index.manifests().iter().find(|d| {
+        d.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == "amd64")
+    })
 }
 
 pub fn descriptor_digest(descriptor: &Descriptor) -> Result<Digest, String> {

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
 use super::RegistryError;
+use crate::error_chain;
 
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -350,15 +351,4 @@ pub async fn registry_message(response: Response) -> String {
         _ if body.trim().is_empty() => format!("HTTP {status}"),
         _ => body.chars().take(300).collect(),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use super::client::{RegistryClient, Req};
 use super::RegistryError;
 use crate::digest::Digest;
-use crate::image::layout::{descriptor_digest, LayoutImage};
+use crate::image::layout::{descriptor_digest, linux_amd64, LayoutImage};
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, \
@@ -80,14 +80,7 @@ pub async fn fetch_image(
     if INDEX_TYPES.contains(&media_type.as_str()) {
         let index: ImageIndex = serde_json::from_slice(&bytes)
             .map_err(|e| protocol(client, format!("image index {digest}: {e}")))?;
-        let chosen = index
-            .manifests()
-            .iter()
-            .find(|d| {
-                d.platform()
-                    .as_ref()
-                    .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == "amd64")
-            })
+        let chosen = linux_amd64(&index)
             .ok_or_else(|| protocol(client, format!("image index {digest} has no linux/amd64 image")))?;
         (bytes, digest) = fetch_manifest(client, repo, chosen.digest().as_ref()).await?;
     }

@@ -24,6 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, info};
 
 use super::SourceError;
+use crate::error_chain;
 use crate::worker::names::check_module_path;
 
 /// `s3://BUCKET/PREFIX/` or `s3://BUCKET/KEY`.
@@ -338,17 +339,6 @@ fn version_tag(etag: Option<&str>, size: u64, modified: Option<&aws_sdk_s3::prim
 
 fn invalid(url: &S3Url, message: String) -> SourceError {
     SourceError::S3 { url: url.to_string(), message }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ impl Registry {
     pub fn requests(&self) -> Vec<Logged> {
         std::thread::sleep(Duration::from_millis(100));
         let text = fs::read_to_string(&self.log).unwrap();
-        text.lines().filter(|l| l.contains("msg=\"response completed\"")).filter_map(parse_log_line).collect()
+        text.lines().filter_map(parse_log_line).collect()
     }
 
     /// GET a manifest (OCI accept header); returns status and body.
@@ -130,11 +130,20 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     }
 }
 
+/// A request the registry answered: a "response completed" line, or the warning it logs instead
+/// when it answers 401 with an auth challenge.
 fn parse_log_line(line: &str) -> Option<Logged> {
+    let status = if line.contains("msg=\"response completed\"") {
+        field(line, "http.response.status=")?.parse().ok()?
+    } else if line.contains("msg=\"error authorizing context") {
+        401
+    } else {
+        return None;
+    };
     Some(Logged {
         method: field(line, "http.request.method=")?.to_owned(),
         uri: field(line, "http.request.uri=")?.to_owned(),
-        status: field(line, "http.response.status=")?.parse().ok()?,
+        status,
     })
 }
 
