@@ -244,3 +244,31 @@ fn two_builds_in_one_process_download_each_object_once() {
     let lists = proxy.seen.lock().unwrap().iter().filter(|l| l.contains("list-type=2")).count();
     assert_eq!(lists, 4, "each build lists each prefix (to see changes)");
 }
+
+#[test]
+fn transient_s3_failures_are_retried() {
+    let (s3, _local) = seeded();
+    // 30% of requests reset, 500 or 429 before they reach the store.
+    let proxy = FaultProxy::start(s3.port, 30, 0xfa17);
+    let work = tempdir();
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let output = format!("oci:{}:x", work.path().join("out").display());
+    let args = [
+        "build",
+        "--base",
+        base_layout(),
+        "--output",
+        &output,
+        "--s3-endpoint",
+        &endpoint,
+        "--worker",
+        "hello=s3://workers/acct/hello/v1/",
+        "--worker",
+        "secret=s3://workers/acct/secret/v1/",
+    ];
+    let result = workerbundle_env(&args, &s3.env(SECRET_KEY));
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(proxy.faults.load(std::sync::atomic::Ordering::Relaxed) > 0, "no fault was injected");
+    let from_disk = build(&sample_worker_args(), &format!("oci:{}:d", work.path().join("disk").display()));
+    assert_eq!(String::from_utf8_lossy(&result.stdout).trim(), from_disk);
+}
