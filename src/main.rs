@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
-use workerbundle::image::build::{build, BuildContext, BuildRequest, WorkerInput};
+use workerbundle::image::build::{build, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
 use workerbundle::registry::{Registries, RegistryOptions};
 use workerbundle::source::s3::{S3Limits, S3Options};
+use workerbundle::source::WorkerInput;
 
 #[derive(Parser)]
 #[command(

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use support::fault_proxy::FaultProxy;
 use support::registry::{Logged, Registry, PASSWORD, USER};
 use support::*;
-use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest, WorkerInput};
+use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::{Registries, RegistryOptions};
+use workerbundle::source::WorkerInput;
 
 fn push_cli(registry_host: &str, extra: &[String], workers: &[String], target: &str) -> std::process::Output {
     let output = format!("docker://{registry_host}/{target}");

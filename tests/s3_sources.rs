@@ -7,9 +7,10 @@ use std::fs;
 use support::fault_proxy::FaultProxy;
 use support::s3::{S3Server, SECRET_KEY};
 use support::*;
-use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest, WorkerInput};
+use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::Registries;
+use workerbundle::source::WorkerInput;
 use workerbundle::source::{S3Options, S3Source, S3Url};
 
 fn build_with_s3(

@@ -1,8 +1,6 @@
 //! One build: read every worker and the base, check everything, then assemble and write. Nothing
 //! is written until every input has been read and validated.
 
-use std::path::PathBuf;
-
 use bytes::Bytes;
 use tracing::info;
 
@@ -13,18 +11,12 @@ use crate::digest::Digest;
 use crate::registry::pull::{fetch_blob, fetch_image};
 use crate::registry::push::learn_repository;
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryError, RegistryRef};
-use crate::source::{read_dir_source, S3Options, S3Source, S3Url, SourceError};
-use crate::worker::{Worker, WorkerError, WorkerFiles};
-
-/// The first port handed out when a worker names none; the next worker gets the next one.
-pub const FIRST_DEFAULT_PORT: u16 = 8080;
+use crate::source::{load_workers, LoadError, S3Options, Sources, WorkerInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Worker(#[from] WorkerError),
+    Load(#[from] LoadError),
     #[error("base image: {0}")]
     Base(LayoutError),
     #[error("output: {0}")]
@@ -37,69 +29,16 @@ pub enum BuildError {
     Invalid(String),
 }
 
-/// Where a worker's files are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WorkerSource {
-    Dir(PathBuf),
-    S3(S3Url),
-}
-
 /// What builds share for the life of a process: registry clients (and what they pushed) and the
-/// S3 client (and what it downloaded).
+/// source clients (and what they downloaded).
 pub struct BuildContext {
     pub registries: Registries,
-    s3_options: S3Options,
-    s3: tokio::sync::OnceCell<S3Source>,
+    pub sources: Sources,
 }
 
 impl BuildContext {
     pub fn new(registries: Registries, s3_options: S3Options) -> Self {
-        BuildContext { registries, s3_options, s3: tokio::sync::OnceCell::new() }
-    }
-
-    /// The S3 client, created on first use (so builds without S3 sources need no AWS config).
-    pub async fn s3(&self) -> &S3Source {
-        self.s3.get_or_init(|| S3Source::new(self.s3_options.clone())).await
-    }
-}
-
-/// One `--worker`: a name, a source and, optionally, a port and an environment prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerInput {
-    pub name: String,
-    pub source: WorkerSource,
-    pub port: Option<u16>,
-    pub env_prefix: Option<String>,
-}
-
-impl WorkerInput {
-    /// Parses `NAME=SOURCE[@PORT]`, where SOURCE is a directory, `s3://BUCKET/PREFIX/` or
-    /// `s3://BUCKET/KEY`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (name, rest) = text
-            .split_once('=')
-            .ok_or_else(|| format!("--worker {text:?} must look like NAME=DIR[@PORT]"))?;
-        let (dir, port) = match rest.rsplit_once('@') {
-            Some((dir, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-                let port: u32 =
-                    port.parse().map_err(|_| format!("--worker {text:?}: port {port} is outside 1-65535"))?;
-                let port = u16::try_from(port)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| format!("--worker {text:?}: port {port} is outside 1-65535"))?;
-                (dir, Some(port))
-            }
-            _ => (rest, None),
-        };
-        if name.is_empty() || dir.is_empty() {
-            return Err(format!("--worker {text:?} must look like NAME=DIR[@PORT]"));
-        }
-        let source = if dir.starts_with("s3://") {
-            WorkerSource::S3(S3Url::parse(dir).map_err(|e| format!("--worker {text:?}: {e}"))?)
-        } else {
-            WorkerSource::Dir(dir.into())
-        };
-        Ok(WorkerInput { name: name.into(), source, port, env_prefix: None })
+        BuildContext { registries, sources: Sources::new(s3_options) }
     }
 }
 
@@ -119,45 +58,6 @@ pub struct BuildOutcome {
     pub image: AssembledImage,
     /// For registry outputs: what the push cost.
     pub push: Option<PushReport>,
-}
-
-/// Ports default to 8080, 8081, ... in the order given, skipping ports other workers asked for.
-pub fn assign_ports(workers: &[WorkerInput]) -> Result<Vec<u16>, String> {
-    let taken: Vec<u16> = workers.iter().filter_map(|w| w.port).collect();
-    let mut next = FIRST_DEFAULT_PORT;
-    let mut ports = Vec::with_capacity(workers.len());
-    for w in workers {
-        ports.push(match w.port {
-            Some(port) => port,
-            None => {
-                while taken.contains(&next) || ports.contains(&next) {
-                    next = next.checked_add(1).ok_or("ran out of ports above 8080")?;
-                }
-                next
-            }
-        });
-    }
-    Ok(ports)
-}
-
-/// Reads and validates every worker; S3 sources are read concurrently.
-pub async fn load_workers(inputs: &[WorkerInput], context: &BuildContext) -> Result<Vec<Worker>, BuildError> {
-    let ports = assign_ports(inputs).map_err(BuildError::Invalid)?;
-    let loads = inputs.iter().zip(ports).map(|(input, port)| async move {
-        let files = match &input.source {
-            WorkerSource::Dir(dir) => read_dir_source(dir)?,
-            WorkerSource::S3(url) => context.s3().await.read(url).await?,
-        };
-        let worker = Worker::from_files(WorkerFiles {
-            name: input.name.clone(),
-            port,
-            env_prefix: input.env_prefix.clone(),
-            files,
-        })?;
-        info!(worker = %worker.name, port, modules = worker.modules.len(), "worker read");
-        Ok::<_, BuildError>(worker)
-    });
-    futures::future::try_join_all(loads).await
 }
 
 /// Where the base image was read from, and its metadata.
@@ -199,7 +99,7 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     let output_tag = output_tag.ok_or_else(|| {
         BuildError::Invalid(format!("--output {} needs a tag (and no digest)", request.output))
     })?;
-    let workers = load_workers(&request.workers, context).await?;
+    let workers = load_workers(&request.workers, &context.sources).await?;
     let (base, base_image, default_name) = read_base(&request.base, registries).await?;
     let base_name = request.base_name.clone().unwrap_or(default_name);
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
@@ -314,42 +214,4 @@ async fn push_to_registry(
         )));
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn input(name: &str, port: Option<u16>) -> WorkerInput {
-        WorkerInput { name: name.into(), source: WorkerSource::Dir("d".into()), port, env_prefix: None }
-    }
-
-    #[test]
-    fn parses_worker_flags() {
-        assert_eq!(
-            WorkerInput::parse("api=dir/api@9000").unwrap(),
-            WorkerInput { port: Some(9000), ..input("api", None) }.with_dir("dir/api")
-        );
-        assert_eq!(WorkerInput::parse("api=dir@x").unwrap(), input("api", None).with_dir("dir@x"));
-        for bad in ["api", "=dir", "api=", "api=dir@0", "api=dir@65536", "api=dir@99999999999"] {
-            assert!(WorkerInput::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    impl WorkerInput {
-        fn with_dir(mut self, dir: &str) -> Self {
-            self.source = WorkerSource::Dir(dir.into());
-            self
-        }
-    }
-
-    #[test]
-    fn default_ports_count_up_from_8080_around_explicit_ones() {
-        let ports =
-            assign_ports(&[input("a", None), input("b", Some(8081)), input("c", None), input("d", None)])
-                .unwrap();
-        assert_eq!(ports, [8080, 8081, 8082, 8083]);
-        let ports = assign_ports(&[input("a", Some(8080)), input("b", None)]).unwrap();
-        assert_eq!(ports, [8080, 8081]);
-    }
 }

@@ -2,9 +2,13 @@
 //! `/`-separated) mapped to contents, `metadata.json` included, ready for [`crate::worker::Worker::from_files`].
 
 mod dir;
+mod input;
 pub mod s3;
 
 pub use dir::read_dir_source;
+pub use input::{
+    assign_ports, load_workers, LoadError, Sources, WorkerInput, WorkerSource, FIRST_DEFAULT_PORT,
+};
 pub use s3::{S3Options, S3Source, S3Url};
 
 use std::path::PathBuf;
