@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use support::fault_proxy::FaultProxy;
-use support::registry::{Logged, Registry, PASSWORD, USER};
+use support::registry::{self as registry, Logged, Registry, PASSWORD, USER};
 use support::*;
 use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
@@ -278,4 +278,48 @@ fn images_are_deleted_by_digest() {
         workerbundle(&["delete", &format!("docker://{}/acct/app:v1", registry.host()), "--insecure"]);
     assert!(!by_tag.status.success());
     assert!(String::from_utf8_lossy(&by_tag.stderr).contains("needs a digest"));
+}
+
+#[test]
+fn a_blob_the_registry_lost_is_sent_again() {
+    let registry = Registry::start(false);
+    let work = tempdir();
+    let workers = editable_workers(work.path());
+    let context = BuildContext::new(
+        Registries::new(RegistryOptions { insecure: true, ..Default::default() }),
+        Default::default(),
+    );
+    let request = BuildRequest {
+        base: ImageRef::parse(base_layout()).unwrap(),
+        base_name: None,
+        workers: workers.chunks(2).map(|w| WorkerInput::parse(&w[1]).unwrap()).collect(),
+        output: ImageRef::parse(&format!("docker://{}/acct/app:live", registry.host())).unwrap(),
+        source_date_epoch: 0,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(build_image(&request, &context)).unwrap();
+
+    // Behind the process's back, the registry loses the unchanged worker's layer.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&registry.manifest("acct/app", "live").1).unwrap();
+    let secret_layer = manifest["layers"][3]["digest"].as_str().unwrap().to_owned();
+    let (status, _) =
+        registry::http(registry.port, "DELETE", &format!("/v2/acct/app/blobs/{secret_layer}"), &[]);
+    assert_eq!(status, 202);
+    assert!(!registry.blob_exists("acct/app", &secret_layer));
+
+    change_hello(work.path(), "after the loss");
+    let outcome = runtime.block_on(build_image(&request, &context)).unwrap();
+    let push = outcome.push.clone().unwrap();
+    // Without the loss this push sends 2 blobs; after it, every blob held in memory goes up again
+    // (both worker layers, the config layer, the image config) and the base layers are HEADed.
+    assert_eq!((push.uploaded, push.skipped), (4, 2), "{push:?}");
+    let (status, body) = registry.manifest("acct/app", "live");
+    assert_eq!(status, 200);
+    assert_eq!(workerbundle::digest::Digest::of(&body), outcome.manifest_digest);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for layer in manifest["layers"].as_array().unwrap().iter().chain([&manifest["config"]]) {
+        let digest = layer["digest"].as_str().unwrap();
+        assert!(registry.blob_exists("acct/app", digest), "{digest} is missing");
+    }
 }

@@ -36,6 +36,12 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// The registry refused a manifest because a blob it names is missing
+    /// (`MANIFEST_BLOB_UNKNOWN` / `BLOB_UNKNOWN`).
+    pub fn is_blob_unknown(&self) -> bool {
+        matches!(self, RegistryError::Status { status: 400 | 404, message, .. } if message.contains("BLOB_UNKNOWN"))
+    }
+
     /// Whether trying again may help (connection trouble, 408, 429, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {

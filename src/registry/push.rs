@@ -69,6 +69,12 @@ impl PushMemory {
         }
     }
 
+    fn forget_repository(&self, repo: &str) {
+        if let Ok(mut known) = self.known.lock() {
+            known.retain(|(r, _)| r != repo);
+        }
+    }
+
     fn single_request(&self) -> Option<bool> {
         self.single_request_upload.lock().ok().and_then(|v| *v)
     }
@@ -114,45 +120,21 @@ pub async fn push_image(
         }
         learn_repository(client, memory, repo, tag).await?;
 
-        let mut report = PushReport::default();
-        let mut pending = Vec::new();
-        let mut seen = HashSet::new();
-        for blob in blobs {
-            if !seen.insert(blob.digest.clone()) {
-                continue;
-            }
-            if memory.knows(repo, &blob.digest) || matches!(&blob.source, BlobSource::Repository(from) if from == repo) {
-                report.skipped += 1;
-            } else {
-                pending.push(blob);
-            }
-        }
-        let outcomes: Vec<Outcome> = futures::stream::iter(pending.into_iter().map(|blob| push_blob(client, memory, repo, blob)))
-            .buffer_unordered(PARALLEL_UPLOADS)
-            .try_collect()
-            .await?;
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Uploaded => report.uploaded += 1,
-                Outcome::Mounted => report.mounted += 1,
-                Outcome::Present => report.skipped += 1,
-            }
-        }
-
         let digest = Digest::of(&manifest);
-        let req = Req::new(Method::PUT, format!("/v2/{repo}/manifests/{tag}"))
-            .header(CONTENT_TYPE, manifest_media_type)
-            .body(manifest);
-        let response = client.send(&req).await?;
-        if response.status() != StatusCode::CREATED {
-            return Err(client.status_error(&req, response, 1).await);
-        }
-        if let Some(echoed) = response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
-            if echoed != digest.as_str() {
-                return Err(RegistryError::Protocol {
-                    registry: client.registry().into(),
-                    message: format!("stored the manifest as {echoed}, but its digest is {digest}"),
-                });
+        let mut report = PushReport::default();
+        let mut recovering = false;
+        loop {
+            push_blobs(client, memory, repo, &blobs, &mut report).await?;
+            match put_manifest(client, repo, tag, manifest_media_type, &manifest, &digest).await {
+                // The registry lost a blob this process remembered (deleted, garbage-collected):
+                // forget what we knew of the repository and send every blob it lacks, once.
+                Err(e) if e.is_blob_unknown() && !recovering => {
+                    warn!(error = %e, "the registry no longer holds a blob it had; pushing what it lacks");
+                    memory.forget_repository(repo);
+                    report = PushReport::default();
+                    recovering = true;
+                }
+                outcome => break outcome?,
             }
         }
         memory.remember(repo, &digest);
@@ -162,6 +144,69 @@ pub async fn push_image(
     }
     .instrument(span)
     .await
+}
+
+/// Sends every blob the repository is not known to hold (each digest once), in parallel.
+async fn push_blobs(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    blobs: &[PushBlob],
+    report: &mut PushReport,
+) -> Result<(), RegistryError> {
+    let mut pending = Vec::new();
+    let mut seen = HashSet::new();
+    for blob in blobs {
+        if !seen.insert(blob.digest.clone()) {
+            continue;
+        }
+        let same_repo = matches!(&blob.source, BlobSource::Repository(from) if from == repo);
+        if memory.knows(repo, &blob.digest) || same_repo {
+            report.skipped += 1;
+        } else {
+            pending.push(blob.clone());
+        }
+    }
+    let outcomes: Vec<Outcome> =
+        futures::stream::iter(pending.into_iter().map(|blob| push_blob(client, memory, repo, blob)))
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .try_collect()
+            .await?;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Uploaded => report.uploaded += 1,
+            Outcome::Mounted => report.mounted += 1,
+            Outcome::Present => report.skipped += 1,
+        }
+    }
+    Ok(())
+}
+
+/// PUTs the manifest under the tag and checks the digest the registry stored it as.
+async fn put_manifest(
+    client: &RegistryClient,
+    repo: &str,
+    tag: &str,
+    media_type: &str,
+    manifest: &Bytes,
+    digest: &Digest,
+) -> Result<(), RegistryError> {
+    let req = Req::new(Method::PUT, format!("/v2/{repo}/manifests/{tag}"))
+        .header(CONTENT_TYPE, media_type)
+        .body(manifest.clone());
+    let response = client.send(&req).await?;
+    if response.status() != StatusCode::CREATED {
+        return Err(client.status_error(&req, response, 1).await);
+    }
+    if let Some(echoed) = response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+        if echoed != digest.as_str() {
+            return Err(RegistryError::Protocol {
+                registry: client.registry().into(),
+                message: format!("stored the manifest as {echoed}, but its digest is {digest}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One GET of the manifest the tag points at now tells which blobs the repository holds; done
