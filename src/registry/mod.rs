@@ -14,6 +14,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 
+use crate::digest::Digest;
 pub use auth::Credentials;
 pub use client::{ClientOptions, RegistryClient, RetryPolicy};
 pub use push::{push_image, BlobSource, PushBlob, PushMemory, PushReport};
@@ -29,6 +30,8 @@ pub enum RegistryError {
     Unauthorized { registry: String, request: String, message: String },
     #[error("registry {registry}: {message}")]
     Protocol { registry: String, message: String },
+    #[error("pushing blob {digest}: {source}")]
+    Blob { digest: Digest, source: Box<RegistryError> },
     #[error("{0}")]
     Config(String),
     #[error("{message}")]
@@ -46,6 +49,7 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         match self {
             RegistryError::Transport { .. } => true,
+            RegistryError::Blob { source, .. } => source.is_transient(),
             RegistryError::Status { status, .. } => {
                 reqwest::StatusCode::from_u16(*status).is_ok_and(client::is_transient)
             }

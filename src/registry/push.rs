@@ -167,11 +167,15 @@ async fn push_blobs(
             pending.push(blob.clone());
         }
     }
-    let outcomes: Vec<Outcome> =
-        futures::stream::iter(pending.into_iter().map(|blob| push_blob(client, memory, repo, blob)))
-            .buffer_unordered(PARALLEL_UPLOADS)
-            .try_collect()
-            .await?;
+    let outcomes: Vec<Outcome> = futures::stream::iter(pending.into_iter().map(|blob| async move {
+        let digest = blob.digest.clone();
+        push_blob(client, memory, repo, blob)
+            .await
+            .map_err(|source| RegistryError::Blob { digest, source: Box::new(source) })
+    }))
+    .buffer_unordered(PARALLEL_UPLOADS)
+    .try_collect()
+    .await?;
     for outcome in outcomes {
         match outcome {
             Outcome::Uploaded => report.uploaded += 1,
