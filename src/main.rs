@@ -100,8 +100,8 @@ enum LogFormat {
 enum Command {
     /// Build workers into one workerd image over a base image.
     ///
-    /// Each worker is a directory of modules plus an optional metadata.json in Cloudflare's upload
-    /// format (main_module, compatibility_date, compatibility_flags, bindings of type plain_text,
+    /// Each worker is a set of modules (a directory, or objects in S3) plus an optional
+    /// metadata.json in Cloudflare's upload format (main_module, compatibility_date, compatibility_flags, bindings of type plain_text,
     /// json and secret_text). Each worker gets its own layer; a small top-level layer holds the
     /// workerd config. The same inputs always give the same image digest, which is printed as the
     /// last line of stdout.
@@ -135,7 +135,8 @@ enum Command {
         /// registry lacks are sent; the tag moves last). Example: --output oci:out:latest
         #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
         output: ImageRef,
-        /// Value of org.opencontainers.image.base.name. Default: the base reference's tag.
+        /// Value of org.opencontainers.image.base.name. Default: the base's tag for a layout, the
+        /// reference (HOST/REPO:TAG) for a registry.
         #[arg(long, value_name = "NAME")]
         base_name: Option<String>,
         /// Timestamp for every file, the config's `created` and the created annotation, in seconds
