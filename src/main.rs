@@ -101,10 +101,10 @@ enum Command {
     /// Build workers into one workerd image over a base image.
     ///
     /// Each worker is a set of modules (a directory, or objects in S3) plus an optional
-    /// metadata.json in Cloudflare's upload format (main_module, compatibility_date, compatibility_flags, bindings of type plain_text,
-    /// json and secret_text). Each worker gets its own layer; a small top-level layer holds the
-    /// workerd config. The same inputs always give the same image digest, which is printed as the
-    /// last line of stdout.
+    /// metadata.json in Cloudflare's upload format (main_module, compatibility_date,
+    /// compatibility_flags, bindings of type plain_text, json and secret_text). Each worker gets
+    /// its own layer; a small top-level layer holds the workerd config. The same inputs always
+    /// give the same image digest, which is printed as the last line of stdout.
     ///
     /// Example:
     ///   workerbundle build --base oci:base:workerd \
