@@ -18,6 +18,9 @@ pub const GZIP_LEVEL: u32 = 1;
 /// The gzip header's OS byte, fixed to "unknown" so the host's OS never shows in a digest.
 const GZIP_OS_UNKNOWN: u8 = 255;
 
+/// How much of the tar stream deflate is handed at once (see [`FixedBlocks`]).
+const DEFLATE_BLOCK: usize = 256 * 1024;
+
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,19 +100,60 @@ impl LayerBuilder {
             .operating_system(GZIP_OS_UNKNOWN)
             .mtime(0)
             .write(compressed, Compression::new(GZIP_LEVEL));
-        let uncompressed = HashingWriter::new(gzip);
+        let uncompressed = HashingWriter::new(FixedBlocks::new(gzip));
         let mut tar = tar::Builder::new(uncompressed);
         for (path, entry) in &self.entries {
             append(&mut tar, path, entry, mtime)?;
         }
         let (diff_id, tar_size, gzip) = tar.into_inner()?.finish();
-        let (digest, size, sink) = gzip.finish()?.finish();
+        let (digest, size, sink) = gzip.finish()?.finish()?.finish();
         Ok((LayerDigests { digest, diff_id, size, tar_size }, sink))
     }
 
     /// The layer in memory, for small layers and for pushing.
     pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Vec<u8>)> {
         self.write(Vec::new(), mtime)
+    }
+}
+
+/// Hands the inner writer the stream in blocks of exactly [`DEFLATE_BLOCK`] bytes (the last one
+/// shorter). Deflate's output depends on how its input is split into calls, so without this the
+/// compressed bytes, and the layer digest, would depend on the write pattern of the tar crate
+/// and of `std::io::copy`, which may change between versions. Large blocks are also faster.
+struct FixedBlocks<W> {
+    inner: W,
+    block: Vec<u8>,
+}
+
+impl<W: Write> FixedBlocks<W> {
+    fn new(inner: W) -> Self {
+        FixedBlocks { inner, block: Vec::with_capacity(DEFLATE_BLOCK) }
+    }
+
+    /// Writes what is left and returns the inner writer.
+    fn finish(mut self) -> io::Result<W> {
+        if !self.block.is_empty() {
+            self.inner.write_all(&self.block)?;
+        }
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for FixedBlocks<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let take = buf.len().min(DEFLATE_BLOCK - self.block.len());
+        self.block.extend_from_slice(&buf[..take]);
+        if self.block.len() == DEFLATE_BLOCK {
+            self.inner.write_all(&self.block)?;
+            self.block.clear();
+        }
+        Ok(take)
+    }
+
+    /// Buffered bytes stay until a block is full or the stream ends: flushing early would change
+    /// the block boundaries.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -196,6 +240,32 @@ mod tests {
         reversed.file("etc/workerd/a.js", b"a".to_vec(), 0o644);
         reversed.file("etc/workerd/b.js", b"b".to_vec(), 0o644);
         assert_eq!(sample().to_blob(0).unwrap(), reversed.to_blob(0).unwrap());
+    }
+
+    /// Records the size of every write it gets.
+    struct Calls(Vec<usize>);
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn deflate_sees_the_same_blocks_however_the_stream_is_written() {
+        let data = vec![7u8; DEFLATE_BLOCK * 2 + 100];
+        let mut pieces = Vec::new();
+        for chunk in [1, 512, 8192, 100_000, data.len()] {
+            let mut w = FixedBlocks::new(Calls(Vec::new()));
+            for piece in data.chunks(chunk) {
+                w.write_all(piece).unwrap();
+            }
+            pieces.push(w.finish().unwrap().0);
+        }
+        assert!(pieces.iter().all(|p| *p == [DEFLATE_BLOCK, DEFLATE_BLOCK, 100]), "{pieces:?}");
     }
 
     #[test]
