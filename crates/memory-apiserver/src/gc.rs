@@ -1,0 +1,196 @@
+//! Deletion: finalizers, propagation policies and the garbage collector that removes dependents
+//! (ownerReferences) whose owners are all gone, transitively, across every kind.
+//!
+//! The real garbage collector works asynchronously; here it runs inside the request that removed the
+//! owner, which only makes it faster. Deleting a CRD removes its objects; deleting a namespace removes
+//! every object in it at once (the real namespace controller honours their finalizers first).
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+use crate::resource::StorageKey;
+use crate::store::{now, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    Background,
+    Foreground,
+    Orphan,
+}
+
+impl Propagation {
+    pub fn parse(s: &str) -> Option<Propagation> {
+        match s {
+            "Background" => Some(Propagation::Background),
+            "Foreground" => Some(Propagation::Foreground),
+            "Orphan" => Some(Propagation::Orphan),
+            _ => None,
+        }
+    }
+}
+
+const FOREGROUND: &str = "foregroundDeletion";
+
+fn names(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or_default().to_string(),
+        meta["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn owner_uids(object: &Value) -> Vec<String> {
+    object["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str().map(String::from))
+        .collect()
+}
+
+fn finalizers(object: &Value) -> Vec<String> {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect()
+}
+
+pub fn is_deleting(object: &Value) -> bool {
+    object["metadata"]["deletionTimestamp"].is_string()
+}
+
+/// Deletes one object as a DELETE request does: marked for deletion while finalizers remain,
+/// removed otherwise. Returns the object as it is afterwards (marked or last seen).
+pub fn delete_object(
+    store: &mut Store,
+    key: &StorageKey,
+    namespace: &str,
+    name: &str,
+    policy: Propagation,
+) -> Option<Value> {
+    let mut object = store.get(key, namespace, name)?.clone();
+    let uid = object["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    if policy == Propagation::Orphan {
+        orphan_dependents(store, &uid);
+    }
+    let mut pending = finalizers(&object);
+    if policy == Propagation::Foreground && !pending.iter().any(|f| f == FOREGROUND) {
+        pending.push(FOREGROUND.to_string());
+    }
+    if pending.is_empty() {
+        let removed = remove_now(store, key, namespace, name);
+        collect(store);
+        return removed;
+    }
+    if !is_deleting(&object) || finalizers(&object) != pending {
+        if !is_deleting(&object) {
+            object["metadata"]["deletionTimestamp"] = Value::String(now());
+            object["metadata"]["deletionGracePeriodSeconds"] = Value::from(0);
+        }
+        object["metadata"]["finalizers"] = Value::from(pending);
+        object = store.put(key, object);
+    }
+    collect(store);
+    Some(object)
+}
+
+fn orphan_dependents(store: &mut Store, uid: &str) {
+    for (key, mut object) in store.all() {
+        let Some(refs) = object["metadata"]["ownerReferences"].as_array() else { continue };
+        if !refs.iter().any(|r| r["uid"] == uid) {
+            continue;
+        }
+        let kept: Vec<Value> = refs.iter().filter(|r| r["uid"] != uid).cloned().collect();
+        if kept.is_empty() {
+            if let Some(meta) = object["metadata"].as_object_mut() {
+                meta.remove("ownerReferences");
+            }
+        } else {
+            object["metadata"]["ownerReferences"] = Value::Array(kept);
+        }
+        store.put(&key, object);
+    }
+}
+
+/// Removes an object for good, with what goes with it: a CRD's resource type and objects, a
+/// namespace's contents.
+pub fn remove_now(store: &mut Store, key: &StorageKey, namespace: &str, name: &str) -> Option<Value> {
+    let removed = store.remove(key, namespace, name)?;
+    if key.group == "apiextensions.k8s.io" && key.plural == "customresourcedefinitions" {
+        for resource in store.unregister_crd(name) {
+            for object in store.list(&resource, None) {
+                let (ns, n) = names(&object);
+                store.remove(&resource, &ns, &n);
+            }
+        }
+    } else if key.group.is_empty() && key.plural == "namespaces" {
+        for (k, object) in store.all() {
+            let (ns, n) = names(&object);
+            if ns == name {
+                store.remove(&k, &ns, &n);
+            }
+        }
+    }
+    Some(removed)
+}
+
+/// Runs until nothing changes: deletes dependents whose owners are all gone or are being deleted in
+/// the foreground, and releases foreground deletions whose dependents are gone.
+pub fn collect(store: &mut Store) {
+    loop {
+        let all = store.all();
+        let by_uid: HashMap<String, &Value> = all
+            .iter()
+            .filter_map(|(_, o)| o["metadata"]["uid"].as_str().map(|u| (u.to_string(), o)))
+            .collect();
+        let owned: HashSet<String> = all.iter().flat_map(|(_, o)| owner_uids(o)).collect();
+        let mut changed = false;
+        for (key, object) in &all {
+            let owners = owner_uids(object);
+            let (ns, name) = names(object);
+            if !owners.is_empty() && !is_deleting(object) {
+                let live: Vec<&&Value> = owners.iter().filter_map(|u| by_uid.get(u)).collect();
+                let owner_in_foreground =
+                    live.iter().any(|o| is_deleting(o) && finalizers(o).iter().any(|f| f == FOREGROUND));
+                if live.is_empty() || owner_in_foreground {
+                    tracing::debug!(kind = %key.plural, %ns, %name, "garbage collecting dependent");
+                    delete_object_no_collect(store, key, &ns, &name);
+                    changed = true;
+                    break;
+                }
+            }
+            let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+            let fins = finalizers(object);
+            if is_deleting(object) && fins.iter().any(|f| f == FOREGROUND) && !owned.contains(uid) {
+                let rest: Vec<String> = fins.into_iter().filter(|f| f != FOREGROUND).collect();
+                if rest.is_empty() {
+                    remove_now(store, key, &ns, &name);
+                } else {
+                    let mut updated = (*object).clone();
+                    updated["metadata"]["finalizers"] = Value::from(rest);
+                    store.put(key, updated);
+                }
+                changed = true;
+                break;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
+}
+
+fn delete_object_no_collect(store: &mut Store, key: &StorageKey, namespace: &str, name: &str) {
+    let Some(object) = store.get(key, namespace, name).cloned() else { return };
+    if finalizers(&object).is_empty() {
+        remove_now(store, key, namespace, name);
+    } else {
+        let mut object = object;
+        object["metadata"]["deletionTimestamp"] = Value::String(now());
+        object["metadata"]["deletionGracePeriodSeconds"] = Value::from(0);
+        store.put(key, object);
+    }
+}

@@ -1,0 +1,79 @@
+//! `memory-apiserver`: the in-memory Kubernetes API server as a program, for trying kubectl or a
+//! controller against it by hand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// An in-memory Kubernetes API server over plain HTTP, for tests and experiments.
+///
+/// Serves discovery, CRUD, watch, patch, server-side apply and CRDs for kubectl and kube-rs
+/// clients. Everything lives in memory and is gone when the server stops. Prints the URL on
+/// stdout, then serves until SIGINT or SIGTERM.
+#[derive(Parser)]
+#[command(name = "memory-apiserver", version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Write a kubeconfig for this server (cluster, user and current context) to this file.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Default namespace of the kubeconfig's context.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+}
+
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("memory-apiserver: cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let url = match listener.local_addr() {
+        Ok(a) => format!("http://{a}"),
+        Err(e) => {
+            eprintln!("memory-apiserver: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &args.kubeconfig {
+        if let Err(e) = std::fs::write(path, memory_apiserver::render_kubeconfig(&url, &args.namespace)) {
+            eprintln!("memory-apiserver: cannot write {}: {e}", path.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    println!("{url}");
+    let options = memory_apiserver::Options { listen: args.listen, ..Default::default() };
+    match memory_apiserver::serve(listener, options, stop_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("memory-apiserver: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
