@@ -209,7 +209,8 @@ pub fn request(url: &str, method: &str, path: &str, content_type: &str, body: &s
 
 pub fn watch_events(url: &str, path: &str, count: usize, within: Duration) -> Vec<Value> {
     let stream = send(url, "GET", path, "", "");
-    stream.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    // A read that outlasts the whole window ends the watch; chunks are never split by a timeout.
+    stream.set_read_timeout(Some(within)).expect("timeout");
     let mut reader = BufReader::new(stream);
     let (status, headers) = read_head(&mut reader);
     assert_eq!(status, 200, "watch status");
@@ -227,7 +228,7 @@ pub fn watch_events(url: &str, path: &str, count: usize, within: Duration) -> Ve
             match reader.read(&mut c) {
                 Ok(0) => break,
                 Ok(n) => c[..n].to_vec(),
-                Err(_) => continue,
+                Err(_) => break,
             }
         };
         buffer.extend(chunk);
