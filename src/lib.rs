@@ -7,6 +7,8 @@
 //! - [`base_image`]: the workerd base image, assembled from package archives.
 
 pub mod base_image;
+pub mod controller;
+pub mod crd;
 pub mod digest;
 pub mod image;
 pub mod registry;

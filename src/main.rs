@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
+use workerbundle::controller::{self, RunOptions, Settings};
 use workerbundle::image::build::{build, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
-use workerbundle::registry::{Registries, RegistryOptions};
+use workerbundle::registry::{Registries, RegistryOptions, RegistryRef};
 use workerbundle::source::s3::{S3Limits, S3Options};
 use workerbundle::source::WorkerInput;
 
@@ -184,6 +185,46 @@ enum Command {
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
     },
+    /// Print the CustomResourceDefinitions of workerbundle.dev/v1alpha1 as YAML.
+    ///
+    /// The same YAML is checked in as deploy/crds.yaml.
+    ///
+    /// Example:
+    ///   workerbundle crd | kubectl apply -f -
+    #[command(verbatim_doc_comment)]
+    Crd,
+    /// Run the controller: WorkerDeployment → WorkerRelease (worker layer built and pushed) and
+    /// WorkerAccount → WorkerBundle.
+    ///
+    /// Connects with KUBECONFIG (or ~/.kube/config), else the in-cluster service account, and
+    /// checks that the CRDs are installed. Each WorkerRelease's scripts are read from S3, its
+    /// worker's layer is built and pushed to the account's repository: the WorkerAccount's
+    /// spec.repository, else --repository-prefix/<account>. Stops cleanly on SIGINT/SIGTERM.
+    ///
+    /// Example:
+    ///   workerbundle run --repository-prefix 127.0.0.1:5000/workers --insecure \
+    ///     --s3-endpoint http://127.0.0.1:8014
+    #[command(verbatim_doc_comment)]
+    Run {
+        /// Watch this namespace only. Default: every namespace.
+        #[arg(long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
+        /// Registry and path under which each account gets a repository named after it
+        /// (the release's workerbundle.dev/account label, else its namespace).
+        /// Example: --repository-prefix registry.example.com/workers
+        #[arg(long, value_name = "HOST[:PORT]/PATH")]
+        repository_prefix: Option<String>,
+        /// Objects of one kind reconciled at once.
+        #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: u16,
+        /// Timestamp for every file of the layers built, in seconds since the epoch.
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
+        source_date_epoch: i64,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        s3: Box<S3Args>,
+    },
 }
 
 fn parse_env_prefix(text: &str) -> Result<(String, String), String> {
@@ -203,8 +244,10 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(digest) => {
-            println!("{digest}");
+        Ok(output) => {
+            if !output.is_empty() {
+                println!("{}", output.trim_end());
+            }
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -269,6 +312,20 @@ async fn run(command: Command) -> Result<String, String> {
             let digest = base_image::build_base_image(&recipe, &archives, &dir, &tag, source_date_epoch)
                 .map_err(|e| e.to_string())?;
             Ok(digest.to_string())
+        }
+        Command::Crd => workerbundle::crd::crds_yaml(),
+        Command::Run { namespace, repository_prefix, concurrency, source_date_epoch, registry, s3 } => {
+            if let Some(prefix) = &repository_prefix {
+                RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
+            }
+            let options = RunOptions {
+                namespace,
+                concurrency,
+                settings: Settings { repository_prefix, source_date_epoch },
+            };
+            let build = BuildContext::new(registry.registries(), s3.options());
+            controller::run(options, build).await.map_err(|e| e.to_string())?;
+            Ok(String::new())
         }
     }
 }

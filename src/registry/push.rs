@@ -213,6 +213,32 @@ async fn put_manifest(
     Ok(())
 }
 
+/// Makes sure one blob is in the repository: known from this process (no request), present (one
+/// HEAD), or uploaded. Returns whether it was uploaded. The controller pushes each worker's layer
+/// this way when its release is built, long before any manifest names it.
+pub async fn push_blob_if_missing(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    digest: &Digest,
+    bytes: Bytes,
+) -> Result<bool, RegistryError> {
+    client.want_scope(repo, "pull,push");
+    if memory.knows(repo, digest) {
+        return Ok(false);
+    }
+    let uploaded = if exists(client, repo, digest).await? {
+        false
+    } else {
+        upload(client, memory, repo, digest, bytes)
+            .await
+            .map_err(|source| RegistryError::Blob { digest: digest.clone(), source: Box::new(source) })?;
+        true
+    };
+    memory.remember(repo, digest);
+    Ok(uploaded)
+}
+
 /// One GET of the manifest the tag points at now tells which blobs the repository holds; done
 /// once per repository and process (later pushes know what they pushed).
 pub async fn learn_repository(

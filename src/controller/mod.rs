@@ -1,0 +1,186 @@
+//! The controller: one kube-runtime Controller per kind, each reconcile an observe → plan → apply
+//! → status pipeline whose plan step is a pure function (see each kind's `plan.rs`).
+//!
+//! - WorkerDeployment → a WorkerRelease per distinct template (history pruned);
+//! - WorkerRelease → the worker's layer, built and pushed once;
+//! - WorkerAccount → its WorkerBundle, listing the Ready release of each selected deployment.
+
+pub mod account;
+mod apply;
+mod backoff;
+mod context;
+pub mod deployment;
+mod error;
+pub mod release;
+
+pub use apply::FIELD_MANAGER;
+pub use context::{Context, Settings};
+pub use error::Error;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::ListParams;
+use kube::runtime::controller::{Action, Config as ControllerConfig};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
+use crate::image::build::BuildContext;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Watch one namespace only; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles of one kind running at once.
+    pub concurrency: u16,
+    pub settings: Settings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach the Kubernetes API (KUBECONFIG or ~/.kube/config, else the in-cluster service account): {0}")]
+    Connect(kube::Error),
+    #[error(
+        "the {kind} CRD is not installed ({source}); install it with `workerbundle crd | kubectl apply -f -`"
+    )]
+    MissingCrd { kind: &'static str, source: kube::Error },
+}
+
+/// Runs every controller until SIGINT or SIGTERM; in-flight reconciles finish first.
+pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Connect)?;
+    check_crd::<WorkerDeployment>(&client, "WorkerDeployment").await?;
+    check_crd::<WorkerRelease>(&client, "WorkerRelease").await?;
+    check_crd::<WorkerAccount>(&client, "WorkerAccount").await?;
+    check_crd::<WorkerBundle>(&client, "WorkerBundle").await?;
+
+    let ctx = Arc::new(Context::new(client.clone(), build, options.settings.clone()));
+    let config = ControllerConfig::default().concurrency(options.concurrency);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let namespace = options.namespace.clone();
+    let apis = Apis { client, namespace };
+
+    let deployments = Controller::new(apis.get::<WorkerDeployment>(), watcher::Config::default())
+        .owns(apis.get::<WorkerRelease>(), watcher::Config::default())
+        .with_config(config.clone())
+        .graceful_shutdown_on(stopped())
+        .run(deployment::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome);
+    let releases = Controller::new(apis.get::<WorkerRelease>(), watcher::Config::default())
+        .with_config(config.clone())
+        .graceful_shutdown_on(stopped())
+        .run(release::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome);
+    let accounts = Controller::new(apis.get::<WorkerAccount>(), watcher::Config::default());
+    let store = accounts.store();
+    let store2 = store.clone();
+    // Any change to a deployment or release may change the bundles of its namespace's accounts.
+    let accounts = accounts
+        .owns(apis.get::<WorkerBundle>(), watcher::Config::default())
+        .watches(apis.get::<WorkerDeployment>(), watcher::Config::default(), move |d| accounts_of(&store, &d))
+        .watches(apis.get::<WorkerRelease>(), watcher::Config::default(), move |r| accounts_of(&store2, &r))
+        .with_config(config)
+        .graceful_shutdown_on(stopped())
+        .run(account::reconcile, error_policy, ctx)
+        .for_each(log_outcome);
+
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down: finishing reconciles in flight");
+        let _ = stop_tx.send(true);
+    });
+    info!(namespace = options.namespace.as_deref().unwrap_or("(all)"), "controllers started");
+    tokio::join!(deployments, releases, accounts);
+    info!("stopped");
+    Ok(())
+}
+
+struct Apis {
+    client: Client,
+    namespace: Option<String>,
+}
+
+impl Apis {
+    fn get<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+}
+
+async fn check_crd<K>(client: &Client, kind: &'static str) -> Result<(), RunError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    Api::<K>::all(client.clone())
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+        .map(|_| ())
+        .map_err(|source| RunError::MissingCrd { kind, source })
+}
+
+fn accounts_of<K: Resource>(
+    store: &kube::runtime::reflector::Store<WorkerAccount>,
+    object: &K,
+) -> Vec<ObjectRef<WorkerAccount>> {
+    let namespace = object.meta().namespace.clone();
+    store.state().iter().filter(|a| a.namespace() == namespace).map(|a| ObjectRef::from_obj(&**a)).collect()
+}
+
+/// `Kind/namespace/name`: the key of an object's retry state.
+pub fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.name_any()
+    )
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let wait = ctx.backoff.failed(&object_key(&*object));
+    warn!(object = %object_key(&*object), reason = error.reason(), error = %error.message(), retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+async fn log_outcome<T: Debug, E: std::error::Error>(outcome: Result<T, E>) {
+    match outcome {
+        Ok(done) => debug!(?done, "reconciled"),
+        Err(e) => debug!(error = %crate::error_chain(&e), "reconcile did not run"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

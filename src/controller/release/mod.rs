@@ -1,0 +1,104 @@
+//! WorkerRelease reconcile: observe (the release, its account) → fetch its scripts → plan (pure:
+//! the worker and its repository) → build the worker's layer → push the blob → status.
+//!
+//! A release is built once. A failure is written to its status and retried with a growing delay,
+//! so a missing key or a registry outage costs a request now and then, never a hot loop.
+
+pub mod plan;
+
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::apply::apply_status;
+use super::{Context, Error};
+use crate::crd::{WorkerAccount, WorkerRelease, ACCOUNT_LABEL};
+use crate::image::assemble::worker_layer;
+use crate::registry::push::push_blob_if_missing;
+use crate::registry::RegistryRef;
+
+#[instrument(skip_all, fields(namespace = release.namespace().unwrap_or_default(), name = release.name_any()))]
+pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if release.metadata.deletion_timestamp.is_some() || plan::is_built(&release) {
+        return Ok(Action::await_change());
+    }
+    let key = object_key(&release);
+    if let Some(wait) = ctx.backoff.wait_left(&key) {
+        return Ok(Action::requeue(wait));
+    }
+    let releases: Api<WorkerRelease> =
+        Api::namespaced(ctx.client.clone(), &release.namespace().unwrap_or_default());
+    match build_and_push(&release, &ctx).await {
+        Ok(status) => {
+            ctx.backoff.succeeded(&key);
+            let digest = status.layer.as_ref().map(|l| l.digest.clone()).unwrap_or_default();
+            apply_status(&releases, &*release, release.status.as_ref(), &status).await?;
+            info!(%digest, "release built");
+            ctx.event(&*release, false, "Built", "BuildLayer", format!("layer {digest} pushed")).await;
+            Ok(Action::await_change())
+        }
+        Err(error) => {
+            let wait = ctx.backoff.failed(&key);
+            warn!(reason = error.reason(), error = %error.message(), retry_in = ?wait, "release failed");
+            let status = plan::failed_status(&release, &error, Timestamp::now());
+            let changed = release.status.as_ref() != Some(&status);
+            apply_status(&releases, &*release, release.status.as_ref(), &status).await?;
+            if changed {
+                ctx.event(&*release, true, error.reason(), "BuildLayer", error.message()).await;
+            }
+            Ok(Action::requeue(wait))
+        }
+    }
+}
+
+fn object_key(release: &WorkerRelease) -> String {
+    format!("WorkerRelease/{}/{}", release.namespace().unwrap_or_default(), release.name_any())
+}
+
+async fn build_and_push(
+    release: &WorkerRelease,
+    ctx: &Context,
+) -> Result<crate::crd::WorkerReleaseStatus, Error> {
+    let template = &release.spec.template;
+    let urls = plan::script_urls(template)?;
+
+    // Observe: the account (for its repository) and the scripts.
+    let account = match release.labels().get(ACCOUNT_LABEL) {
+        Some(name) => {
+            let accounts: Api<WorkerAccount> =
+                Api::namespaced(ctx.client.clone(), &release.namespace().unwrap_or_default());
+            accounts.get_opt(name).await?
+        }
+        None => None,
+    };
+    let repository = plan::repository(release, account.as_ref(), &ctx.settings)?;
+    let target = RegistryRef::parse(&repository).map_err(Error::Invalid)?;
+    let s3 = ctx.build.sources.s3().await;
+    let reads = urls.iter().map(|url| async move {
+        let files = s3.read(url).await.map_err(|e| Error::Source(e.to_string()))?;
+        Ok::<_, Error>((url.clone(), files))
+    });
+    let fetched = futures::future::try_join_all(reads).await?;
+
+    // Plan.
+    let (worker, modules) = plan::resolve_worker(template, &fetched)?;
+
+    // Build the layer off the async threads (large workers are CPU work), then push it.
+    let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
+    let layer_worker = worker.clone();
+    let (digests, bytes) = tokio::task::spawn_blocking(move || worker_layer(&layer_worker).to_blob(mtime))
+        .await
+        .map_err(|e| Error::InvalidWorker(format!("layer build stopped: {e}")))?
+        .map_err(|e| Error::InvalidWorker(format!("cannot write the layer: {e}")))?;
+    let registries = &ctx.build.registries;
+    let registry_error = |e: crate::registry::RegistryError| Error::Registry(crate::error_chain(&e));
+    let client = registries.client(&target.registry).map_err(registry_error)?;
+    let memory = registries.memory(&target.registry);
+    push_blob_if_missing(&client, &memory, &target.repository, &digests.digest, bytes.into())
+        .await
+        .map_err(registry_error)?;
+    Ok(plan::ready_status(release, &worker, modules, &digests, &repository, Timestamp::now()))
+}

@@ -1,0 +1,64 @@
+//! The files under deploy/ stay true to the code: the CRDs are what `workerbundle crd` generates,
+//! and every sample is a valid object of our types.
+
+use std::path::Path;
+
+use serde_json::Value;
+use workerbundle::crd::{crds_yaml, WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
+
+fn deploy(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn checked_in_crds_are_what_the_types_generate() {
+    let generated = crds_yaml().unwrap();
+    assert!(
+        deploy("crds.yaml") == generated,
+        "deploy/crds.yaml is stale: run `cargo run -- crd > deploy/crds.yaml` and commit it"
+    );
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&generated).unwrap();
+    let names: Vec<&str> = docs.iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "workerdeployments.workerbundle.dev",
+            "workerreleases.workerbundle.dev",
+            "workeraccounts.workerbundle.dev",
+            "workerbundles.workerbundle.dev"
+        ]
+    );
+    for doc in &docs {
+        let version = &doc["spec"]["versions"][0];
+        assert_eq!(doc["spec"]["scope"], "Namespaced");
+        assert_eq!(version["name"], "v1alpha1");
+        assert!(version["subresources"]["status"].is_object(), "{} has a status subresource", doc["metadata"]["name"]);
+        assert!(version["additionalPrinterColumns"].as_array().is_some_and(|c| !c.is_empty()));
+    }
+}
+
+#[test]
+fn samples_are_valid_objects_of_each_kind() {
+    let account: WorkerAccount = serde_saphyr::from_str(&deploy("samples/workeraccount.yaml")).unwrap();
+    assert_eq!(account.metadata.name.as_deref(), Some("1234"));
+    let deployment: WorkerDeployment = serde_saphyr::from_str(&deploy("samples/workerdeployment.yaml")).unwrap();
+    assert_eq!(deployment.spec.template.script_name, "hello");
+    assert_eq!(deployment.metadata.labels.unwrap()["workerbundle.dev/account"], "1234");
+    let release: WorkerRelease = serde_saphyr::from_str(&deploy("samples/workerrelease.yaml")).unwrap();
+    assert_eq!(release.spec.template.script_name, "hello");
+    let bundle: WorkerBundle = serde_saphyr::from_str(&deploy("samples/workerbundle.yaml")).unwrap();
+    assert_eq!(bundle.spec.workers[0].worker_number, 8080);
+}
+
+#[test]
+fn every_deploy_document_names_its_kind() {
+    for file in ["rbac.yaml", "controller.yaml"] {
+        let docs: Vec<Value> = serde_saphyr::from_str_multiple(&deploy(file)).unwrap();
+        assert!(!docs.is_empty(), "{file}");
+        for doc in docs {
+            assert!(doc["apiVersion"].is_string() && doc["kind"].is_string(), "{file}: {doc}");
+            assert!(doc["metadata"]["name"].is_string(), "{file}: {doc}");
+        }
+    }
+}
