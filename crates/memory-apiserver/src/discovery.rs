@@ -102,7 +102,8 @@ fn priority(version: &str) -> (u8, u32, u32) {
 fn group_object(name: &str, versions: &[String]) -> Value {
     let versions: Vec<Value> =
         versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
-    json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
+    let preferred = versions.first().cloned().unwrap_or(Value::Null);
+    json!({"name": name, "versions": versions, "preferredVersion": preferred})
 }
 
 pub fn group_list(defs: &[ResourceDef]) -> Value {

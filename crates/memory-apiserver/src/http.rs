@@ -188,7 +188,7 @@ fn resolve(store: &Store, group: &str, version: &str, rest: &[&str]) -> ApiResul
     Ok(Target { def, namespace, name, subresource })
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> &'a str {
+fn header(headers: &HeaderMap, name: header::HeaderName) -> &str {
     headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
 }
 

@@ -71,7 +71,7 @@ impl Store {
             events,
             discovery_generation: 1,
         };
-        let namespaces = store.defs[0].storage_key();
+        let namespaces = store.namespaces_key();
         let default_ns = json!({
             "apiVersion": "v1",
             "kind": "Namespace",

@@ -101,7 +101,7 @@ pub fn eval_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
         Step::Index(i) => v.get(*i),
         Step::Filter(k, want) => v.as_array()?.iter().find(|item| match &item[k] {
             Value::String(s) => s == want,
-            other => other.to_string() == *want,
+            other => serde_json::from_str::<Value>(want).ok().as_ref() == Some(other),
         }),
     })
 }
