@@ -292,10 +292,6 @@ fn deep_merge(target: &mut Value, applied: &Value) {
     }
 }
 
-pub struct Applied {
-    pub object: Value,
-}
-
 /// Server-side apply of `applied` by `manager` onto `current` (`None`: the object is created).
 pub fn apply(
     current: Option<&Value>,
@@ -303,7 +299,7 @@ pub fn apply(
     manager: &str,
     force: bool,
     scope: Scope,
-) -> ApiResult<Applied> {
+) -> ApiResult<Value> {
     let api_version = applied["apiVersion"].as_str().unwrap_or_default().to_string();
     let applied_part = tracked_part(applied, scope);
     let applied_leaves = leaves(&applied_part);
@@ -366,7 +362,7 @@ pub fn apply(
         fields: applied_leaves,
     });
     object["metadata"]["managedFields"] = write_entries(&entries);
-    Ok(Applied { object })
+    Ok(object)
 }
 
 fn conflict_error(entries: &[Entry], conflicts: &[(usize, FieldPath)]) -> ApiError {
@@ -422,14 +418,14 @@ mod tests {
     #[test]
     fn omitted_fields_are_removed_but_others_stay() {
         let first = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1", "b": "2"}});
-        let created = apply(None, &first, "mgr", false, Scope::Whole).unwrap().object;
+        let created = apply(None, &first, "mgr", false, Scope::Whole).unwrap();
         let mut updated = created.clone();
         updated["data"]["c"] = json!("3");
         updated["metadata"]["managedFields"] =
             record_update(Some(&created), &updated, "other", "v1", Scope::Whole);
         let second =
             json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}});
-        let out = apply(Some(&updated), &second, "mgr", false, Scope::Whole).unwrap().object;
+        let out = apply(Some(&updated), &second, "mgr", false, Scope::Whole).unwrap();
         assert_eq!(out["data"], json!({"a": "1", "c": "3"}));
     }
 
@@ -449,7 +445,7 @@ mod tests {
             err.message
         );
         assert!(err.message.ends_with(": .data.a"));
-        let forced = apply(Some(&obj), &mine, "mgr", true, Scope::Whole).unwrap().object;
+        let forced = apply(Some(&obj), &mine, "mgr", true, Scope::Whole).unwrap();
         assert_eq!(forced["data"]["a"], "2");
         assert_eq!(read_entries(&forced).len(), 1);
     }

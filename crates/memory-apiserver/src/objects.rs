@@ -495,12 +495,17 @@ fn server_side_apply(
                 return Err(ApiError::not_found(def, name));
             }
             let result = apply::apply(None, &applied, &ctx.manager, force, scope)?;
-            create(store, ctx, result.object)
+            create(store, ctx, result)
         }
         Some(old) => {
+            // A resourceVersion in an applied configuration is a precondition, as in any update.
+            let wanted = applied["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+            if !wanted.is_empty() && Some(wanted) != old["metadata"]["resourceVersion"].as_str() {
+                return Err(ApiError::stale(def, name));
+            }
             let current = served(def, old.clone());
             let result = apply::apply(Some(&current), &applied, &ctx.manager, force, scope)?;
-            let mut new = result.object;
+            let mut new = result;
             let managed = new["metadata"]["managedFields"].take();
             new["metadata"]["resourceVersion"] = Value::String(String::new());
             commit_update(store, ctx, &old, new, scope, Some(managed))

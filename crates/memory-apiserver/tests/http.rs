@@ -194,6 +194,10 @@ fn server_side_apply_creates_updates_removes_and_conflicts() {
     assert_eq!(applied.json()["status"]["observedGeneration"], 4);
     assert_eq!(applied.json()["spec"]["mode"], "slow", "spec survives a status apply");
 
+    // A resourceVersion in the applied configuration is a precondition.
+    let stale = second.replace("  name: w\n", "  name: w\n  resourceVersion: '1'\n");
+    assert_eq!(apply_widget(&cluster, "w", &stale, "ctl", true).status, 409);
+
     // JSON bodies work too, and kind/apiVersion are required.
     let missing_kind = apply_widget(
         &cluster,
