@@ -63,8 +63,15 @@
 //!   keeps apiVersion/kind/metadata from pruning; list-type (`x-kubernetes-list-type`) rules are
 //!   not enforced. CEL lacks the Kubernetes extension libraries; old values are correlated through
 //!   object properties, not list items; a rule is a transition rule when it mentions `oldSelf`.
+//! - CRDs are checked only for what clients trip over (names, group, scope, one storage version,
+//!   a schema per version); their table shows NAME and AGE rather than CREATED AT.
+//! - Write requests take their field manager from `fieldManager`, else from the User-Agent's
+//!   program name; `dryRun` computes the result without storing it.
 //! - No authentication, authorization, admission webhooks, conversion webhooks (all versions of
-//!   a CRD share one stored form), protobuf, or OpenAPI v2 (404; kubectl copes).
+//!   a CRD share one stored form), or OpenAPI v2 (404; kubectl copes).
+//! - No protobuf: bodies are JSON (or YAML). kubectl's imperative typed commands that send
+//!   protobuf (`kubectl create secret ...`, `kubectl create configmap ...`) get a 415; `kubectl
+//!   apply`, `patch`, `label`, `delete`, `get` and friends, and kube-rs, all use JSON.
 
 mod apply;
 mod cel;
