@@ -69,7 +69,23 @@ async fn main() -> std::process::ExitCode {
     }
     println!("{url}");
     let options = memory_apiserver::Options { listen: args.listen, ..Default::default() };
-    match memory_apiserver::serve(listener, options, stop_signal()).await {
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let serve = memory_apiserver::serve(listener, options, async move {
+        stop_signal().await;
+        signalled.notify_one();
+    });
+    // Open watches would keep a graceful shutdown waiting forever: give requests a moment, then go.
+    let grace = async {
+        stopping.notified().await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        Ok(())
+    };
+    let result = tokio::select! {
+        result = serve => result,
+        result = grace => result,
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("memory-apiserver: {e}");

@@ -37,8 +37,16 @@ fn serves_kubectl_until_sigterm() {
         .output()
         .expect("kubectl runs");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "namespace/default");
+    // An open watch must not keep the program from stopping.
+    let address = url.trim().trim_start_matches("http://").to_string();
+    let mut watch = std::net::TcpStream::connect(&address).expect("connect");
+    let request = format!("GET /api/v1/namespaces?watch=true HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    std::io::Write::write_all(&mut watch, request.as_bytes()).expect("watch request");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
     assert!(killed.success());
     let status = child.wait().expect("exits");
     assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
