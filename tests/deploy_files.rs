@@ -33,7 +33,11 @@ fn checked_in_crds_are_what_the_types_generate() {
         let version = &doc["spec"]["versions"][0];
         assert_eq!(doc["spec"]["scope"], "Namespaced");
         assert_eq!(version["name"], "v1alpha1");
-        assert!(version["subresources"]["status"].is_object(), "{} has a status subresource", doc["metadata"]["name"]);
+        assert!(
+            version["subresources"]["status"].is_object(),
+            "{} has a status subresource",
+            doc["metadata"]["name"]
+        );
         assert!(version["additionalPrinterColumns"].as_array().is_some_and(|c| !c.is_empty()));
     }
 }
@@ -42,7 +46,8 @@ fn checked_in_crds_are_what_the_types_generate() {
 fn samples_are_valid_objects_of_each_kind() {
     let account: WorkerAccount = serde_saphyr::from_str(&deploy("samples/workeraccount.yaml")).unwrap();
     assert_eq!(account.metadata.name.as_deref(), Some("1234"));
-    let deployment: WorkerDeployment = serde_saphyr::from_str(&deploy("samples/workerdeployment.yaml")).unwrap();
+    let deployment: WorkerDeployment =
+        serde_saphyr::from_str(&deploy("samples/workerdeployment.yaml")).unwrap();
     assert_eq!(deployment.spec.template.script_name, "hello");
     assert_eq!(deployment.metadata.labels.unwrap()["workerbundle.dev/account"], "1234");
     let release: WorkerRelease = serde_saphyr::from_str(&deploy("samples/workerrelease.yaml")).unwrap();

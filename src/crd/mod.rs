@@ -29,6 +29,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub const GROUP: &str = "workerbundle.dev";
+// Every kind is in the category `workers` (`kubectl get workers` lists them all). Not
+// `workerbundle`: kubectl expands categories before resource names, so that would hide the
+// WorkerBundle kind behind its own category.
 pub const VERSION: &str = "v1alpha1";
 
 /// The account a WorkerDeployment (and so its releases) belongs to.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "WorkerAccountStatus",
     shortname = "wa",
-    category = "workerbundle",
+    category = "workers",
     printcolumn(name = "Bundle", type_ = "string", json_path = ".status.workerBundleName"),
     printcolumn(name = "Workers", type_ = "integer", json_path = ".status.workers"),
     printcolumn(

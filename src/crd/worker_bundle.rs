@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "WorkerBundleStatus",
     shortname = "wb",
-    category = "workerbundle",
+    category = "workers",
     printcolumn(name = "Deployment", type_ = "string", json_path = ".spec.deploymentName"),
     printcolumn(name = "Image", type_ = "string", json_path = ".status.image", priority = 1),
     printcolumn(

@@ -22,7 +22,7 @@ fn default_release_history_limit() -> u32 {
     namespaced,
     status = "WorkerDeploymentStatus",
     shortname = "wd",
-    category = "workerbundle",
+    category = "workers",
     printcolumn(name = "Script", type_ = "string", json_path = ".spec.template.scriptName"),
     printcolumn(name = "Release", type_ = "string", json_path = ".status.currentRelease"),
     printcolumn(

@@ -16,7 +16,7 @@ use super::template::WorkerTemplate;
     namespaced,
     status = "WorkerReleaseStatus",
     shortname = "wr",
-    category = "workerbundle",
+    category = "workers",
     validation = Rule::new("self.spec == oldSelf.spec").message("a WorkerRelease is immutable: change its WorkerDeployment's template instead"),
     printcolumn(name = "Script", type_ = "string", json_path = ".spec.template.scriptName"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),

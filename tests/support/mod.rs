@@ -2,6 +2,7 @@
 //! (umoci, skopeo, workerd, curl) to read back and run what the builder produced.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod fault_proxy;
 pub mod registry;
 pub mod s3;

@@ -65,8 +65,7 @@ pub fn plan(
     });
     let exists = |n: &String| owned.iter().any(|r| &r.name_any() == n);
     let mut history = vec![name.clone()];
-    for candidate in
-        previous.iter().filter(|n| exists(n)).chain(others.iter().flat_map(|r| &r.metadata.name))
+    for candidate in previous.iter().filter(|n| exists(n)).chain(others.iter().flat_map(|r| &r.metadata.name))
     {
         if !history.contains(candidate) {
             history.push(candidate.clone());

@@ -1,0 +1,260 @@
+//! The controller end to end, as its own process, against a Kubernetes API (KUBECONFIG's cluster,
+//! else the in-memory API server), the real registry and the real S3 server:
+//! WorkerDeployment → WorkerRelease (layer built and pushed) → WorkerAccount → WorkerBundle.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::cluster::{Cluster, Controller};
+use support::registry::Registry;
+use support::s3::{S3Server, SECRET_KEY};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn deployment_yaml(name: &str, script: &str, url: &str, history: u32) -> String {
+    format!(
+        r#"apiVersion: workerbundle.dev/v1alpha1
+kind: WorkerDeployment
+metadata:
+  name: {name}
+  labels:
+    workerbundle.dev/account: "1234"
+spec:
+  releaseHistoryLimit: {history}
+  template:
+    scriptName: {script}
+    scriptUrls: ["{url}"]
+"#
+    )
+}
+
+const ACCOUNT: &str = r#"apiVersion: workerbundle.dev/v1alpha1
+kind: WorkerAccount
+metadata:
+  name: "1234"
+spec:
+  workerBundleName: workers-1234
+"#;
+
+struct Setup {
+    cluster: Cluster,
+    registry: Registry,
+    s3: S3Server,
+    controller: Controller,
+}
+
+fn setup(test: &str) -> Setup {
+    let registry = Registry::start(false);
+    let s3 = S3Server::start();
+    s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
+    s3.put_dir("workers", "1234/second/v1/", &repo_path("testdata/workers/secret"));
+    let cluster = Cluster::start(test);
+    let prefix = format!("{}/workers", registry.host());
+    let endpoint = s3.endpoint();
+    let controller = Controller::start(
+        &cluster,
+        &["--repository-prefix", &prefix, "--insecure", "--s3-endpoint", &endpoint],
+        &s3.env(SECRET_KEY),
+    );
+    Setup { cluster, registry, s3, controller }
+}
+
+fn apply_ok(cluster: &Cluster, yaml: &str) {
+    let out = cluster.apply_yaml(yaml);
+    assert!(out.status.success(), "kubectl apply failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn current_release(wd: &Value) -> Option<String> {
+    wd["status"]["currentRelease"].as_str().map(str::to_owned)
+}
+
+fn ready_layer(release: &Value) -> Option<String> {
+    (release["status"]["phase"] == "Ready")
+        .then(|| release["status"]["layer"]["digest"].as_str().map(str::to_owned))?
+}
+
+fn bundle_workers(bundle: &Value) -> Vec<(String, u64, String)> {
+    bundle["spec"]["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            (
+                w["workerName"].as_str().unwrap_or_default().to_owned(),
+                w["workerNumber"].as_u64().unwrap_or_default(),
+                w["release"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn release_names(cluster: &Cluster, deployment: &str) -> Vec<String> {
+    let mut names: Vec<String> = cluster
+        .list("workerreleases", Some(&format!("workerbundle.dev/deployment={deployment}")))
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn deployment_release_layer_account_bundle() {
+    let Setup { cluster, registry, s3: _s3, controller } = setup("flow");
+    apply_ok(&cluster, ACCOUNT);
+    apply_ok(&cluster, &deployment_yaml("hello", "hello", "s3://workers/1234/hello/v1/", 5));
+
+    // The deployment makes a release; the release's layer is built and is in the registry.
+    let first = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, current_release);
+    let first_layer = cluster.wait_for("workerrelease", &first, WAIT, &controller, ready_layer);
+    assert!(registry.blob_exists("workers/1234", &first_layer), "layer {first_layer} is not in the registry");
+    let release = cluster.get("workerrelease", &first).unwrap();
+    assert_eq!(release["metadata"]["ownerReferences"][0]["kind"], "WorkerDeployment");
+    assert_eq!(release["metadata"]["labels"]["workerbundle.dev/account"], "1234");
+    assert_eq!(release["status"]["mainModule"], "index.js");
+    let modules = release["status"]["modules"].as_array().unwrap();
+    assert!(
+        modules
+            .iter()
+            .any(|m| m["source"] == "s3://workers/1234/hello/v1/index.js" && m["sha256"].is_string()),
+        "{modules:?}"
+    );
+    assert_eq!(release["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(release["status"]["conditions"][0]["status"], "True");
+    let release_uid = release["metadata"]["uid"].clone();
+
+    // The account makes its bundle, listing the worker on 8080.
+    let workers = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        Some(bundle_workers(b)).filter(|w| !w.is_empty())
+    });
+    assert_eq!(workers, [("hello".to_owned(), 8080, first.clone())]);
+    let bundle = cluster.get("workerbundle", "workers-1234").unwrap();
+    assert_eq!(bundle["metadata"]["ownerReferences"][0]["kind"], "WorkerAccount");
+
+    // A template change makes a new release, which the bundle then runs on the same port.
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"compatibilityFlags":["nodejs_compat"]}}}"#,
+    ]);
+    let second = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, |d| {
+        current_release(d).filter(|r| *r != first)
+    });
+    cluster.wait_for("workerrelease", &second, WAIT, &controller, ready_layer);
+    let workers = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        Some(bundle_workers(b)).filter(|w| w.iter().any(|(_, _, r)| *r == second))
+    });
+    assert_eq!(workers, [("hello".to_owned(), 8080, second.clone())]);
+    assert_eq!(release_names(&cluster, "hello"), sorted(&[&first, &second]));
+
+    // Reverting reuses the first release: same object, no rebuild.
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"compatibilityFlags":null}}}"#,
+    ]);
+    cluster.wait_for("workerdeployment", "hello", WAIT, &controller, |d| {
+        current_release(d).filter(|r| *r == first)
+    });
+    let reused = cluster.get("workerrelease", &first).unwrap();
+    assert_eq!(reused["metadata"]["uid"], release_uid, "the old release was recreated, not reused");
+    assert_eq!(reused["status"]["layer"]["digest"].as_str(), Some(first_layer.as_str()));
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        Some(bundle_workers(b)).filter(|w| w.iter().any(|(_, _, r)| *r == first))
+    });
+    assert_eq!(
+        controller.log().matches("release built").count(),
+        2,
+        "two templates, two builds:\n{}",
+        controller.log()
+    );
+
+    // History is pruned to the limit, never the current release.
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"releaseHistoryLimit":0}}"#,
+    ]);
+    cluster.wait_for("workerdeployment", "hello", WAIT, &controller, |d| {
+        (d["status"]["releaseHistory"].as_array().map(Vec::len) == Some(1)).then_some(())
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while release_names(&cluster, "hello") != [first.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history not pruned: {:?}",
+            release_names(&cluster, "hello")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Graceful shutdown on SIGTERM.
+    assert!(controller.is_running());
+    let status = controller.terminate();
+    assert!(status.success(), "exit {status:?}:\n{}", controller.log());
+}
+
+fn sorted(names: &[&String]) -> Vec<String> {
+    let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_missing_key_fails_that_release_and_the_controller_serves_the_rest() {
+    let Setup { cluster, registry, s3: _s3, controller } = setup("missing");
+    apply_ok(&cluster, ACCOUNT);
+    apply_ok(&cluster, &deployment_yaml("broken", "broken", "s3://workers/1234/missing/v1/index.js", 10));
+
+    let broken = cluster.wait_for("workerdeployment", "broken", WAIT, &controller, current_release);
+    let message = cluster.wait_for("workerrelease", &broken, WAIT, &controller, |r| {
+        let ready = r["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?.clone();
+        (r["status"]["phase"] == "Failed" && ready["status"] == "False")
+            .then(|| ready["message"].as_str().unwrap().to_owned())
+    });
+    assert!(message.contains("1234/missing/v1/index.js"), "the condition names the key: {message}");
+    let condition = cluster.wait_for("workerdeployment", "broken", WAIT, &controller, |d| {
+        d["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready" && c["status"] == "False")
+            .cloned()
+    });
+    assert_eq!(condition["reason"], "ReleaseFailed");
+
+    // Other objects are served meanwhile.
+    apply_ok(&cluster, &deployment_yaml("second", "second", "s3://workers/1234/second/v1/", 10));
+    let second = cluster.wait_for("workerdeployment", "second", WAIT, &controller, current_release);
+    let layer = cluster.wait_for("workerrelease", &second, WAIT, &controller, ready_layer);
+    assert!(registry.blob_exists("workers/1234", &layer));
+    let workers = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        Some(bundle_workers(b)).filter(|w| !w.is_empty())
+    });
+    assert_eq!(workers, [("second".to_owned(), 8080, second)], "the broken worker is left out");
+    let account = cluster.wait_for("workeraccount", "1234", WAIT, &controller, |a| {
+        a["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready" && c["status"] == "False")
+            .cloned()
+    });
+    assert!(account["message"].as_str().unwrap().contains("broken"), "{account}");
+
+    // Retries back off instead of looping: a few attempts in several seconds, not hundreds.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = controller.log().matches("release failed").count();
+    assert!((1..=4).contains(&attempts), "{attempts} attempts in ~3 s:\n{}", controller.log());
+    assert!(controller.is_running(), "the controller died:\n{}", controller.log());
+}

@@ -1,0 +1,198 @@
+//! A Kubernetes API for end-to-end tests: the cluster KUBECONFIG points at when it is set (each
+//! test gets its own namespace there), else the in-memory API server (crates/memory-apiserver)
+//! on 127.0.0.1. Tests talk to it with the real kubectl and run the real controller binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use memory_apiserver::MemoryApiServer;
+use serde_json::Value;
+
+pub struct Cluster {
+    pub namespace: String,
+    kubeconfig: PathBuf,
+    cache: tempfile::TempDir,
+    _server: Option<MemoryApiServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Connects to KUBECONFIG's cluster, else starts an in-memory API server; creates a fresh
+    /// namespace named after the test and installs the CRDs.
+    pub fn start(test: &str) -> Cluster {
+        let dir = super::tempdir();
+        let cache = super::tempdir();
+        let namespace = format!("wb-{test}-{:x}", fastrand::u32(..));
+        let (kubeconfig, server) = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+            Some(path) => (PathBuf::from(path), None),
+            None => {
+                let server = MemoryApiServer::start().expect("in-memory API server");
+                let path = dir.path().join("kubeconfig");
+                server.write_kubeconfig(&path, &namespace).unwrap();
+                (path, Some(server))
+            }
+        };
+        let cluster = Cluster { namespace, kubeconfig, cache, _server: server, _dir: dir };
+        // From YAML rather than `kubectl create namespace`, which sends protobuf: the in-memory
+        // server speaks JSON only.
+        let namespace =
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", cluster.namespace);
+        let out = cluster.kubectl_stdin(&["apply", "-f", "-"], Some(&namespace));
+        assert!(
+            out.status.success(),
+            "cannot create the namespace:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.kubectl_ok(&["apply", "-f", &super::repo_path("deploy/crds.yaml").to_string_lossy()]);
+        cluster
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Runs kubectl against this cluster, in the test's namespace unless the args name one.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_stdin(args, None)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .env("KUBECACHEDIR", self.cache.path())
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("kubectl is not installed");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(out.status.success(), "kubectl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply_yaml(&self, yaml: &str) -> Output {
+        self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    /// The object as JSON, or None when it does not exist.
+    pub fn get(&self, kind: &str, name: &str) -> Option<Value> {
+        let out = self.kubectl(&["get", kind, name, "-o", "json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    pub fn list(&self, kind: &str, selector: Option<&str>) -> Vec<Value> {
+        let mut args = vec!["get", kind, "-o", "json"];
+        if let Some(selector) = selector {
+            args.extend(["-l", selector]);
+        }
+        let list: Value = serde_json::from_str(&self.kubectl_ok(&args)).unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls until `check` returns Some for the object, or fails the test after `timeout` with
+    /// the object's last state and the controller's log.
+    pub fn wait_for<T>(
+        &self,
+        kind: &str,
+        name: &str,
+        timeout: Duration,
+        controller: &Controller,
+        check: impl Fn(&Value) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let object = self.get(kind, name);
+            if let Some(found) = object.as_ref().and_then(&check) {
+                return found;
+            }
+            if Instant::now() > deadline || !controller.is_running() {
+                panic!(
+                    "{kind}/{name} did not reach the expected state; last seen:\n{}\ncontroller log:\n{}",
+                    serde_json::to_string_pretty(&object).unwrap(),
+                    controller.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self._server.is_none() {
+            let _ = self.kubectl(&["delete", "namespace", &self.namespace.clone(), "--wait=false"]);
+        }
+    }
+}
+
+/// The controller, run as its own process (`workerbundle run`) against a cluster.
+pub struct Controller {
+    child: std::sync::Mutex<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    pub fn start(cluster: &Cluster, args: &[&str], env: &[(String, String)]) -> Controller {
+        let dir = super::tempdir();
+        let log = dir.path().join("controller.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(super::BIN);
+        command
+            .args(["run", "--namespace", &cluster.namespace])
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Controller { child: std::sync::Mutex::new(command.spawn().unwrap()), log, _dir: dir }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (it must survive bad objects).
+    pub fn is_running(&self) -> bool {
+        matches!(self.child.lock().unwrap().try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&self) -> std::process::ExitStatus {
+        let pid = self.child.lock().unwrap().id();
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
