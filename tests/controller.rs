@@ -125,6 +125,11 @@ fn deployment_release_layer_account_bundle() {
     assert_eq!(release["status"]["conditions"][0]["type"], "Ready");
     assert_eq!(release["status"]["conditions"][0]["status"], "True");
     let release_uid = release["metadata"]["uid"].clone();
+    let events = cluster.list("events.events.k8s.io", None);
+    assert!(
+        events.iter().any(|e| e["reason"] == "Built" && e["regarding"]["name"] == first.as_str()),
+        "an Event reports the build: {events:?}"
+    );
 
     // The account makes its bundle, listing the worker on 8080.
     let workers = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
@@ -257,4 +262,37 @@ fn a_missing_key_fails_that_release_and_the_controller_serves_the_rest() {
     let attempts = controller.log().matches("release failed").count();
     assert!((1..=4).contains(&attempts), "{attempts} attempts in ~3 s:\n{}", controller.log());
     assert!(controller.is_running(), "the controller died:\n{}", controller.log());
+}
+
+#[test]
+fn a_registry_outage_fails_the_release_until_the_registry_is_back() {
+    let s3 = S3Server::start();
+    s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
+    let cluster = Cluster::start("outage");
+    let port = support::registry::free_port();
+    let prefix = format!("127.0.0.1:{port}/workers");
+    let endpoint = s3.endpoint();
+    let controller = Controller::start(
+        &cluster,
+        &["--repository-prefix", &prefix, "--insecure", "--s3-endpoint", &endpoint],
+        &s3.env(SECRET_KEY),
+    );
+    apply_ok(&cluster, &deployment_yaml("hello", "hello", "s3://workers/1234/hello/v1/", 10));
+    let release = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, current_release);
+    let condition = cluster.wait_for("workerrelease", &release, WAIT, &controller, |r| {
+        r["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready" && c["status"] == "False")
+            .cloned()
+    });
+    assert_eq!(condition["reason"], "RegistryError");
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "the condition names the registry: {message}");
+
+    // The registry comes up; a later retry pushes the layer without anyone touching the release.
+    let registry = Registry::start_on(port, false);
+    let layer = cluster.wait_for("workerrelease", &release, WAIT, &controller, ready_layer);
+    assert!(registry.blob_exists("workers/1234", &layer));
+    assert!(controller.is_running());
 }

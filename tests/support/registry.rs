@@ -33,8 +33,12 @@ pub fn free_port() -> u16 {
 
 impl Registry {
     pub fn start(auth: bool) -> Registry {
+        Registry::start_on(free_port(), auth)
+    }
+
+    /// A registry on a given port (for tests where it comes up after its clients).
+    pub fn start_on(port: u16, auth: bool) -> Registry {
         let dir = super::tempdir();
-        let port = free_port();
         let mut config = format!(
             "version: 0.1\nlog: {{ level: info, formatter: text }}\n\
              storage: {{ filesystem: {{ rootdirectory: {} }}, delete: {{ enabled: true }} }}\n\
