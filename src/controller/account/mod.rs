@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::apply::{apply, apply_status};
-use super::{Context, Error};
+use super::{object_key, Context, Error};
 use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
 use plan::BundlePlan;
 
@@ -82,5 +82,6 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
 
     // Status.
     apply_status(&accounts, &*account, account.status.as_ref(), &plan.status).await?;
+    ctx.backoff.succeeded(&object_key(&*account));
     Ok(Action::requeue(RESYNC))
 }

@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument};
 
 use super::apply::{apply, apply_status};
-use super::{Context, Error};
+use super::{object_key, Context, Error};
 use crate::crd::{WorkerDeployment, WorkerRelease, DEPLOYMENT_LABEL};
 
 /// How often a settled deployment is looked at again even without a change.
@@ -79,5 +79,6 @@ pub async fn reconcile(deployment: Arc<WorkerDeployment>, ctx: Arc<Context>) -> 
 
     // Status.
     apply_status(&deployments, &*deployment, deployment.status.as_ref(), &plan.status).await?;
+    ctx.backoff.succeeded(&object_key(&*deployment));
     Ok(Action::requeue(RESYNC))
 }

@@ -14,7 +14,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::apply::apply_status;
-use super::{Context, Error};
+use super::{object_key, Context, Error};
 use crate::crd::{WorkerAccount, WorkerRelease, ACCOUNT_LABEL};
 use crate::image::assemble::worker_layer;
 use crate::registry::push::push_blob_if_missing;
@@ -25,7 +25,7 @@ pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result
     if release.metadata.deletion_timestamp.is_some() || plan::is_built(&release) {
         return Ok(Action::await_change());
     }
-    let key = object_key(&release);
+    let key = object_key(&*release);
     if let Some(wait) = ctx.backoff.wait_left(&key) {
         return Ok(Action::requeue(wait));
     }
@@ -52,10 +52,6 @@ pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result
             Ok(Action::requeue(wait))
         }
     }
-}
-
-fn object_key(release: &WorkerRelease) -> String {
-    format!("WorkerRelease/{}/{}", release.namespace().unwrap_or_default(), release.name_any())
 }
 
 async fn build_and_push(
