@@ -63,6 +63,9 @@
 //!   keeps apiVersion/kind/metadata from pruning; list-type (`x-kubernetes-list-type`) rules are
 //!   not enforced. CEL lacks the Kubernetes extension libraries; old values are correlated through
 //!   object properties, not list items; a rule is a transition rule when it mentions `oldSelf`.
+//!   CEL rules run only when every schema check passed (the real server still runs them after
+//!   errors other than wrong types and unsupported enum values), so an object with a schema error
+//!   and a rule violation reports the schema error alone.
 //! - CRDs are checked only for what clients trip over (names, group, scope, one storage version,
 //!   a schema per version); their table shows NAME and AGE rather than CREATED AT.
 //! - Write requests take their field manager from `fieldManager`, else from the User-Agent's
