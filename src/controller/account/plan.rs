@@ -109,16 +109,14 @@ pub fn plan(
     };
 
     let mut chosen: BTreeMap<String, &WorkerRelease> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     let mut problems = Vec::new();
     for deployment in &selected {
         let script = deployment.spec.template.script_name.clone();
-        if chosen.contains_key(&script) || problems.iter().any(|(s, _): &(String, String)| s == &script) {
-            problems.push((
-                script,
-                format!(
-                    "WorkerDeployment {} runs a script another deployment runs already",
-                    deployment.name_any()
-                ),
+        let deployment_name = deployment.name_any();
+        if !seen.insert(script.clone()) {
+            problems.push(format!(
+                "WorkerDeployment {deployment_name} runs a script another deployment runs already"
             ));
             continue;
         }
@@ -126,20 +124,15 @@ pub fn plan(
         let fallback = running.get(script.as_str()).map(|w| w.release.as_str());
         match current.and_then(ready).or_else(|| fallback.and_then(ready)) {
             Some(release) => {
-                if current.is_some_and(|c| c != release.name_any()) {
-                    problems.push((
-                        script.clone(),
-                        format!(
-                            "{}: release {} is not ready; {} keeps running",
-                            deployment.name_any(),
-                            current.unwrap_or_default(),
-                            release.name_any()
-                        ),
+                if let Some(current) = current.filter(|c| *c != release.name_any()) {
+                    problems.push(format!(
+                        "{deployment_name}: release {current} is not ready; {} keeps running",
+                        release.name_any()
                     ));
                 }
                 chosen.insert(script, release);
             }
-            None => problems.push((script, format!("{}: no release is ready yet", deployment.name_any()))),
+            None => problems.push(format!("{deployment_name}: no release is ready yet")),
         }
     }
 
@@ -165,7 +158,7 @@ pub fn plan(
             generation,
         )
     } else {
-        let message = problems.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; ");
+        let message = problems.join("; ");
         condition(READY, ConditionStatus::False, "WorkersNotReady", message, generation)
     };
     AccountPlan { bundle: BundlePlan::Apply(Box::new(bundle)), status: status(count, wanted) }
