@@ -52,14 +52,28 @@ fn setup(test: &str) -> Setup {
     s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
     s3.put_dir("workers", "1234/second/v1/", &repo_path("testdata/workers/secret"));
     let cluster = Cluster::start(test);
-    let prefix = format!("{}/workers", registry.host());
+    let controller = start_controller(&cluster, &registry.host(), &s3);
+    Setup { cluster, registry, s3, controller }
+}
+
+/// `workerbundle run` pushing to `<registry>/workers/<account>` and reading from `s3`.
+fn start_controller(cluster: &Cluster, registry: &str, s3: &S3Server) -> Controller {
+    let prefix = format!("{registry}/workers");
     let endpoint = s3.endpoint();
-    let controller = Controller::start(
-        &cluster,
+    Controller::start(
+        cluster,
         &["--repository-prefix", &prefix, "--insecure", "--s3-endpoint", &endpoint],
         &s3.env(SECRET_KEY),
-    );
-    Setup { cluster, registry, s3, controller }
+    )
+}
+
+/// The object's Ready condition when it is False.
+fn not_ready(object: &Value) -> Option<Value> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready" && c["status"] == "False")
+        .cloned()
 }
 
 fn apply_ok(cluster: &Cluster, yaml: &str) {
@@ -225,18 +239,12 @@ fn a_missing_key_fails_that_release_and_the_controller_serves_the_rest() {
 
     let broken = cluster.wait_for("workerdeployment", "broken", WAIT, &controller, current_release);
     let message = cluster.wait_for("workerrelease", &broken, WAIT, &controller, |r| {
-        let ready = r["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?.clone();
-        (r["status"]["phase"] == "Failed" && ready["status"] == "False")
-            .then(|| ready["message"].as_str().unwrap().to_owned())
+        not_ready(r)
+            .filter(|_| r["status"]["phase"] == "Failed")
+            .map(|c| c["message"].as_str().unwrap().to_owned())
     });
     assert!(message.contains("1234/missing/v1/index.js"), "the condition names the key: {message}");
-    let condition = cluster.wait_for("workerdeployment", "broken", WAIT, &controller, |d| {
-        d["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "Ready" && c["status"] == "False")
-            .cloned()
-    });
+    let condition = cluster.wait_for("workerdeployment", "broken", WAIT, &controller, not_ready);
     assert_eq!(condition["reason"], "ReleaseFailed");
 
     // Other objects are served meanwhile.
@@ -248,13 +256,7 @@ fn a_missing_key_fails_that_release_and_the_controller_serves_the_rest() {
         Some(bundle_workers(b)).filter(|w| !w.is_empty())
     });
     assert_eq!(workers, [("second".to_owned(), 8080, second)], "the broken worker is left out");
-    let account = cluster.wait_for("workeraccount", "1234", WAIT, &controller, |a| {
-        a["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "Ready" && c["status"] == "False")
-            .cloned()
-    });
+    let account = cluster.wait_for("workeraccount", "1234", WAIT, &controller, not_ready);
     assert!(account["message"].as_str().unwrap().contains("broken"), "{account}");
 
     // Retries back off instead of looping: a few attempts in several seconds, not hundreds.
@@ -270,22 +272,10 @@ fn a_registry_outage_fails_the_release_until_the_registry_is_back() {
     s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
     let cluster = Cluster::start("outage");
     let port = support::registry::free_port();
-    let prefix = format!("127.0.0.1:{port}/workers");
-    let endpoint = s3.endpoint();
-    let controller = Controller::start(
-        &cluster,
-        &["--repository-prefix", &prefix, "--insecure", "--s3-endpoint", &endpoint],
-        &s3.env(SECRET_KEY),
-    );
+    let controller = start_controller(&cluster, &format!("127.0.0.1:{port}"), &s3);
     apply_ok(&cluster, &deployment_yaml("hello", "hello", "s3://workers/1234/hello/v1/", 10));
     let release = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, current_release);
-    let condition = cluster.wait_for("workerrelease", &release, WAIT, &controller, |r| {
-        r["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "Ready" && c["status"] == "False")
-            .cloned()
-    });
+    let condition = cluster.wait_for("workerrelease", &release, WAIT, &controller, not_ready);
     assert_eq!(condition["reason"], "RegistryError");
     let message = condition["message"].as_str().unwrap();
     assert!(message.contains(&format!("127.0.0.1:{port}")), "the condition names the registry: {message}");
