@@ -286,3 +286,20 @@ fn a_registry_outage_fails_the_release_until_the_registry_is_back() {
     assert!(registry.blob_exists("workers/1234", &layer));
     assert!(controller.is_running());
 }
+
+#[test]
+fn without_the_crds_the_controller_stops_and_says_how_to_install_them() {
+    // Always a fresh in-memory server: a real cluster's CRDs must not be removed for this.
+    let server = memory_apiserver::MemoryApiServer::start().unwrap();
+    let dir = tempdir();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig, "default").unwrap();
+    let out = workerbundle_env(&["run"], &[("KUBECONFIG".into(), kubeconfig.display().to_string())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("WorkerDeployment CRD is not installed")
+            && stderr.contains("workerbundle crd | kubectl apply -f -"),
+        "{stderr}"
+    );
+}

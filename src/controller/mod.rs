@@ -49,17 +49,20 @@ pub enum RunError {
         "the {kind} CRD is not installed ({source}); install it with `workerbundle crd | kubectl apply -f -`"
     )]
     MissingCrd { kind: &'static str, source: kube::Error },
+    #[error("cannot list {kind} objects ({source}); check the controller's RBAC (deploy/rbac.yaml) and the API server")]
+    CannotList { kind: &'static str, source: kube::Error },
 }
 
 /// Runs every controller until SIGINT or SIGTERM; in-flight reconciles finish first.
 pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Connect)?;
-    check_crd::<WorkerDeployment>(&client, "WorkerDeployment").await?;
-    check_crd::<WorkerRelease>(&client, "WorkerRelease").await?;
-    check_crd::<WorkerAccount>(&client, "WorkerAccount").await?;
-    check_crd::<WorkerBundle>(&client, "WorkerBundle").await?;
+    let apis = Apis { client: client.clone(), namespace: options.namespace.clone() };
+    check_crd(apis.get::<WorkerDeployment>(), "WorkerDeployment").await?;
+    check_crd(apis.get::<WorkerRelease>(), "WorkerRelease").await?;
+    check_crd(apis.get::<WorkerAccount>(), "WorkerAccount").await?;
+    check_crd(apis.get::<WorkerBundle>(), "WorkerBundle").await?;
 
-    let ctx = Arc::new(Context::new(client.clone(), build, options.settings.clone()));
+    let ctx = Arc::new(Context::new(client, build, options.settings.clone()));
     let config = ControllerConfig::default().concurrency(options.concurrency);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -68,8 +71,6 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let namespace = options.namespace.clone();
-    let apis = Apis { client, namespace };
 
     let deployments = Controller::new(apis.get::<WorkerDeployment>(), watcher::Config::default())
         .owns(apis.get::<WorkerRelease>(), watcher::Config::default())
@@ -123,15 +124,19 @@ impl Apis {
     }
 }
 
-async fn check_crd<K>(client: &Client, kind: &'static str) -> Result<(), RunError>
+/// Lists one object of the kind where the controller will watch it: a 404 means the CRD is
+/// missing; anything else (403, unreachable) is reported as it is.
+async fn check_crd<K>(api: Api<K>, kind: &'static str) -> Result<(), RunError>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    Api::<K>::all(client.clone())
-        .list_metadata(&ListParams::default().limit(1))
-        .await
-        .map(|_| ())
-        .map_err(|source| RunError::MissingCrd { kind, source })
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            Err(RunError::MissingCrd { kind, source: kube::Error::Api(e) })
+        }
+        Err(source) => Err(RunError::CannotList { kind, source }),
+    }
 }
 
 fn accounts_of<K: Resource>(
