@@ -48,19 +48,19 @@ pub enum RunError {
     #[error(
         "the {kind} CRD is not installed ({source}); install it with `workerbundle crd | kubectl apply -f -`"
     )]
-    MissingCrd { kind: &'static str, source: kube::Error },
+    MissingCrd { kind: String, source: kube::Error },
     #[error("cannot list {kind} objects ({source}); check the controller's RBAC (deploy/rbac.yaml) and the API server")]
-    CannotList { kind: &'static str, source: kube::Error },
+    CannotList { kind: String, source: kube::Error },
 }
 
 /// Runs every controller until SIGINT or SIGTERM; in-flight reconciles finish first.
 pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Connect)?;
     let apis = Apis { client: client.clone(), namespace: options.namespace.clone() };
-    check_crd(apis.get::<WorkerDeployment>(), "WorkerDeployment").await?;
-    check_crd(apis.get::<WorkerRelease>(), "WorkerRelease").await?;
-    check_crd(apis.get::<WorkerAccount>(), "WorkerAccount").await?;
-    check_crd(apis.get::<WorkerBundle>(), "WorkerBundle").await?;
+    check_crd(apis.get::<WorkerDeployment>()).await?;
+    check_crd(apis.get::<WorkerRelease>()).await?;
+    check_crd(apis.get::<WorkerAccount>()).await?;
+    check_crd(apis.get::<WorkerBundle>()).await?;
 
     let ctx = Arc::new(Context::new(client, build, options.settings.clone()));
     let config = ControllerConfig::default().concurrency(options.concurrency);
@@ -126,10 +126,11 @@ impl Apis {
 
 /// Lists one object of the kind where the controller will watch it: a 404 means the CRD is
 /// missing; anything else (403, unreachable) is reported as it is.
-async fn check_crd<K>(api: Api<K>, kind: &'static str) -> Result<(), RunError>
+async fn check_crd<K>(api: Api<K>) -> Result<(), RunError>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
+    let kind = K::kind(&()).into_owned();
     match api.list_metadata(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => {
