@@ -26,7 +26,8 @@ pub use worker_release::{
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{CustomResourceExt, Resource};
 
 pub const GROUP: &str = "workerbundle.dev";
 // Every kind is in the category `workers` (`kubectl get workers` lists them all). Not
@@ -42,6 +43,14 @@ pub const SCRIPT_LABEL: &str = "workerbundle.dev/script";
 pub const DEPLOYMENT_LABEL: &str = "workerbundle.dev/deployment";
 /// Who manages an object: the value of `app.kubernetes.io/managed-by` on everything we create.
 pub const MANAGED_BY: &str = "workerbundle";
+
+/// The owner reference of an object `owner` controls: the garbage collector deletes the object
+/// with its owner, and foreground deletion of the owner waits for it. None for an owner that was
+/// never stored (no uid).
+pub fn owned_by<K: Resource<DynamicType = ()>>(owner: &K) -> Option<Vec<OwnerReference>> {
+    let reference = owner.controller_owner_ref(&())?;
+    Some(vec![OwnerReference { block_owner_deletion: Some(true), ..reference }])
+}
 
 /// Every CRD, in the order they are applied.
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -8,14 +8,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 
 use crate::crd::{
-    condition, set_condition, BundlePodTemplate, BundleWorker, ConditionStatus, ReleasePhase, WorkerAccount,
-    WorkerAccountStatus, WorkerBundle, WorkerBundleSpec, WorkerDeployment, WorkerRelease, ACCOUNT_LABEL,
-    MANAGED_BY, READY,
+    condition, owned_by, set_condition, BundlePodTemplate, BundleWorker, ConditionStatus, ReleasePhase,
+    WorkerAccount, WorkerAccountStatus, WorkerBundle, WorkerBundleSpec, WorkerDeployment, WorkerRelease,
+    ACCOUNT_LABEL, MANAGED_BY, READY,
 };
 use crate::source::FIRST_DEFAULT_PORT;
 
@@ -194,14 +194,6 @@ fn stable_ports<'a>(
 }
 
 fn desired_bundle(account: &WorkerAccount, name: &str, workers: Vec<BundleWorker>) -> WorkerBundle {
-    let owner = OwnerReference {
-        api_version: WorkerAccount::api_version(&()).into(),
-        kind: WorkerAccount::kind(&()).into(),
-        name: account.name_any(),
-        uid: account.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    };
     let labels = [
         (ACCOUNT_LABEL.to_owned(), account.name_any()),
         ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
@@ -215,7 +207,7 @@ fn desired_bundle(account: &WorkerAccount, name: &str, workers: Vec<BundleWorker
             name: Some(name.to_owned()),
             namespace: account.namespace(),
             labels: Some(labels.into()),
-            owner_references: Some(vec![owner]),
+            owner_references: owned_by(account),
             ..ObjectMeta::default()
         },
         spec: WorkerBundleSpec {

@@ -3,14 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use sha2::{Digest as _, Sha256};
 
 use crate::crd::{
-    condition, set_condition, ConditionStatus, ReleasePhase, WorkerDeployment, WorkerDeploymentStatus,
-    WorkerRelease, WorkerReleaseSpec, WorkerTemplate, DEPLOYMENT_LABEL, MANAGED_BY, READY, SCRIPT_LABEL,
+    condition, owned_by, set_condition, ConditionStatus, ReleasePhase, WorkerDeployment,
+    WorkerDeploymentStatus, WorkerRelease, WorkerReleaseSpec, WorkerTemplate, DEPLOYMENT_LABEL, MANAGED_BY,
+    READY, SCRIPT_LABEL,
 };
 use crate::image::canonical::to_canonical_json;
 
@@ -111,20 +112,12 @@ fn desired_release(deployment: &WorkerDeployment, name: &str) -> WorkerRelease {
     labels.insert(DEPLOYMENT_LABEL.into(), deployment.name_any());
     labels.insert(SCRIPT_LABEL.into(), deployment.spec.template.script_name.clone());
     labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
-    let owner = OwnerReference {
-        api_version: WorkerDeployment::api_version(&()).into(),
-        kind: WorkerDeployment::kind(&()).into(),
-        name: deployment.name_any(),
-        uid: deployment.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    };
     WorkerRelease {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: deployment.namespace(),
             labels: Some(labels),
-            owner_references: Some(vec![owner]),
+            owner_references: owned_by(deployment),
             ..ObjectMeta::default()
         },
         spec: WorkerReleaseSpec { template: deployment.spec.template.clone() },
