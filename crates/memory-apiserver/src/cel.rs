@@ -124,13 +124,8 @@ pub fn validate(schema: &Value, value: &Value, old: Option<&Value>, path: &str, 
     check_rules(schema, value, old, path, causes);
     match value {
         Value::Object(map) => {
-            let properties = schema.get("properties").and_then(Value::as_object);
-            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (key, child) in map {
-                if path.is_empty() && key == "metadata" {
-                    continue;
-                }
-                if let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) {
+                if let Some(child_schema) = crate::schema::property_schema(schema, path, key) {
                     let old_child = old.and_then(|o| o.get(key));
                     validate(child_schema, child, old_child, &join(path, key), causes);
                 }

@@ -141,6 +141,16 @@ fn show_number(n: &Number) -> String {
     n.to_string()
 }
 
+/// The schema of property `key` of the object at `path`: its own, else `additionalProperties`.
+/// None for the root's `metadata`, which the server checks itself rather than by the CRD's schema.
+pub fn property_schema<'a>(schema: &'a Value, path: &str, key: &str) -> Option<&'a Value> {
+    if path.is_empty() && key == "metadata" {
+        return None;
+    }
+    let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+    schema.get("properties").and_then(|p| p.get(key)).or(additional)
+}
+
 pub fn validate(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     if value.is_null() {
         if schema["nullable"] == Value::Bool(true) {
@@ -218,13 +228,8 @@ pub fn validate(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Caus
                     }
                 }
             }
-            let properties = schema.get("properties").and_then(Value::as_object);
-            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (key, child) in map {
-                if path.is_empty() && key == "metadata" {
-                    continue;
-                }
-                if let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) {
+                if let Some(child_schema) = property_schema(schema, path, key) {
                     validate(child_schema, child, &join(path, key), causes);
                 }
             }
