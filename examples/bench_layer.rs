@@ -87,7 +87,7 @@ fn main() -> io::Result<()> {
     let tar = {
         let (digests, blob) = layer.to_blob(0)?;
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut tar)?;
+        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar)?;
         assert_eq!(Digest::of(&tar), digests.diff_id, "diffID must be the sha256 of the tar stream");
         tar
     };

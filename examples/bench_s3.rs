@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use workerbundle::image::build::{build, BuildContext, BuildRequest};
+use workerbundle::build::{build, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::Registries;
 use workerbundle::source::S3Options;

@@ -1,16 +1,22 @@
 //! workerbundle: Cloudflare-style Workers in, one deterministic workerd container image out.
 //!
 //! The data flow is visible in the module names:
-//! - [`worker`]: what a worker is (Cloudflare upload metadata, module kinds, validation);
-//! - [`source`]: where a worker's files come from (a directory today);
-//! - [`image`]: the builder — deterministic layers, the workerd config, image assembly, OCI layouts;
-//! - [`base_image`]: the workerd base image, assembled from package archives.
+//! - [`worker`]: what a worker is (Cloudflare upload metadata, module kinds, validation, ports);
+//! - [`source`]: where a worker's files come from (a directory, S3);
+//! - [`image`]: the pure builder — deterministic layers, the workerd config, image assembly, OCI
+//!   layouts;
+//! - [`registry`]: push, pull, mount and delete over the distribution API;
+//! - [`build`]: the pipelines the CLI and the controller call (sources → image → target);
+//! - [`base_image`]: the workerd base image, assembled from package archives;
+//! - [`crd`] and [`controller`]: the custom resources and their reconcilers.
 
 pub mod base_image;
+pub mod build;
 pub mod controller;
 pub mod crd;
 pub mod digest;
 pub mod image;
+pub mod oci;
 pub mod registry;
 pub mod source;
 pub mod worker;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
+use workerbundle::build::{build, BuildContext, BuildRequest};
 use workerbundle::controller::{self, RunOptions, Settings};
-use workerbundle::image::build::{build, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
 use workerbundle::registry::{Registries, RegistryOptions, RegistryRef};
@@ -193,17 +193,21 @@ enum Command {
     ///   workerbundle crd | kubectl apply -f -
     #[command(verbatim_doc_comment)]
     Crd,
-    /// Run the controller: WorkerDeployment → WorkerRelease (worker layer built and pushed) and
-    /// WorkerAccount → WorkerBundle.
+    /// Run the controller: WorkerDeployment → WorkerRelease (worker layer built and pushed),
+    /// WorkerAccount → WorkerBundle, and WorkerBundle → one image → a Deployment and Service.
     ///
     /// Connects with KUBECONFIG (or ~/.kube/config), else the in-cluster service account, and
     /// checks that the CRDs are installed. Each WorkerRelease's scripts are read from S3, its
     /// worker's layer is built and pushed to the account's repository: the WorkerAccount's
-    /// spec.repository, else --repository-prefix/<account>. Stops cleanly on SIGINT/SIGTERM.
+    /// spec.repository, else --repository-prefix/<account>. Each WorkerBundle's image (the base,
+    /// its workers' layers and a small config layer) is pushed there too and rolled out by a
+    /// Deployment; the image before it is deleted once the new one runs everywhere. An account's
+    /// image pull secret (spec.podTemplate.imagePullSecret) is used to push; --creds/--authfile
+    /// are the fallback. Stops cleanly on SIGINT/SIGTERM.
     ///
     /// Example:
     ///   workerbundle run --repository-prefix 127.0.0.1:5000/workers --insecure \
-    ///     --s3-endpoint http://127.0.0.1:8014
+    ///     --base-image docker://127.0.0.1:5000/workerd-base:1 --s3-endpoint http://127.0.0.1:8014
     #[command(verbatim_doc_comment)]
     Run {
         /// Watch this namespace only. Default: every namespace.
@@ -214,6 +218,11 @@ enum Command {
         /// Example: --repository-prefix registry.example.com/workers
         #[arg(long, value_name = "HOST[:PORT]/PATH")]
         repository_prefix: Option<String>,
+        /// The workerd base image of bundles whose account names none (spec.baseImage):
+        /// docker://HOST[:PORT]/REPO:TAG|@DIGEST or oci:DIR[:TAG]. Each bundle pins it by digest
+        /// the first time it is built. Example: --base-image docker://registry.example.com/workerd-base:1
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        base_image: Option<ImageRef>,
         /// Objects of one kind reconciled at once.
         #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
         concurrency: u16,
@@ -316,14 +325,22 @@ async fn run(command: Command) -> Result<String, String> {
             Ok(digest.to_string())
         }
         Command::Crd => workerbundle::crd::crds_yaml(),
-        Command::Run { namespace, repository_prefix, concurrency, source_date_epoch, registry, s3 } => {
+        Command::Run {
+            namespace,
+            repository_prefix,
+            base_image,
+            concurrency,
+            source_date_epoch,
+            registry,
+            s3,
+        } => {
             if let Some(prefix) = &repository_prefix {
                 RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
             }
             let options = RunOptions {
                 namespace,
                 concurrency,
-                settings: Settings { repository_prefix, source_date_epoch },
+                settings: Settings { repository_prefix, source_date_epoch, base_image },
             };
             let build = BuildContext::new(registry.registries(), s3.options());
             controller::run(options, build).await.map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use support::fault_proxy::FaultProxy;
 use support::registry::{self as registry, Logged, Registry, PASSWORD, USER};
 use support::*;
-use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest};
+use workerbundle::build::{build as build_image, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::{Registries, RegistryOptions};
 use workerbundle::source::WorkerInput;

@@ -7,7 +7,7 @@ use std::fs;
 use support::fault_proxy::FaultProxy;
 use support::s3::{S3Server, SECRET_KEY};
 use support::*;
-use workerbundle::image::build::{build as build_image, BuildContext, BuildRequest};
+use workerbundle::build::{build as build_image, BuildContext, BuildRequest};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::Registries;
 use workerbundle::source::WorkerInput;
@@ -188,7 +188,7 @@ fn a_thousand_objects_a_paged_listing_and_a_20_mib_object() {
     let files = runtime.block_on(source.read(&S3Url::parse("s3://workers/acct/many/").unwrap())).unwrap();
     assert_eq!(files.len(), 1002);
     assert_eq!(files["big.bin"], big);
-    assert_eq!(files["assets/a0999.txt"], b"asset 999\n");
+    assert_eq!(&files["assets/a0999.txt"][..], b"asset 999\n");
     let lists = proxy.seen.lock().unwrap().iter().filter(|l| l.contains("list-type=2")).count();
     assert_eq!(lists, 11, "1002 keys at 100 per page");
 

@@ -1,14 +1,25 @@
 //! What every reconcile shares: the API client, the Event recorder, the builder's clients (kept
 //! for the process's life so pushes and downloads are remembered), settings and retry state.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Client, Resource};
+use kube::{Api, Client, Resource};
+use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use super::backoff::Backoff;
-use crate::image::build::BuildContext;
+use super::bases::Bases;
+use super::Error;
+use crate::build::BuildContext;
+use crate::image::reference::ImageRef;
+use crate::registry::Registries;
+
+/// The key of a `kubernetes.io/dockerconfigjson` Secret.
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
 /// Controller settings from the command line.
 #[derive(Clone, Debug)]
@@ -18,18 +29,30 @@ pub struct Settings {
     pub repository_prefix: Option<String>,
     /// mtime of every file in the layers built.
     pub source_date_epoch: i64,
+    /// The workerd base image of bundles that name none.
+    pub base_image: Option<ImageRef>,
 }
+
+/// Registry clients made from one account's pull secret, and a hash of the secret they came from.
+type AccountRegistries = (Vec<u8>, Arc<Registries>);
 
 pub struct Context {
     pub client: Client,
     pub build: BuildContext,
     pub settings: Settings,
+    /// The namespace the controller watches; every namespace when `None`.
+    pub namespace: Option<String>,
     pub backoff: Backoff,
+    /// Base images resolved so far, by reference.
+    pub bases: Bases,
     recorder: Recorder,
+    /// By `namespace/secret`; replaced when the secret's content changes, kept otherwise so that
+    /// the push memory of an account's registries lives as long as the process.
+    account_registries: Mutex<HashMap<String, AccountRegistries>>,
 }
 
 impl Context {
-    pub fn new(client: Client, build: BuildContext, settings: Settings) -> Self {
+    pub fn new(client: Client, build: BuildContext, settings: Settings, namespace: Option<String>) -> Self {
         let reporter = Reporter {
             controller: "workerbundle-controller".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -39,8 +62,41 @@ impl Context {
             client,
             build,
             settings,
+            namespace,
             backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
+            bases: Bases::default(),
+            account_registries: Mutex::default(),
         }
+    }
+
+    /// The registries to push an account's blobs and images with: those made from its image pull
+    /// secret (a `kubernetes.io/dockerconfigjson` Secret in `namespace`), else the controller's own.
+    pub async fn registries(
+        &self,
+        namespace: &str,
+        pull_secret: Option<&str>,
+    ) -> Result<Arc<Registries>, Error> {
+        let Some(name) = pull_secret else { return Ok(self.build.registries.clone()) };
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = secrets.get_opt(name).await?.ok_or_else(|| {
+            Error::Invalid(format!("the image pull secret {namespace}/{name} does not exist"))
+        })?;
+        let payload = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)).map(|b| b.0.clone()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the image pull secret {namespace}/{name} has no {DOCKER_CONFIG_KEY} key (it must be of type kubernetes.io/dockerconfigjson)"
+            ))
+        })?;
+        let fingerprint = Sha256::digest(&payload).to_vec();
+        let key = format!("{namespace}/{name}");
+        let mut cache = self.account_registries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((seen, registries)) = cache.get(&key) {
+            if *seen == fingerprint {
+                return Ok(registries.clone());
+            }
+        }
+        let registries = Arc::new(self.build.registries.with_docker_config(payload));
+        cache.insert(key, (fingerprint, registries.clone()));
+        Ok(registries)
     }
 
     /// Publishes an Event about `object`; a failure to publish is logged, never fatal.

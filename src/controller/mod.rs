@@ -3,11 +3,14 @@
 //!
 //! - WorkerDeployment → a WorkerRelease per distinct template (history pruned);
 //! - WorkerRelease → the worker's layer, built and pushed once;
-//! - WorkerAccount → its WorkerBundle, listing the Ready release of each selected deployment.
+//! - WorkerAccount → its WorkerBundle, listing the Ready release of each selected deployment;
+//! - WorkerBundle → one image (base + worker layers + config layer) → a Deployment and Service.
 
 pub mod account;
 mod apply;
 mod backoff;
+mod bases;
+pub mod bundle;
 mod context;
 pub mod deployment;
 mod error;
@@ -29,8 +32,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
-use crate::image::build::BuildContext;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+
+use crate::build::BuildContext;
+use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, MANAGED_BY};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -62,7 +68,7 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
     check_crd(apis.get::<WorkerAccount>()).await?;
     check_crd(apis.get::<WorkerBundle>()).await?;
 
-    let ctx = Arc::new(Context::new(client, build, options.settings.clone()));
+    let ctx = Arc::new(Context::new(client, build, options.settings.clone(), options.namespace.clone()));
     let config = ControllerConfig::default().concurrency(options.concurrency);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -93,7 +99,21 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         .watches(apis.get::<WorkerRelease>(), watcher::Config::default(), move |r| accounts_of(&store2, &r))
         .with_config(config)
         .graceful_shutdown_on(stopped())
-        .run(account::reconcile, error_policy, ctx)
+        .run(account::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome);
+
+    let bundles = Controller::new(apis.get::<WorkerBundle>(), watcher::Config::default());
+    let bundle_store = bundles.store();
+    let bundles = bundles
+        .owns(apis.get::<Deployment>(), managed_by_us())
+        .owns(apis.get::<Service>(), managed_by_us())
+        // A Secret's keys change a bundle's image, its values the pods: either wakes the bundle.
+        .watches(apis.get::<Secret>(), watcher::Config::default(), move |s| {
+            bundle::bundles_of_secret(&bundle_store, &s)
+        })
+        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .graceful_shutdown_on(stopped())
+        .run(bundle::reconcile, error_policy, ctx.clone())
         .for_each(log_outcome);
 
     tokio::spawn(async move {
@@ -102,7 +122,7 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         let _ = stop_tx.send(true);
     });
     info!(namespace = options.namespace.as_deref().unwrap_or("(all)"), "controllers started");
-    tokio::join!(deployments, releases, accounts);
+    tokio::join!(deployments, releases, accounts, bundles);
     info!("stopped");
     Ok(())
 }
@@ -138,6 +158,11 @@ where
         }
         Err(source) => Err(RunError::CannotList { kind, source }),
     }
+}
+
+/// Only the Deployments and Services we made are watched.
+fn managed_by_us() -> watcher::Config {
+    watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
 fn accounts_of<K: Resource>(

@@ -18,11 +18,13 @@ pub use conditions::{condition, set_condition, ConditionStatus, READY};
 pub use template::{VarType, WorkerTemplate, WorkerVar};
 pub use worker_account::{AccountPodTemplate, WorkerAccount, WorkerAccountSpec, WorkerAccountStatus};
 pub use worker_bundle::{
-    BundlePodTemplate, BundleWorker, WorkerBundle, WorkerBundleSpec, WorkerBundleStatus,
+    BaseImageStatus, BundlePodTemplate, BundleWorker, RolloutStatus, WorkerBundle, WorkerBundleSpec,
+    WorkerBundleStatus,
 };
 pub use worker_deployment::{WorkerDeployment, WorkerDeploymentSpec, WorkerDeploymentStatus};
 pub use worker_release::{
-    LayerDescriptor, ReleasePhase, ResolvedModule, WorkerRelease, WorkerReleaseSpec, WorkerReleaseStatus,
+    LayerDescriptor, ReleasePhase, ResolvedModule, ResolvedSettings, WorkerRelease, WorkerReleaseSpec,
+    WorkerReleaseStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -41,6 +43,13 @@ pub const ACCOUNT_LABEL: &str = "workerbundle.dev/account";
 pub const SCRIPT_LABEL: &str = "workerbundle.dev/script";
 /// The WorkerDeployment a release was made for.
 pub const DEPLOYMENT_LABEL: &str = "workerbundle.dev/deployment";
+/// The WorkerBundle a Deployment, Service and their pods belong to.
+pub const BUNDLE_LABEL: &str = "workerbundle.dev/bundle";
+/// On a WorkerBundle: `"true"` keeps its images in the registry when it is deleted.
+pub const KEEP_IMAGES_ANNOTATION: &str = "workerbundle.dev/keep-images";
+/// On a bundle's pod template: a hash of its workers' Secrets' data, so that a new secret value
+/// rolls the pods without a new image.
+pub const SECRETS_HASH_ANNOTATION: &str = "workerbundle.dev/secrets-hash";
 /// Who manages an object: the value of `app.kubernetes.io/managed-by` on everything we create.
 pub const MANAGED_BY: &str = "workerbundle";
 

@@ -83,12 +83,46 @@ pub struct BundlePodTemplate {
 pub struct WorkerBundleStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The image now rolled out, by digest.
+    /// The bundle's image, by digest (`registry/repository@sha256:...`): pushed, and the image
+    /// the Deployment runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// The image rolled out before it.
+    /// The image before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_image: Option<String>,
+    /// Images of this bundle that are no longer current and not deleted yet: they are deleted
+    /// from the registry once `image` is fully rolled out, unless something still uses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_images: Vec<String>,
+    /// The base image the bundle is built on, pinned by digest when it was first resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image: Option<BaseImageStatus>,
+    /// The Deployment's rollout of `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseImageStatus {
+    /// The reference as configured (`docker://...` or `oci:DIR:TAG`).
+    pub reference: String,
+    /// Its manifest digest when it was resolved.
+    pub digest: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The Deployment's generation the numbers below are about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub replicas: i32,
+    pub updated_replicas: i32,
+    pub ready_replicas: i32,
+    pub available_replicas: i32,
+    /// Whether every replica runs `image` and is available.
+    pub complete: bool,
 }

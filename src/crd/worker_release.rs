@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::template::WorkerTemplate;
+use super::template::{WorkerTemplate, WorkerVar};
 
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
@@ -55,6 +55,10 @@ pub struct WorkerReleaseStatus {
     /// The files the scripts resolved to, in the order workerd sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<ResolvedModule>,
+    /// How the worker runs, resolved from the template over the uploaded metadata: the bundle
+    /// writes its workerd config from this and never reads the scripts again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<ResolvedSettings>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -80,4 +84,21 @@ pub struct ResolvedModule {
     pub source: String,
     pub size: i64,
     pub sha256: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSettings {
+    pub compatibility_date: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compatibility_flags: Vec<String>,
+    /// Plain-text and JSON bindings, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vars: Vec<WorkerVar>,
+    /// Names of the `secret_text` bindings the uploaded metadata declares (never values); the
+    /// keys of the template's Secret are added to them in the bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_names: Vec<String>,
+    /// Prefix of the environment variables the worker's secrets are read from.
+    pub env_prefix: String,
 }

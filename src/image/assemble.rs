@@ -1,9 +1,14 @@
 //! Image assembly: base layers + one layer per worker + the top-level config layer, a config that
-//! keeps the base's settings, and a manifest. Pure: workers and the base's metadata in, blobs out;
-//! writing them (to a layout, later to a registry) is the caller's job.
+//! keeps the base's settings, and a manifest. Pure: layers and the base's metadata in, blobs out;
+//! writing them (to a layout or a registry) is the caller's job.
+//!
+//! The worker layers are given by reference ([`LayerRef`]): the CLI builds them a moment before,
+//! the bundle controller takes them from its releases' statuses, where they were built and pushed
+//! once. Either way only the config layer, the image config and the manifest are made here.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use oci_spec::image::{
     Descriptor, ImageManifestBuilder, MediaType, ANNOTATION_BASE_IMAGE_DIGEST, ANNOTATION_BASE_IMAGE_NAME,
     ANNOTATION_CREATED,
@@ -11,11 +16,11 @@ use oci_spec::image::{
 use serde_json::{json, Value};
 
 use super::canonical::{rfc3339, to_canonical_json};
-use super::layer::{LayerBuilder, MEDIA_TYPE_LAYER_GZIP};
-use super::layout::LayoutImage;
+use super::layer::{LayerBuilder, LayerDigests, MEDIA_TYPE_LAYER_GZIP};
 use super::workerd_config::{self, CONFIG_PATH};
 use crate::digest::Digest;
-use crate::worker::Worker;
+use crate::oci::ImageMetadata;
+use crate::worker::{ServedWorker, WorkerCode};
 
 /// Used when the base image names no entrypoint of its own.
 pub const DEFAULT_WORKERD_PATH: &str = "/usr/local/bin/workerd";
@@ -42,16 +47,24 @@ pub struct AssembleOptions {
     pub base_name: String,
 }
 
+impl AssembleOptions {
+    /// The mtime of every file in the layers.
+    pub fn mtime(&self) -> Result<u64, AssembleError> {
+        u64::try_from(self.source_date_epoch).map_err(|_| AssembleError::Epoch(self.source_date_epoch))
+    }
+}
+
 /// A blob in memory with its descriptor fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blob {
     pub media_type: MediaType,
     pub digest: Digest,
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
 }
 
 impl Blob {
-    pub fn from_bytes(media_type: MediaType, bytes: Vec<u8>) -> Self {
+    pub fn from_bytes(media_type: MediaType, bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
         Blob { media_type, digest: Digest::of(&bytes), bytes }
     }
 
@@ -66,23 +79,60 @@ fn descriptor(media_type: MediaType, digest: &Digest, size: u64) -> Result<Descr
     Ok(Descriptor::new(media_type, size, digest))
 }
 
-/// A layer this build made.
+/// A gzipped layer as a manifest and an image config name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+impl LayerRef {
+    fn descriptor(&self) -> Result<Descriptor, AssembleError> {
+        descriptor(MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()), &self.digest, self.size)
+    }
+}
+
+impl From<&LayerDigests> for LayerRef {
+    fn from(d: &LayerDigests) -> Self {
+        LayerRef { digest: d.digest.clone(), diff_id: d.diff_id.clone(), size: d.size }
+    }
+}
+
+/// A layer this process made, with its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewLayer {
-    /// `worker/<name>` or `config`.
-    pub role: String,
     pub diff_id: Digest,
     pub blob: Blob,
+}
+
+impl NewLayer {
+    pub fn layer_ref(&self) -> LayerRef {
+        LayerRef {
+            digest: self.blob.digest.clone(),
+            diff_id: self.diff_id.clone(),
+            size: self.blob.bytes.len() as u64,
+        }
+    }
+}
+
+/// One worker of an image: how it is served, and its layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageWorker {
+    pub served: ServedWorker,
+    pub layer: LayerRef,
 }
 
 #[derive(Clone, Debug)]
 pub struct AssembledImage {
     pub manifest: Blob,
     pub config: Blob,
+    /// The top-level config layer (`config.capnp`).
+    pub config_layer: NewLayer,
     /// The base's layers, reused as they are.
     pub base_layers: Vec<Descriptor>,
-    /// One per worker (sorted by name), then the top-level config layer.
-    pub new_layers: Vec<NewLayer>,
+    /// The workers' layers, sorted by worker name (two workers may share one layer).
+    pub worker_layers: Vec<LayerRef>,
 }
 
 impl AssembledImage {
@@ -92,12 +142,9 @@ impl AssembledImage {
 }
 
 /// Worker names and ports must each be unique within one image.
-pub fn check_workers(workers: &[Worker]) -> Result<(), String> {
-    if workers.is_empty() {
-        return Err("no workers: give at least one --worker".into());
-    }
+pub fn check_workers<'a>(workers: impl IntoIterator<Item = &'a ServedWorker>) -> Result<(), String> {
     let mut names = BTreeSet::new();
-    let mut ports = std::collections::BTreeMap::new();
+    let mut ports = BTreeMap::new();
     for w in workers {
         if !names.insert(w.name.as_str()) {
             return Err(format!("worker {:?} is given twice", w.name));
@@ -106,32 +153,56 @@ pub fn check_workers(workers: &[Worker]) -> Result<(), String> {
             return Err(format!("workers {other:?} and {:?} both use port {}", w.name, w.port));
         }
     }
+    if names.is_empty() {
+        return Err("no workers: give at least one --worker".into());
+    }
     Ok(())
 }
 
+/// A worker's layer: its module files under `src/` and the fragment that lists them.
+pub fn worker_layer(code: &WorkerCode) -> LayerBuilder {
+    let dir = workerd_config::worker_dir(&code.name);
+    let mut layer = LayerBuilder::new();
+    layer.file(&format!("{dir}/modules.capnp"), workerd_config::modules_fragment(code).into_bytes(), 0o644);
+    for module in &code.modules {
+        layer.file(
+            &format!("{dir}/{}", workerd_config::module_file(&module.path)),
+            module.content.clone(),
+            0o644,
+        );
+    }
+    layer
+}
+
+/// Builds a worker's layer in memory.
+pub fn build_worker_layer(code: &WorkerCode, mtime: u64) -> Result<NewLayer, AssembleError> {
+    make_layer(&worker_layer(code), mtime)
+}
+
+/// The image of `workers` over `base`.
 pub fn assemble(
-    base: &LayoutImage,
-    workers: &[Worker],
+    base: &ImageMetadata,
+    workers: &[ImageWorker],
     options: &AssembleOptions,
 ) -> Result<AssembledImage, AssembleError> {
-    check_workers(workers).map_err(AssembleError::Workers)?;
+    check_workers(workers.iter().map(|w| &w.served)).map_err(AssembleError::Workers)?;
     let created =
         rfc3339(options.source_date_epoch).ok_or(AssembleError::Epoch(options.source_date_epoch))?;
-    let mtime = u64::try_from(options.source_date_epoch)
-        .map_err(|_| AssembleError::Epoch(options.source_date_epoch))?;
+    let mtime = options.mtime()?;
 
-    let mut sorted: Vec<&Worker> = workers.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut sorted: Vec<&ImageWorker> = workers.iter().collect();
+    sorted.sort_by(|a, b| a.served.name.cmp(&b.served.name));
+    let served: Vec<&ServedWorker> = sorted.iter().map(|w| &w.served).collect();
 
-    let mut new_layers = Vec::with_capacity(sorted.len() + 1);
-    for worker in &sorted {
-        new_layers.push(make_layer(format!("worker/{}", worker.name), &worker_layer(worker), mtime)?);
-    }
     let mut config_layer = LayerBuilder::new();
-    config_layer.file(CONFIG_PATH, workerd_config::top_level_config(&sorted).into_bytes(), 0o644);
-    new_layers.push(make_layer("config".into(), &config_layer, mtime)?);
+    config_layer.file(CONFIG_PATH, workerd_config::top_level_config(&served).into_bytes(), 0o644);
+    let config_layer = make_layer(&config_layer, mtime)?;
 
-    let config = image_config(&base.config, &sorted, &new_layers, &created)?;
+    let worker_layers: Vec<LayerRef> = sorted.iter().map(|w| w.layer.clone()).collect();
+    let mut roles: Vec<(String, &Digest)> =
+        sorted.iter().map(|w| (format!("worker/{}", w.served.name), &w.layer.diff_id)).collect();
+    roles.push(("config".into(), &config_layer.diff_id));
+    let config = image_config(&base.config, &served, &roles, &created)?;
     let config = Blob::from_bytes(
         MediaType::ImageConfig,
         to_canonical_json(&config).map_err(|e| AssembleError::Serialize(e.to_string()))?,
@@ -139,9 +210,10 @@ pub fn assemble(
 
     let base_layers = base.manifest.layers().clone();
     let mut layers = base_layers.clone();
-    for layer in &new_layers {
-        layers.push(layer.blob.descriptor()?);
+    for layer in &worker_layers {
+        layers.push(layer.descriptor()?);
     }
+    layers.push(config_layer.blob.descriptor()?);
     let annotations = [
         (ANNOTATION_CREATED.to_owned(), created),
         (ANNOTATION_BASE_IMAGE_NAME.to_owned(), options.base_name.clone()),
@@ -159,36 +231,21 @@ pub fn assemble(
         MediaType::ImageManifest,
         to_canonical_json(&manifest).map_err(|e| AssembleError::Serialize(e.to_string()))?,
     );
-    Ok(AssembledImage { manifest, config, base_layers, new_layers })
+    Ok(AssembledImage { manifest, config, config_layer, base_layers, worker_layers })
 }
 
-/// A worker's layer: its module files under `src/` and the fragment that lists them.
-pub fn worker_layer(worker: &Worker) -> LayerBuilder {
-    let dir = workerd_config::worker_dir(&worker.name);
-    let mut layer = LayerBuilder::new();
-    layer.file(&format!("{dir}/modules.capnp"), workerd_config::modules_fragment(worker).into_bytes(), 0o644);
-    for module in &worker.modules {
-        layer.file(
-            &format!("{dir}/{}", workerd_config::module_file(&module.path)),
-            module.content.clone(),
-            0o644,
-        );
-    }
-    layer
-}
-
-fn make_layer(role: String, layer: &LayerBuilder, mtime: u64) -> Result<NewLayer, AssembleError> {
+fn make_layer(layer: &LayerBuilder, mtime: u64) -> Result<NewLayer, AssembleError> {
     let (digests, bytes) = layer.to_blob(mtime)?;
     let blob =
         Blob { media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()), digest: digests.digest, bytes };
-    Ok(NewLayer { role, diff_id: digests.diff_id, blob })
+    Ok(NewLayer { diff_id: digests.diff_id, blob })
 }
 
 /// The base's config with the workerd entrypoint, the workers' ports, the new diffIDs and history.
 fn image_config(
     base: &Value,
-    workers: &[&Worker],
-    new_layers: &[NewLayer],
+    workers: &[&ServedWorker],
+    new_layers: &[(String, &Digest)],
     created: &str,
 ) -> Result<Value, AssembleError> {
     let mut config = base.clone();
@@ -215,7 +272,7 @@ fn image_config(
         .get_mut("diff_ids")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| AssembleError::BaseConfig("rootfs.diff_ids is missing".into()))?;
-    diff_ids.extend(new_layers.iter().map(|l| json!(l.diff_id.as_str())));
+    diff_ids.extend(new_layers.iter().map(|(_, diff_id)| json!(diff_id.as_str())));
 
     let history = root.entry("history").or_insert_with(|| json!([]));
     let history =
@@ -223,7 +280,7 @@ fn image_config(
     history.extend(
         new_layers
             .iter()
-            .map(|l| json!({"created": created, "created_by": format!("workerbundle: {}", l.role)})),
+            .map(|(role, _)| json!({"created": created, "created_by": format!("workerbundle: {role}")})),
     );
     Ok(config)
 }
@@ -231,26 +288,28 @@ fn image_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::{Module, ModuleKind};
+    use crate::worker::{Module, ModuleKind, WorkerSettings};
 
-    fn worker(name: &str, port: u16, code: &str) -> Worker {
-        Worker {
+    fn worker(name: &str, port: u16, code: &str) -> ImageWorker {
+        let code = WorkerCode {
             name: name.into(),
-            port,
-            env_prefix: "P_".into(),
             main_module: "index.js".into(),
-            compatibility_date: "2024-09-23".into(),
-            compatibility_flags: vec![],
-            bindings: vec![],
             modules: vec![Module {
                 path: "index.js".into(),
                 kind: ModuleKind::EsModule,
-                content: code.as_bytes().to_vec(),
+                content: Bytes::from(code.to_owned()),
             }],
-        }
+        };
+        let layer = build_worker_layer(&code, 0).unwrap().layer_ref();
+        let settings = WorkerSettings {
+            compatibility_date: "2024-09-23".into(),
+            env_prefix: "P_".into(),
+            ..WorkerSettings::default()
+        };
+        ImageWorker { served: ServedWorker { name: name.into(), port, settings }, layer }
     }
 
-    fn base() -> LayoutImage {
+    fn base() -> ImageMetadata {
         let config = json!({"architecture": "amd64", "os": "linux",
             "config": {"Env": ["PATH=/bin"], "Entrypoint": ["/opt/workerd"], "Cmd": ["x"], "User": "65532"},
             "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", "1".repeat(64))]}});
@@ -260,15 +319,18 @@ mod tests {
             .layers(vec![descriptor(MediaType::ImageLayerGzip, &Digest::of(b"l"), 1).unwrap()])
             .build()
             .unwrap();
-        LayoutImage { manifest_digest: Digest::of(b"m"), manifest, config }
+        ImageMetadata { manifest_digest: Digest::of(b"m"), manifest, config }
     }
 
     fn options() -> AssembleOptions {
         AssembleOptions { source_date_epoch: 0, base_name: "workerd-base".into() }
     }
 
+    /// The worker layers, then the config layer.
     fn layer_digests(image: &AssembledImage) -> Vec<Digest> {
-        image.new_layers.iter().map(|l| l.blob.digest.clone()).collect()
+        let mut digests: Vec<Digest> = image.worker_layers.iter().map(|l| l.digest.clone()).collect();
+        digests.push(image.config_layer.blob.digest.clone());
+        digests
     }
 
     #[test]
@@ -285,8 +347,9 @@ mod tests {
         assert!(config["config"].get("Cmd").is_none());
         assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 4);
         assert_eq!(config["created"], json!("1970-01-01T00:00:00Z"));
-        let roles: Vec<&str> = image.new_layers.iter().map(|l| l.role.as_str()).collect();
-        assert_eq!(roles, ["worker/a", "worker/b", "config"]);
+        let roles: Vec<&str> =
+            config["history"].as_array().unwrap().iter().map(|h| h["created_by"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["workerbundle: worker/a", "workerbundle: worker/b", "workerbundle: config"]);
         let manifest: Value = serde_json::from_slice(&image.manifest.bytes).unwrap();
         assert_eq!(manifest["layers"].as_array().unwrap().len(), 4);
         assert_eq!(manifest["annotations"][ANNOTATION_BASE_IMAGE_NAME], json!("workerd-base"));
@@ -312,6 +375,18 @@ mod tests {
         let (b, a) = (layer_digests(&before), layer_digests(&after));
         assert_eq!(b[..2], a[..2]);
         assert_ne!(b[2], a[2]);
+    }
+
+    #[test]
+    fn a_new_secret_name_touches_only_the_config_layer() {
+        let before = assemble(&base(), &[worker("a", 8080, "1")], &options()).unwrap();
+        let mut with_secret = worker("a", 8080, "1");
+        with_secret.served.settings.secrets.insert("API_KEY".into());
+        let after = assemble(&base(), &[with_secret], &options()).unwrap();
+        let (b, a) = (layer_digests(&before), layer_digests(&after));
+        assert_eq!(b[0], a[0]);
+        assert_ne!(b[1], a[1]);
+        assert_ne!(before.manifest.digest, after.manifest.digest);
     }
 
     #[test]

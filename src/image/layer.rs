@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 
+use bytes::Bytes;
 use flate2::{Compression, GzBuilder};
 
 use crate::digest::{Digest, HashingWriter};
@@ -25,9 +26,17 @@ pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
-    File { content: Vec<u8>, mode: u32 },
-    Dir { mode: u32 },
-    Symlink { target: String },
+    /// Shared, not copied: a module's bytes go from the download to the tar stream as they are.
+    File {
+        content: Bytes,
+        mode: u32,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// What identifies a written layer.
@@ -55,9 +64,9 @@ impl LayerBuilder {
     }
 
     /// Adds a file and, where missing, its parent directories (mode 0755).
-    pub fn file(&mut self, path: &str, content: Vec<u8>, mode: u32) -> &mut Self {
+    pub fn file(&mut self, path: &str, content: impl Into<Bytes>, mode: u32) -> &mut Self {
         self.parents(path);
-        self.entries.insert(path.to_owned(), Entry::File { content, mode });
+        self.entries.insert(path.to_owned(), Entry::File { content: content.into(), mode });
         self
     }
 
@@ -111,8 +120,9 @@ impl LayerBuilder {
     }
 
     /// The layer in memory, for small layers and for pushing.
-    pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Vec<u8>)> {
-        self.write(Vec::new(), mtime)
+    pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Bytes)> {
+        let (digests, bytes) = self.write(Vec::new(), mtime)?;
+        Ok((digests, Bytes::from(bytes)))
     }
 }
 
@@ -167,7 +177,7 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, entry: &Entry, mtime:
             header.set_entry_type(tar::EntryType::Regular);
             header.set_mode(*mode);
             header.set_size(content.len() as u64);
-            tar.append_data(&mut header, path, content.as_slice())
+            tar.append_data(&mut header, path, &content[..])
         }
         Entry::Dir { mode } => {
             header.set_entry_type(tar::EntryType::Directory);
@@ -205,7 +215,7 @@ mod tests {
         assert_eq!(d.digest, Digest::of(&blob));
         assert_eq!(d.size, blob.len() as u64);
         let mut tar = Vec::new();
-        flate2::read::GzDecoder::new(blob.as_slice()).read_to_end(&mut tar).unwrap();
+        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar).unwrap();
         assert_eq!(d.diff_id, Digest::of(&tar));
         assert_eq!(d.tar_size, tar.len() as u64);
     }
@@ -213,7 +223,7 @@ mod tests {
     #[test]
     fn entries_are_sorted_root_owned_with_fixed_times_and_parents() {
         let (_, blob) = sample().to_blob(1_700_000_000).unwrap();
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob.as_slice()));
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
         let mut seen = Vec::new();
         for entry in archive.entries().unwrap() {
             let entry = entry.unwrap();

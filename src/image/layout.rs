@@ -12,6 +12,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType, ANNOTATI
 
 use super::canonical::to_canonical_json;
 use crate::digest::{Digest, HashingWriter};
+use crate::oci::{descriptor_digest, linux_amd64, ImageMetadata};
 
 const OCI_LAYOUT_FILE: &str = "oci-layout";
 const OCI_LAYOUT_CONTENT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -26,15 +27,6 @@ pub enum LayoutError {
     Write { dir: PathBuf, what: String, source: io::Error },
     #[error("OCI layout {dir}: {message}")]
     Invalid { dir: PathBuf, message: String },
-}
-
-/// An image read from a layout: its manifest and its config (kept as JSON so that settings this
-/// tool does not know survive a rebuild).
-#[derive(Clone, Debug)]
-pub struct LayoutImage {
-    pub manifest_digest: Digest,
-    pub manifest: ImageManifest,
-    pub config: serde_json::Value,
 }
 
 /// A readable OCI image layout.
@@ -92,7 +84,7 @@ impl Layout {
 
     /// The image tagged `tag`, or the only image when no tag is given. An image index (several
     /// platforms) resolves to its linux/amd64 manifest.
-    pub fn image(&self, tag: Option<&str>) -> Result<LayoutImage, LayoutError> {
+    pub fn image(&self, tag: Option<&str>) -> Result<ImageMetadata, LayoutError> {
         let index = self.index()?;
         let tags: Vec<&str> = index
             .manifests()
@@ -139,7 +131,7 @@ impl Layout {
                     .invalid(format!("layer {digest} is {size} bytes, the manifest says {}", layer.size())));
             }
         }
-        Ok(LayoutImage { manifest_digest: Digest::of(&manifest_bytes), manifest, config })
+        Ok(ImageMetadata { manifest_digest: Digest::of(&manifest_bytes), manifest, config })
     }
 
     fn platform_manifest(&self, descriptor: Descriptor) -> Result<Descriptor, LayoutError> {
@@ -161,20 +153,6 @@ impl Layout {
     fn invalid(&self, message: String) -> LayoutError {
         LayoutError::Invalid { dir: self.dir.clone(), message }
     }
-}
-
-/// The linux/amd64 image of an index: the platform workerd's npm binary runs on.
-pub fn linux_amd64(index: &ImageIndex) -> Option<&Descriptor> {
-    index.manifests().iter().find(|d| {
-        d.platform()
-            .as_ref()
-            .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == "amd64")
-    })
-}
-
-pub fn descriptor_digest(descriptor: &Descriptor) -> Result<Digest, String> {
-    let text = descriptor.digest().to_string();
-    Digest::parse(&text).ok_or_else(|| format!("unsupported digest {text:?} (only sha256 is supported)"))
 }
 
 /// Writes one image into a layout, all-or-nothing (see the module docs).

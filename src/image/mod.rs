@@ -1,9 +1,8 @@
-//! The embedded image builder: deterministic layers, the workerd config, image assembly, and OCI
-//! image layouts. [`build::build`] ties them together for the CLI; the controller will call the
-//! same pieces.
+//! The embedded image builder, pure: deterministic layers, the workerd config, image assembly,
+//! and OCI image layouts. [`crate::build`] ties them to sources and targets for the CLI and the
+//! controller.
 
 pub mod assemble;
-pub mod build;
 pub mod canonical;
 pub mod capnp;
 pub mod layer;

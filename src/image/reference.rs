@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::oci::check_tag;
 use crate::registry::RegistryRef;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,19 +42,6 @@ impl ImageRef {
         }
         Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag })
     }
-}
-
-/// A tag as the distribution spec allows it: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub fn check_tag(tag: &str) -> Result<(), String> {
-    let b = tag.as_bytes();
-    let valid = !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
-    if !valid {
-        return Err(format!("tag {tag:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"));
-    }
-    Ok(())
 }
 
 impl fmt::Display for ImageRef {

@@ -5,7 +5,7 @@
 //!   and bindings: vars, secret names and ports touch only this file.
 
 use super::capnp::quote;
-use crate::worker::{Binding, Worker};
+use crate::worker::{Binding, ServedWorker, WorkerCode};
 
 /// Where the top-level config lives in the image; the entrypoint serves it.
 pub const CONFIG_PATH: &str = "etc/workerd/config.capnp";
@@ -25,8 +25,8 @@ const HEADER: &str =
 
 /// The worker's module list; the main module first, as workerd requires. `embed` paths are
 /// relative to this fragment.
-pub fn modules_fragment(worker: &Worker) -> String {
-    let modules: Vec<String> = worker
+pub fn modules_fragment(code: &WorkerCode) -> String {
+    let modules: Vec<String> = code
         .modules_main_first()
         .map(|m| {
             format!(
@@ -42,7 +42,7 @@ pub fn modules_fragment(worker: &Worker) -> String {
 
 /// The top-level config: one service and one socket (`*:PORT`, named after the worker) per worker.
 /// `workers` must already be checked for unique names and ports.
-pub fn top_level_config(workers: &[&Worker]) -> String {
+pub fn top_level_config(workers: &[&ServedWorker]) -> String {
     let services: Vec<String> = workers.iter().map(|w| service(w)).collect();
     let sockets: Vec<String> = workers
         .iter()
@@ -61,15 +61,17 @@ pub fn top_level_config(workers: &[&Worker]) -> String {
     )
 }
 
-fn service(worker: &Worker) -> String {
-    let flags: Vec<String> = worker.compatibility_flags.iter().map(|f| quote(f)).collect();
-    let bindings: Vec<String> = worker.bindings.iter().map(|b| format!("        {}", binding(b))).collect();
+fn service(worker: &ServedWorker) -> String {
+    let settings = &worker.settings;
+    let flags: Vec<String> = settings.compatibility_flags.iter().map(|f| quote(f)).collect();
+    let bindings: Vec<String> =
+        settings.bindings().iter().map(|b| format!("        {}", binding(b))).collect();
     let modules_import = quote(&format!("workers/{}/modules.capnp", worker.name));
     format!(
         "    (name = {name}, worker = (\n      modules = import {modules_import}.modules,\n      \
          compatibilityDate = {date},\n      compatibilityFlags = [{flags}],\n      bindings = [\n{bindings}\n      ]\n    ))",
         name = quote(&worker.name),
-        date = quote(&worker.compatibility_date),
+        date = quote(&settings.compatibility_date),
         flags = flags.join(", "),
         bindings = bindings.join(",\n"),
     )
@@ -88,30 +90,36 @@ fn binding(binding: &Binding) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::{Module, ModuleKind};
+    use crate::worker::{Module, ModuleKind, Var, VarValue, WorkerSettings};
 
-    fn worker(name: &str, port: u16) -> Worker {
-        Worker {
+    fn code(name: &str) -> WorkerCode {
+        WorkerCode {
+            name: name.into(),
+            main_module: "index.js".into(),
+            modules: vec![
+                Module { path: "add.wasm".into(), kind: ModuleKind::Wasm, content: Default::default() },
+                Module { path: "index.js".into(), kind: ModuleKind::EsModule, content: Default::default() },
+            ],
+        }
+    }
+
+    fn served(name: &str, port: u16) -> ServedWorker {
+        ServedWorker {
             name: name.into(),
             port,
-            env_prefix: "X_".into(),
-            main_module: "index.js".into(),
-            compatibility_date: "2024-09-23".into(),
-            compatibility_flags: vec!["nodejs_compat".into()],
-            bindings: vec![
-                Binding::Text { name: "G".into(), value: "hi".into() },
-                Binding::FromEnvironment { name: "K".into(), variable: "X_K".into() },
-            ],
-            modules: vec![
-                Module { path: "add.wasm".into(), kind: ModuleKind::Wasm, content: vec![] },
-                Module { path: "index.js".into(), kind: ModuleKind::EsModule, content: vec![] },
-            ],
+            settings: WorkerSettings {
+                compatibility_date: "2024-09-23".into(),
+                compatibility_flags: vec!["nodejs_compat".into()],
+                vars: vec![Var { name: "G".into(), value: VarValue::Text("hi".into()) }],
+                secrets: ["K".to_owned()].into(),
+                env_prefix: "X_".into(),
+            },
         }
     }
 
     #[test]
     fn fragment_lists_main_module_first_with_embeds_under_src() {
-        let f = modules_fragment(&worker("alpha", 8080));
+        let f = modules_fragment(&code("alpha"));
         let index = f.find("(name = \"index.js\", esModule = embed \"src/index.js\")").unwrap();
         let wasm = f.find("(name = \"add.wasm\", wasm = embed \"src/add.wasm\")").unwrap();
         assert!(index < wasm, "{f}");
@@ -120,22 +128,26 @@ mod tests {
 
     #[test]
     fn config_has_one_uniquely_named_socket_per_worker() {
-        let c = top_level_config(&[&worker("alpha", 8080), &worker("beta", 8081)]);
+        let c = top_level_config(&[&served("alpha", 8080), &served("beta", 8081)]);
         assert!(
             c.contains("(name = \"alpha\", address = \"*:8080\", http = (), service = \"alpha\")"),
             "{c}"
         );
         assert!(c.contains("(name = \"beta\", address = \"*:8081\", http = (), service = \"beta\")"), "{c}");
         assert!(c.contains("modules = import \"workers/alpha/modules.capnp\".modules"), "{c}");
+        assert!(c.contains("(name = \"G\", text = \"hi\")"), "{c}");
         assert!(c.contains("(name = \"K\", fromEnvironment = \"X_K\")"), "{c}");
         assert!(c.contains("compatibilityFlags = [\"nodejs_compat\"]"), "{c}");
     }
 
     #[test]
     fn hostile_values_stay_inside_their_literal() {
-        let mut w = worker("alpha", 8080);
-        w.bindings =
-            vec![Binding::Text { name: "X\"), (name = \"Y".into(), value: "\n) ]; const evil = (".into() }];
+        let mut w = served("alpha", 8080);
+        w.settings.secrets.clear();
+        w.settings.vars = vec![Var {
+            name: "X\"), (name = \"Y".into(),
+            value: VarValue::Text("\n) ]; const evil = (".into()),
+        }];
         let c = top_level_config(&[&w]);
         assert!(c.contains(r#"(name = "X\"), (name = \"Y", text = "\n) ]; const evil = (")"#), "{c}");
         assert_eq!(c.matches("\nconst ").count(), 1, "no second declaration: {c}");

@@ -86,18 +86,28 @@ impl Registries {
         Registries { options, clients: Default::default() }
     }
 
+    /// Registries reached the same way, with the credentials of a `.dockerconfigjson` first (an
+    /// account's image pull secret) and these registries' own for hosts it does not name.
+    pub fn with_docker_config(&self, dockerconfigjson: Vec<u8>) -> Self {
+        Registries::new(RegistryOptions { dockerconfigjson: Some(dockerconfigjson), ..self.options.clone() })
+    }
+
     fn entry(&self, registry: &str) -> Result<(Arc<RegistryClient>, Arc<PushMemory>), RegistryError> {
         let mut clients =
             self.clients.lock().map_err(|_| RegistryError::Config("registry clients poisoned".into()))?;
         if let Some(entry) = clients.get(registry) {
             return Ok(entry.clone());
         }
-        let credentials = match &self.options.dockerconfigjson {
-            Some(payload) if self.options.creds.is_none() => {
-                auth::credentials_from_docker_config(payload, registry)
-                    .map_err(|e| RegistryError::Config(format!(".dockerconfigjson: {e}")))?
-            }
-            _ => auth::resolve_credentials(
+        // An account's own secret first; the process's --creds/--authfile for registries it
+        // does not name.
+        let from_secret = match &self.options.dockerconfigjson {
+            Some(payload) => auth::credentials_from_docker_config(payload, registry)
+                .map_err(|e| RegistryError::Config(format!(".dockerconfigjson: {e}")))?,
+            None => None,
+        };
+        let credentials = match from_secret {
+            Some(credentials) => Some(credentials),
+            None => auth::resolve_credentials(
                 self.options.creds.as_deref(),
                 self.options.authfile.as_deref(),
                 registry,

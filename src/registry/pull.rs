@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use super::client::{RegistryClient, Req};
 use super::RegistryError;
 use crate::digest::Digest;
-use crate::image::layout::{descriptor_digest, linux_amd64, LayoutImage};
+use crate::oci::{descriptor_digest, linux_amd64, ImageMetadata};
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, \
@@ -71,7 +71,7 @@ pub async fn fetch_image(
     client: &RegistryClient,
     repo: &str,
     reference: &str,
-) -> Result<LayoutImage, RegistryError> {
+) -> Result<ImageMetadata, RegistryError> {
     let (mut bytes, mut digest) = fetch_manifest(client, repo, reference).await?;
     let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
@@ -90,7 +90,7 @@ pub async fn fetch_image(
     let config_bytes = fetch_blob(client, repo, &config_digest).await?;
     let config = serde_json::from_slice(&config_bytes)
         .map_err(|e| protocol(client, format!("image config {config_digest}: {e}")))?;
-    Ok(LayoutImage { manifest_digest: digest, manifest, config })
+    Ok(ImageMetadata { manifest_digest: digest, manifest, config })
 }
 
 /// Deletes a manifest by digest (registries refuse deletion by tag). A manifest already gone is

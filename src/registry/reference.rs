@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::digest::Digest;
-use crate::image::reference::check_tag;
+use crate::oci::check_tag;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistryRef {

@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use bytes::Bytes;
+
 use super::SourceError;
 
 /// Reads every regular file under `root` (recursively) as a module, keyed by its path relative to
 /// `root`. Symbolic links are refused: following them could pull host files into an image.
-pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, SourceError> {
+pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Bytes>, SourceError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SourceError::Io { path, source }
@@ -36,7 +38,7 @@ pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, SourceE
                 pending.push(path);
             } else if kind.is_file() {
                 let content = fs::read(&path).map_err(io(&path))?;
-                files.insert(relative, content);
+                files.insert(relative, Bytes::from(content));
             } else {
                 return Err(SourceError::Invalid {
                     path: root.to_path_buf(),
@@ -72,7 +74,7 @@ mod tests {
         let files = read_dir_source(dir.path()).unwrap();
         let names: Vec<&str> = files.keys().map(String::as_str).collect();
         assert_eq!(names, ["index.js", "lib/deep/x.js"]);
-        assert_eq!(files["lib/deep/x.js"], b"b");
+        assert_eq!(files["lib/deep/x.js"], &b"b"[..]);
     }
 
     #[test]

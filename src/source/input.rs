@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use tracing::info;
 
 use super::{read_dir_source, S3Options, S3Source, S3Url, SourceError};
-use crate::worker::{Worker, WorkerError, WorkerFiles};
+use crate::worker::ports::assign_ports;
+use crate::worker::{Overrides, Worker, WorkerError, WorkerFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -17,9 +18,6 @@ pub enum LoadError {
     #[error("{0}")]
     Invalid(String),
 }
-
-/// The first port handed out when a worker names none; the next worker gets the next one.
-pub const FIRST_DEFAULT_PORT: u16 = 8080;
 
 /// Where a worker's files are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,41 +84,36 @@ impl Sources {
     }
 }
 
-/// Ports default to 8080, 8081, ... in the order given, skipping ports other workers asked for.
-pub fn assign_ports(workers: &[WorkerInput]) -> Result<Vec<u16>, String> {
-    let taken: Vec<u16> = workers.iter().filter_map(|w| w.port).collect();
-    let mut next = FIRST_DEFAULT_PORT;
-    let mut ports = Vec::with_capacity(workers.len());
+/// Ports default to 8080, 8081, ... in the order given, skipping ports other workers asked for;
+/// two workers asking for one port is a mistake on the command line, not something to fix up.
+pub fn worker_ports(workers: &[WorkerInput]) -> Result<Vec<u16>, String> {
+    let mut asked = std::collections::BTreeMap::new();
     for w in workers {
-        ports.push(match w.port {
-            Some(port) => port,
-            None => {
-                while taken.contains(&next) || ports.contains(&next) {
-                    next = next.checked_add(1).ok_or("ran out of ports above 8080")?;
-                }
-                next
+        if let Some(port) = w.port {
+            if let Some(other) = asked.insert(port, w.name.as_str()) {
+                return Err(format!("workers {other:?} and {:?} both use port {port}", w.name));
             }
-        });
+        }
     }
-    Ok(ports)
+    let requests: Vec<(&str, Option<u16>)> = workers.iter().map(|w| (w.name.as_str(), w.port)).collect();
+    assign_ports(&requests)
 }
 
-/// Reads and validates every worker; S3 sources are read concurrently.
-pub async fn load_workers(inputs: &[WorkerInput], sources: &Sources) -> Result<Vec<Worker>, LoadError> {
-    let ports = assign_ports(inputs).map_err(LoadError::Invalid)?;
+/// Reads and validates every worker, each with its port; S3 sources are read concurrently.
+pub async fn load_workers(
+    inputs: &[WorkerInput],
+    sources: &Sources,
+) -> Result<Vec<(Worker, u16)>, LoadError> {
+    let ports = worker_ports(inputs).map_err(LoadError::Invalid)?;
     let loads = inputs.iter().zip(ports).map(|(input, port)| async move {
         let files = match &input.source {
             WorkerSource::Dir(dir) => read_dir_source(dir)?,
             WorkerSource::S3(url) => sources.s3().await.read(url).await?,
         };
-        let worker = Worker::from_files(WorkerFiles {
-            name: input.name.clone(),
-            port,
-            env_prefix: input.env_prefix.clone(),
-            files,
-        })?;
-        info!(worker = %worker.name, port, modules = worker.modules.len(), "worker read");
-        Ok::<_, LoadError>(worker)
+        let overrides = Overrides { env_prefix: input.env_prefix.clone(), ..Overrides::default() };
+        let worker = Worker::from_files(WorkerFiles { name: input.name.clone(), files }, &overrides)?;
+        info!(worker = %input.name, port, modules = worker.code.modules.len(), "worker read");
+        Ok::<_, LoadError>((worker, port))
     });
     futures::future::try_join_all(loads).await
 }
@@ -155,10 +148,10 @@ mod tests {
     #[test]
     fn default_ports_count_up_from_8080_around_explicit_ones() {
         let ports =
-            assign_ports(&[input("a", None), input("b", Some(8081)), input("c", None), input("d", None)])
+            worker_ports(&[input("a", None), input("b", Some(8081)), input("c", None), input("d", None)])
                 .unwrap();
         assert_eq!(ports, [8080, 8081, 8082, 8083]);
-        let ports = assign_ports(&[input("a", Some(8080)), input("b", None)]).unwrap();
-        assert_eq!(ports, [8080, 8081]);
+        let err = worker_ports(&[input("a", Some(9000)), input("b", Some(9000))]).unwrap_err();
+        assert!(err.contains("both use port 9000"), "{err}");
     }
 }

@@ -1,14 +1,13 @@
 //! Where a worker's files come from. Each source yields the same thing: module paths (relative,
-//! `/`-separated) mapped to contents, `metadata.json` included, ready for [`crate::worker::Worker::from_files`].
+//! `/`-separated) mapped to contents, `metadata.json` included, ready for [`crate::worker::Worker::from_files`]. Contents are shared
+//! ([`bytes::Bytes`]): from the download to the layer, a module's bytes are never copied.
 
 mod dir;
 mod input;
 pub mod s3;
 
 pub use dir::read_dir_source;
-pub use input::{
-    assign_ports, load_workers, LoadError, Sources, WorkerInput, WorkerSource, FIRST_DEFAULT_PORT,
-};
+pub use input::{load_workers, worker_ports, LoadError, Sources, WorkerInput, WorkerSource};
 pub use s3::{S3Options, S3Source, S3Url};
 
 use std::path::PathBuf;

@@ -162,7 +162,7 @@ impl S3Source {
     }
 
     /// Reads a worker's files from `url`.
-    pub async fn read(&self, url: &S3Url) -> Result<BTreeMap<String, Vec<u8>>, SourceError> {
+    pub async fn read(&self, url: &S3Url) -> Result<BTreeMap<String, Bytes>, SourceError> {
         let listed = if url.is_prefix() { self.list(url).await? } else { vec![self.head(url).await?] };
         let limits = &self.options.limits;
         let mut total = 0u64;
@@ -200,7 +200,7 @@ impl S3Source {
             .try_collect()
             .await?;
         info!(source = %url, objects = fetched.len(), bytes = total, "worker read from S3");
-        Ok(fetched.into_iter().map(|(name, bytes)| (name, bytes.to_vec())).collect())
+        Ok(fetched.into_iter().collect())
     }
 
     async fn list(&self, url: &S3Url) -> Result<Vec<Listed>, SourceError> {

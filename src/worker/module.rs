@@ -49,7 +49,7 @@ pub struct Module {
     /// Relative `/`-separated path; also the name the worker imports it by.
     pub path: String,
     pub kind: ModuleKind,
-    pub content: Vec<u8>,
+    pub content: bytes::Bytes,
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::crd::{
     WorkerAccount, WorkerAccountStatus, WorkerBundle, WorkerBundleSpec, WorkerDeployment, WorkerRelease,
     ACCOUNT_LABEL, MANAGED_BY, READY,
 };
-use crate::source::FIRST_DEFAULT_PORT;
+use crate::worker::ports::assign_ports;
 
 #[derive(Debug)]
 pub enum BundlePlan {
@@ -136,13 +136,24 @@ pub fn plan(
         }
     }
 
-    let ports = stable_ports(&running, chosen.keys().map(String::as_str));
+    // Workers keep the port they run on; new ones take the lowest free port from 8080.
+    let requests: Vec<(&str, Option<u16>)> = chosen
+        .keys()
+        .map(|script| (script.as_str(), running.get(script.as_str()).map(|w| w.worker_number)))
+        .collect();
+    let ports = assign_ports(&requests).unwrap_or_default();
     let workers: Vec<BundleWorker> = chosen
         .iter()
-        .map(|(script, release)| BundleWorker {
+        .zip(ports)
+        .map(|((script, release), port)| BundleWorker {
             worker_name: script.clone(),
-            worker_number: ports[script.as_str()],
-            env_prefix: release.spec.template.env_prefix.clone(),
+            worker_number: port,
+            env_prefix: release
+                .status
+                .as_ref()
+                .and_then(|s| s.settings.as_ref())
+                .map(|s| s.env_prefix.clone())
+                .or_else(|| release.spec.template.env_prefix.clone()),
             secret_ref: release.spec.template.secret_ref.clone(),
             release: release.name_any(),
         })
@@ -162,35 +173,6 @@ pub fn plan(
         condition(READY, ConditionStatus::False, "WorkersNotReady", message, generation)
     };
     AccountPlan { bundle: BundlePlan::Apply(Box::new(bundle)), status: status(count, wanted) }
-}
-
-/// Ports for `names`: the port each already had, else the lowest free one from 8080.
-fn stable_ports<'a>(
-    running: &BTreeMap<&str, &BundleWorker>,
-    names: impl Iterator<Item = &'a str>,
-) -> BTreeMap<&'a str, u16> {
-    let names: Vec<&str> = names.collect();
-    let mut ports = BTreeMap::new();
-    let mut taken = BTreeSet::new();
-    for name in &names {
-        if let Some(worker) = running.get(name) {
-            if taken.insert(worker.worker_number) {
-                ports.insert(*name, worker.worker_number);
-            }
-        }
-    }
-    let mut next = FIRST_DEFAULT_PORT;
-    for name in names {
-        if ports.contains_key(name) {
-            continue;
-        }
-        while taken.contains(&next) {
-            next += 1;
-        }
-        taken.insert(next);
-        ports.insert(name, next);
-    }
-    ports
 }
 
 fn desired_bundle(account: &WorkerAccount, name: &str, workers: Vec<BundleWorker>) -> WorkerBundle {

@@ -42,7 +42,7 @@ pub async fn reconcile(deployment: Arc<WorkerDeployment>, ctx: Arc<Context>) -> 
 
     // Plan.
     let plan = plan::plan(&deployment, &owned, Timestamp::now())
-        .map_err(|source| Error::Serialize { what: "the template", source })?;
+        .map_err(|e| Error::internal("cannot serialize the template", e))?;
 
     // Apply.
     let release_name = plan.release.name_any();

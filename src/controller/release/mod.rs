@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
 use crate::crd::{WorkerAccount, WorkerRelease, ACCOUNT_LABEL};
-use crate::image::assemble::worker_layer;
+use crate::image::assemble::build_worker_layer;
 use crate::registry::push::push_blob_if_missing;
 use crate::registry::RegistryRef;
 
@@ -73,10 +73,7 @@ async fn build_and_push(
     let repository = plan::repository(release, account.as_ref(), &ctx.settings)?;
     let target = RegistryRef::parse(&repository).map_err(Error::Invalid)?;
     let s3 = ctx.build.sources.s3().await;
-    let reads = urls.iter().map(|url| async move {
-        let files = s3.read(url).await.map_err(|e| Error::Source(e.to_string()))?;
-        Ok::<_, Error>((url.clone(), files))
-    });
+    let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
     let fetched = futures::future::try_join_all(reads).await?;
 
     // Plan.
@@ -84,17 +81,19 @@ async fn build_and_push(
 
     // Build the layer off the async threads (large workers are CPU work), then push it.
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
-    let layer_worker = worker.clone();
-    let (digests, bytes) = tokio::task::spawn_blocking(move || worker_layer(&layer_worker).to_blob(mtime))
+    let code = worker.code.clone();
+    let layer = tokio::task::spawn_blocking(move || build_worker_layer(&code, mtime))
         .await
-        .map_err(|e| Error::InvalidWorker(format!("layer build stopped: {e}")))?
-        .map_err(|e| Error::InvalidWorker(format!("cannot write the layer: {e}")))?;
-    let registries = &ctx.build.registries;
-    let registry_error = |e: crate::registry::RegistryError| Error::Registry(crate::error_chain(&e));
-    let client = registries.client(&target.registry).map_err(registry_error)?;
+        .map_err(|e| Error::internal("the layer build stopped", e))?
+        .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
+    let pull_secret = account
+        .as_ref()
+        .and_then(|a| a.spec.pod_template.as_ref())
+        .and_then(|p| p.image_pull_secret.as_deref());
+    let registries = ctx.registries(&release.namespace().unwrap_or_default(), pull_secret).await?;
+    let client = registries.client(&target.registry)?;
     let memory = registries.memory(&target.registry);
-    push_blob_if_missing(&client, &memory, &target.repository, &digests.digest, bytes.into())
-        .await
-        .map_err(registry_error)?;
-    Ok(plan::ready_status(release, &worker, modules, &digests, &repository, Timestamp::now()))
+    push_blob_if_missing(&client, &memory, &target.repository, &layer.blob.digest, layer.blob.bytes.clone())
+        .await?;
+    Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }

@@ -3,20 +3,21 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
 
 use super::super::context::Settings;
 use super::super::Error;
 use crate::crd::{
-    condition, set_condition, ConditionStatus, LayerDescriptor, ReleasePhase, ResolvedModule, VarType,
-    WorkerAccount, WorkerRelease, WorkerReleaseStatus, WorkerTemplate, ACCOUNT_LABEL, READY,
+    condition, set_condition, ConditionStatus, LayerDescriptor, ReleasePhase, ResolvedModule,
+    ResolvedSettings, VarType, WorkerAccount, WorkerRelease, WorkerReleaseStatus, WorkerTemplate, WorkerVar,
+    ACCOUNT_LABEL, READY,
 };
-use crate::image::layer::LayerDigests;
-use crate::source::{S3Url, FIRST_DEFAULT_PORT};
-use crate::worker::{Worker, WorkerFiles, METADATA_FILE};
+use crate::image::assemble::LayerRef;
+use crate::source::S3Url;
+use crate::worker::{Overrides, Var, VarValue, Worker, WorkerFiles, WorkerSettings};
 
 /// A release is built once: its spec cannot change, so a Ready status for its generation is final.
 pub fn is_built(release: &WorkerRelease) -> bool {
@@ -32,10 +33,10 @@ pub fn script_urls(template: &WorkerTemplate) -> Result<Vec<S3Url>, Error> {
 }
 
 /// The worker made of the files under each URL (a later URL's file replaces an earlier one's) and
-/// the template, whose settings win over a `metadata.json` among the files.
+/// the template, whose settings are laid over a `metadata.json` among the files.
 pub fn resolve_worker(
     template: &WorkerTemplate,
-    fetched: &[(S3Url, BTreeMap<String, Vec<u8>>)],
+    fetched: &[(S3Url, BTreeMap<String, Bytes>)],
 ) -> Result<(Worker, Vec<ResolvedModule>), Error> {
     let mut files = BTreeMap::new();
     let mut origin = BTreeMap::new();
@@ -46,17 +47,10 @@ pub fn resolve_worker(
             files.insert(path.clone(), bytes.clone());
         }
     }
-    let metadata = merged_metadata(template, files.get(METADATA_FILE).map(Vec::as_slice))?;
-    files.insert(METADATA_FILE.into(), metadata);
-    let worker = Worker::from_files(WorkerFiles {
-        name: template.script_name.clone(),
-        // The layer does not depend on the port; the account gives the worker its real one.
-        port: FIRST_DEFAULT_PORT,
-        env_prefix: template.env_prefix.clone(),
-        files,
-    })
-    .map_err(|e| Error::InvalidWorker(e.to_string()))?;
+    let worker =
+        Worker::from_files(WorkerFiles { name: template.script_name.clone(), files }, &overrides(template))?;
     let modules = worker
+        .code
         .modules_main_first()
         .map(|m| ResolvedModule {
             name: m.path.clone(),
@@ -68,45 +62,56 @@ pub fn resolve_worker(
     Ok((worker, modules))
 }
 
-/// `metadata.json` (Cloudflare's upload metadata) with the template's settings laid over it.
-fn merged_metadata(template: &WorkerTemplate, uploaded: Option<&[u8]>) -> Result<Vec<u8>, Error> {
-    let mut metadata: Map<String, Value> = match uploaded {
-        Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
-            Error::InvalidWorker(format!(
-                "worker {:?}: metadata.json is not a JSON object: {e}",
-                template.script_name
-            ))
-        })?,
-        None => Map::new(),
+/// The template's settings, to be laid over the uploaded metadata.
+fn overrides(template: &WorkerTemplate) -> Overrides {
+    Overrides {
+        main_module: template.main_module.clone(),
+        compatibility_date: template.compatibility_date.clone(),
+        compatibility_flags: template.compatibility_flags.clone(),
+        vars: template.vars.iter().map(var_of).collect(),
+        env_prefix: template.env_prefix.clone(),
+    }
+}
+
+fn var_of(var: &WorkerVar) -> Var {
+    let value = match var.kind {
+        VarType::Text => VarValue::Text(var.value.clone()),
+        VarType::Json => VarValue::Json(var.value.clone()),
     };
-    if let Some(main) = &template.main_module {
-        metadata.insert("main_module".into(), json!(main));
+    Var { name: var.name.clone(), value }
+}
+
+/// The worker's settings as a release's status records them.
+pub fn resolved_settings(settings: &WorkerSettings) -> ResolvedSettings {
+    ResolvedSettings {
+        compatibility_date: settings.compatibility_date.clone(),
+        compatibility_flags: settings.compatibility_flags.clone(),
+        vars: settings
+            .vars
+            .iter()
+            .map(|v| match &v.value {
+                VarValue::Text(t) => {
+                    WorkerVar { name: v.name.clone(), kind: VarType::Text, value: t.clone() }
+                }
+                VarValue::Json(j) => {
+                    WorkerVar { name: v.name.clone(), kind: VarType::Json, value: j.clone() }
+                }
+            })
+            .collect(),
+        secret_names: settings.secrets.iter().cloned().collect(),
+        env_prefix: settings.env_prefix.clone(),
     }
-    if let Some(date) = &template.compatibility_date {
-        metadata.insert("compatibility_date".into(), json!(date));
+}
+
+/// A release's recorded settings, back in the builder's terms.
+pub fn worker_settings(resolved: &ResolvedSettings) -> WorkerSettings {
+    WorkerSettings {
+        compatibility_date: resolved.compatibility_date.clone(),
+        compatibility_flags: resolved.compatibility_flags.clone(),
+        vars: resolved.vars.iter().map(var_of).collect(),
+        secrets: resolved.secret_names.iter().cloned().collect(),
+        env_prefix: resolved.env_prefix.clone(),
     }
-    if !template.compatibility_flags.is_empty() {
-        metadata.insert("compatibility_flags".into(), json!(template.compatibility_flags));
-    }
-    let mut bindings: Vec<Value> =
-        metadata.get("bindings").and_then(Value::as_array).cloned().unwrap_or_default();
-    for var in &template.vars {
-        bindings.retain(|b| b["name"] != json!(var.name));
-        bindings.push(match var.kind {
-            VarType::Text => json!({"type": "plain_text", "name": var.name, "text": var.value}),
-            VarType::Json => {
-                let value: Value = serde_json::from_str(&var.value).map_err(|e| {
-                    Error::InvalidWorker(format!(
-                        "worker {:?}: var {:?} has type json but its value is not JSON: {e}",
-                        template.script_name, var.name
-                    ))
-                })?;
-                json!({"type": "json", "name": var.name, "json": value})
-            }
-        });
-    }
-    metadata.insert("bindings".into(), Value::Array(bindings));
-    serde_json::to_vec(&metadata).map_err(|source| Error::Serialize { what: "metadata.json", source })
 }
 
 /// Where the release's layer goes: its WorkerAccount's repository, else the controller's prefix
@@ -116,11 +121,22 @@ pub fn repository(
     account: Option<&WorkerAccount>,
     settings: &Settings,
 ) -> Result<String, Error> {
-    if let Some(repository) = account.and_then(|a| a.spec.repository.clone()) {
-        return Ok(repository);
-    }
     let account_name =
         release.labels().get(ACCOUNT_LABEL).cloned().or_else(|| release.namespace()).unwrap_or_default();
+    account_repository(account.and_then(|a| a.spec.repository.as_deref()), &account_name, settings)
+}
+
+/// An account's repository: the one it names, else the controller's prefix plus the account name.
+/// Releases push their layers and bundles their images there, so a bundle's push finds its
+/// workers' layers in place.
+pub fn account_repository(
+    explicit: Option<&str>,
+    account_name: &str,
+    settings: &Settings,
+) -> Result<String, Error> {
+    if let Some(repository) = explicit {
+        return Ok(repository.to_owned());
+    }
     match &settings.repository_prefix {
         Some(prefix) => Ok(format!("{}/{account_name}", prefix.trim_end_matches('/'))),
         None => Err(Error::Invalid(format!(
@@ -134,7 +150,7 @@ pub fn ready_status(
     release: &WorkerRelease,
     worker: &Worker,
     modules: Vec<ResolvedModule>,
-    layer: &LayerDigests,
+    layer: &LayerRef,
     repository: &str,
     now: Timestamp,
 ) -> WorkerReleaseStatus {
@@ -156,8 +172,9 @@ pub fn ready_status(
             size: layer.size as i64,
         }),
         repository: Some(repository.into()),
-        main_module: Some(worker.main_module.clone()),
+        main_module: Some(worker.code.main_module.clone()),
         modules,
+        settings: Some(resolved_settings(&worker.settings)),
         conditions: set_condition(existing_conditions(release), wanted, now),
     }
 }
@@ -183,7 +200,7 @@ fn existing_conditions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{WorkerAccountSpec, WorkerReleaseSpec, WorkerVar};
+    use crate::crd::{WorkerAccountSpec, WorkerReleaseSpec};
     use crate::worker::Binding;
 
     fn template() -> WorkerTemplate {
@@ -194,10 +211,10 @@ mod tests {
         }
     }
 
-    fn fetched(files: &[(&str, &str)], url: &str) -> (S3Url, BTreeMap<String, Vec<u8>>) {
+    fn fetched(files: &[(&str, &str)], url: &str) -> (S3Url, BTreeMap<String, Bytes>) {
         (
             S3Url::parse(url).unwrap(),
-            files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect(),
+            files.iter().map(|(p, c)| (p.to_string(), Bytes::from(c.to_string()))).collect(),
         )
     }
 
@@ -219,7 +236,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(worker.main_module, "index.js");
+        assert_eq!(worker.code.main_module, "index.js");
         let lib = modules.iter().find(|m| m.name == "lib.js").unwrap();
         assert_eq!((lib.source.as_str(), lib.size), ("s3://workers/shared/lib.js", 3));
         assert_eq!(modules[0].source, "s3://workers/1234/api/v1/index.js");
@@ -240,14 +257,18 @@ mod tests {
         ];
         let files = fetched(&[("a.js", "a"), ("b.js", "b"), ("metadata.json", uploaded)], "s3://workers/p/");
         let (worker, modules) = resolve_worker(&t, &[files]).unwrap();
-        assert_eq!(worker.main_module, "b.js");
+        assert_eq!(worker.code.main_module, "b.js");
         assert_eq!(modules[0].name, "b.js", "main module first");
         assert!(modules.iter().all(|m| m.name != "metadata.json"));
-        assert_eq!(worker.compatibility_date, "2025-06-01");
-        assert_eq!(worker.compatibility_flags, ["nodejs_compat"]);
-        assert!(worker.bindings.contains(&Binding::Text { name: "GREETING".into(), value: "hello".into() }));
-        assert!(worker.bindings.contains(&Binding::Text { name: "KEEP".into(), value: "k".into() }));
-        assert!(worker.bindings.iter().any(|b| b.name() == "LIMITS"));
+        let settings = &worker.settings;
+        assert_eq!(settings.compatibility_date, "2025-06-01");
+        assert_eq!(settings.compatibility_flags, ["nodejs_compat"]);
+        let bindings = settings.bindings();
+        assert!(bindings.contains(&Binding::Text { name: "GREETING".into(), value: "hello".into() }));
+        assert!(bindings.contains(&Binding::Text { name: "KEEP".into(), value: "k".into() }));
+        assert!(bindings.iter().any(|b| b.name() == "LIMITS"));
+        // What the status records gives back the same settings: the bundle needs nothing else.
+        assert_eq!(worker_settings(&resolved_settings(settings)), *settings);
     }
 
     #[test]
@@ -267,8 +288,11 @@ mod tests {
 
     #[test]
     fn repository_comes_from_the_account_else_the_prefix_and_account_label() {
-        let settings =
-            Settings { repository_prefix: Some("127.0.0.1:5000/workers/".into()), source_date_epoch: 0 };
+        let settings = Settings {
+            repository_prefix: Some("127.0.0.1:5000/workers/".into()),
+            source_date_epoch: 0,
+            base_image: None,
+        };
         let labelled = release(&[(ACCOUNT_LABEL, "1234")]);
         assert_eq!(repository(&labelled, None, &settings).unwrap(), "127.0.0.1:5000/workers/1234");
         assert_eq!(repository(&release(&[]), None, &settings).unwrap(), "127.0.0.1:5000/workers/tenants");
@@ -277,7 +301,7 @@ mod tests {
             WorkerAccountSpec { repository: Some("reg.example/acme/w".into()), ..Default::default() },
         );
         assert_eq!(repository(&labelled, Some(&account), &settings).unwrap(), "reg.example/acme/w");
-        let none = Settings { repository_prefix: None, source_date_epoch: 0 };
+        let none = Settings { repository_prefix: None, ..settings };
         let err = repository(&labelled, None, &none).unwrap_err();
         assert!(err.message().contains("--repository-prefix"), "{}", err.message());
     }
@@ -288,21 +312,23 @@ mod tests {
         assert!(!is_built(&r));
         let (worker, modules) =
             resolve_worker(&template(), &[fetched(&[("index.js", "x")], "s3://workers/p/")]).unwrap();
-        let digests = LayerDigests {
+        let digests = LayerRef {
             diff_id: crate::digest::Digest::of(b"t"),
             digest: crate::digest::Digest::of(b"g"),
             size: 10,
-            tar_size: 20,
         };
         let now = Timestamp::from_second(5).unwrap();
         r.status = Some(ready_status(&r, &worker, modules, &digests, "reg/x", now));
         assert!(is_built(&r));
         let status = r.status.as_ref().unwrap();
         assert_eq!(status.layer.as_ref().unwrap().digest, digests.digest.to_string());
+        assert_eq!(status.settings.as_ref().unwrap().env_prefix, "API_");
         assert_eq!(status.conditions[0].status, "True");
         r.metadata.generation = Some(2);
         assert!(!is_built(&r), "a new generation is built again");
-        let failed = failed_status(&r, &Error::Source("s3://b/k: no such key".into()), now);
+        let missing =
+            crate::source::SourceError::S3 { url: "s3://b/k".into(), message: "no such key".into() };
+        let failed = failed_status(&r, &Error::Source(missing), now);
         assert_eq!((failed.phase, failed.layer.is_none()), (ReleasePhase::Failed, true));
         assert_eq!(failed.conditions[0].reason, "SourceUnavailable");
         assert!(failed.conditions[0].message.contains("s3://b/k"));

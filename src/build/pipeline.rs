@@ -1,0 +1,176 @@
+//! The CLI's build: read every worker and the base, check everything, then assemble and write.
+//! Nothing is written until every input has been read and validated.
+
+use tracing::info;
+
+use super::base::{read_base, ResolvedBase};
+use super::{BuildContext, BuildError};
+use crate::digest::Digest;
+use crate::image::assemble::{
+    assemble, build_worker_layer, AssembleOptions, AssembledImage, ImageWorker, NewLayer,
+};
+use crate::image::layout::LayoutWriter;
+use crate::image::reference::ImageRef;
+use crate::registry::push::learn_repository;
+use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryRef};
+use crate::source::{load_workers, WorkerInput};
+use crate::worker::ServedWorker;
+
+#[derive(Clone, Debug)]
+pub struct BuildRequest {
+    pub base: ImageRef,
+    /// `org.opencontainers.image.base.name`; defaults to the base reference (its tag for a layout).
+    pub base_name: Option<String>,
+    pub workers: Vec<WorkerInput>,
+    pub output: ImageRef,
+    pub source_date_epoch: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildOutcome {
+    pub manifest_digest: Digest,
+    pub image: AssembledImage,
+    /// For registry outputs: what the push cost.
+    pub push: Option<PushReport>,
+}
+
+/// An assembled image with the worker layers this build made.
+struct Built {
+    image: AssembledImage,
+    worker_layers: Vec<NewLayer>,
+}
+
+pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<BuildOutcome, BuildError> {
+    let registries = &context.registries;
+    let output_tag = match &request.output {
+        ImageRef::Layout { tag, .. } => tag.clone(),
+        ImageRef::Registry(r) if r.digest.is_none() => r.tag.clone(),
+        ImageRef::Registry(_) => None,
+    };
+    let output_tag = output_tag.ok_or_else(|| {
+        BuildError::Invalid(format!("--output {} needs a tag (and no digest)", request.output))
+    })?;
+    let workers = load_workers(&request.workers, &context.sources).await?;
+    let base = read_base(&request.base, registries).await?;
+    let base_name = request.base_name.clone().unwrap_or_else(|| base.name.clone());
+    let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
+    // Assembly is CPU work: run it off the async threads and, when pushing, learn what the
+    // repository holds at the same time, so that round trip costs no wall-clock time.
+    let requests_before = match &request.output {
+        ImageRef::Registry(out) => registries.client(&out.registry)?.request_count(),
+        ImageRef::Layout { .. } => 0,
+    };
+    let base_image = base.image.clone();
+    let assembling = tokio::task::spawn_blocking(move || -> Result<Built, BuildError> {
+        let mtime = options.mtime()?;
+        let mut worker_layers = Vec::with_capacity(workers.len());
+        let mut entries = Vec::with_capacity(workers.len());
+        for (worker, port) in workers {
+            let layer = build_worker_layer(&worker.code, mtime)?;
+            let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings };
+            entries.push(ImageWorker { served, layer: layer.layer_ref() });
+            worker_layers.push(layer);
+        }
+        let image = assemble(&base_image, &entries, &options)?;
+        Ok(Built { image, worker_layers })
+    });
+    let learning = async {
+        match &request.output {
+            ImageRef::Registry(out) => {
+                let client = registries.client(&out.registry)?;
+                learn_repository(&client, &registries.memory(&out.registry), &out.repository, &output_tag)
+                    .await
+            }
+            ImageRef::Layout { .. } => Ok(()),
+        }
+    };
+    let (assembled, learned) = tokio::join!(assembling, learning);
+    learned?;
+    let built = assembled.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
+
+    let push = match &request.output {
+        ImageRef::Layout { dir, .. } => {
+            write_layout(dir, &output_tag, &built, &base, registries).await?;
+            None
+        }
+        ImageRef::Registry(out) => {
+            let mut report = push_to_registry(out, &output_tag, &built, &base, registries).await?;
+            report.requests = registries.client(&out.registry)?.request_count() - requests_before;
+            Some(report)
+        }
+    };
+    let image = built.image;
+    info!(output = %request.output, digest = %image.manifest.digest, "image written");
+    Ok(BuildOutcome { manifest_digest: image.manifest.digest.clone(), image, push })
+}
+
+async fn write_layout(
+    dir: &std::path::Path,
+    tag: &str,
+    built: &Built,
+    base: &ResolvedBase,
+    registries: &Registries,
+) -> Result<(), BuildError> {
+    let writer = LayoutWriter::begin(dir).map_err(BuildError::Output)?;
+    base.write_layers(&writer, registries).await?;
+    let image = &built.image;
+    let blobs = built.worker_layers.iter().map(|l| &l.blob).chain([
+        &image.config_layer.blob,
+        &image.config,
+        &image.manifest,
+    ]);
+    for blob in blobs {
+        writer.put_blob(&blob.digest, &blob.bytes).map_err(BuildError::Output)?;
+    }
+    writer.commit(tag, &image.manifest_descriptor()?).map_err(BuildError::Output)
+}
+
+async fn push_to_registry(
+    out: &RegistryRef,
+    tag: &str,
+    built: &Built,
+    base: &ResolvedBase,
+    registries: &Registries,
+) -> Result<PushReport, BuildError> {
+    let mut blobs = base.push_blobs(out, registries).await?;
+    let image = &built.image;
+    let in_memory =
+        built.worker_layers.iter().map(|l| &l.blob).chain([&image.config_layer.blob, &image.config]);
+    for blob in in_memory {
+        blobs.push(PushBlob {
+            digest: blob.digest.clone(),
+            size: blob.bytes.len() as u64,
+            source: BlobSource::Memory(blob.bytes.clone()),
+        });
+    }
+    push_manifest(out, tag, image, blobs, registries).await
+}
+
+/// Pushes `blobs` (those the repository lacks) and then the image's manifest under `tag`.
+pub(super) async fn push_manifest(
+    out: &RegistryRef,
+    tag: &str,
+    image: &AssembledImage,
+    blobs: Vec<PushBlob>,
+    registries: &Registries,
+) -> Result<PushReport, BuildError> {
+    let client = registries.client(&out.registry)?;
+    let memory = registries.memory(&out.registry);
+    let (digest, report) = push_image(
+        &client,
+        &memory,
+        &out.repository,
+        tag,
+        blobs,
+        image.manifest.media_type.as_ref(),
+        image.manifest.bytes.clone(),
+    )
+    .await?;
+    if digest != image.manifest.digest {
+        return Err(BuildError::Internal(format!(
+            "pushed manifest digest {digest} differs from {}",
+            image.manifest.digest
+        )));
+    }
+    Ok(report)
+}

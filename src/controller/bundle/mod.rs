@@ -1,0 +1,335 @@
+//! WorkerBundle reconcile: observe (its releases, its workers' Secrets, its Deployment, the base)
+//! → plan (pure: the image, the Deployment and Service, the rollout, what to purge) → apply (push
+//! the image when it changed; apply the Deployment and Service when they changed; delete images
+//! nothing uses once the new one is rolled out) → status.
+//!
+//! A finalizer deletes a bundle's images from the registry when the bundle is deleted, unless it
+//! is annotated `workerbundle.dev/keep-images: "true"`. While the registry cannot be reached the
+//! deletion waits; the annotation lets a bundle go without it.
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::apply::{apply, apply_status};
+use super::{object_key, Context, Error};
+use crate::build::bundle::{assemble_bundle, push_bundle};
+use crate::crd::{BaseImageStatus, WorkerBundle, WorkerRelease, KEEP_IMAGES_ANNOTATION};
+use crate::image::assemble::AssembleOptions;
+use crate::registry::pull::delete_image;
+use crate::registry::RegistryRef;
+
+/// Held by every bundle until its images are deleted.
+pub const FINALIZER: &str = "workerbundle.dev/images";
+/// How often a settled bundle is looked at again without a change.
+const RESYNC: Duration = Duration::from_secs(600);
+/// How soon a rollout in progress is looked at again (its Deployment's changes also wake it).
+const ROLLOUT_POLL: Duration = Duration::from_secs(30);
+
+#[instrument(skip_all, fields(namespace = bundle.namespace().unwrap_or_default(), name = bundle.name_any()))]
+pub async fn reconcile(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let bundles: Api<WorkerBundle> =
+        Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
+    finalizer(&bundles, FINALIZER, bundle, |event| async {
+        match event {
+            FinalizerEvent::Apply(bundle) => reconcile_apply(bundle, ctx.clone()).await,
+            FinalizerEvent::Cleanup(bundle) => cleanup(bundle, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e)
+        | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+        other => Error::internal("the finalizer of a WorkerBundle", other),
+    })
+}
+
+async fn reconcile_apply(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = object_key(&*bundle);
+    if let Some(wait) = ctx.backoff.wait_left(&key) {
+        return Ok(Action::requeue(wait));
+    }
+    let namespace = bundle.namespace().unwrap_or_default();
+    let bundles: Api<WorkerBundle> = Api::namespaced(ctx.client.clone(), &namespace);
+    match build_and_roll_out(&bundle, &ctx).await {
+        Ok(action) => {
+            ctx.backoff.succeeded(&key);
+            Ok(action)
+        }
+        Err(Failure::Waiting(message)) => {
+            // Not an error: the account lists only Ready releases, so this passes by itself.
+            let status = plan::waiting_status(&bundle, "WaitingForReleases", message, Timestamp::now());
+            apply_status(&bundles, &*bundle, bundle.status.as_ref(), &status).await?;
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Err(Failure::Error(error)) => {
+            let status = plan::waiting_status(&bundle, error.reason(), error.message(), Timestamp::now());
+            let changed = bundle.status.as_ref() != Some(&status);
+            apply_status(&bundles, &*bundle, bundle.status.as_ref(), &status).await?;
+            if changed {
+                ctx.event(&*bundle, true, error.reason(), "BuildImage", error.message()).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+enum Failure {
+    Waiting(String),
+    Error(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+impl From<kube::Error> for Failure {
+    fn from(e: kube::Error) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+impl From<crate::build::BuildError> for Failure {
+    fn from(e: crate::build::BuildError) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Action, Failure> {
+    let started = Instant::now();
+    let namespace = bundle.namespace().unwrap_or_default();
+    let client = ctx.client.clone();
+    let bundles: Api<WorkerBundle> = Api::namespaced(client.clone(), &namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+
+    // Observe.
+    let releases = observe_releases(bundle, ctx).await?;
+    let secrets = observe_secrets(bundle, ctx).await?;
+    let existing_deployment = deployments.get_opt(&bundle.spec.deployment_name).await?;
+    let existing_service = services.get_opt(&bundle.spec.deployment_name).await?;
+
+    // Plan: the image's inputs, then the image itself (pure and cheap: only the config layer is new).
+    let inputs = plan::image_inputs(bundle, &releases, &secrets).map_err(Failure::Waiting)?;
+    let repository = plan::repository(bundle, &ctx.settings)?;
+    let target = RegistryRef::parse(&repository).map_err(Error::Invalid)?;
+    let base_ref = plan::base_reference(bundle, &ctx.settings)?;
+    let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
+    let registries = ctx.registries(&namespace, pull_secret).await?;
+    let base =
+        ctx.bases.resolve(&base_ref, plan::pinned_base(bundle, &base_ref).as_ref(), &registries).await?;
+    let options =
+        AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
+    let image = assemble_bundle(&base, &inputs.workers, &options)?;
+    let image_ref = format!("{repository}@{}", image.manifest.digest);
+
+    // Apply: the image, only when it is not the one the bundle already runs.
+    let status = bundle.status.as_ref();
+    let (last_image, stale_images) = plan::after_push(status, &image_ref);
+    if status.and_then(|s| s.image.as_deref()) != Some(image_ref.as_str()) {
+        let report =
+            push_bundle(&image, &base, &inputs.workers, &target, &plan::image_tag(bundle), &registries)
+                .await?;
+        info!(image = %image_ref, uploaded = report.uploaded, mounted = report.mounted, skipped = report.skipped, requests = report.requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
+        ctx.event(
+            bundle,
+            false,
+            "ImagePushed",
+            "BuildImage",
+            format!("pushed {image_ref} ({} registry requests)", report.requests),
+        )
+        .await;
+    }
+
+    // Apply: the Deployment and Service, when they differ from what we applied last.
+    let deployment = plan::deployment(bundle, &image_ref, &inputs.workers, &plan::secrets_hash(&secrets));
+    let running = if plan::unchanged(existing_deployment.as_ref().map(|d| &d.metadata), &deployment.metadata)
+    {
+        existing_deployment
+    } else {
+        let applied = apply(&deployments, &deployment).await?;
+        info!(deployment = %bundle.spec.deployment_name, image = %image_ref, elapsed_ms = started.elapsed().as_millis() as u64, "deployment applied");
+        Some(applied)
+    };
+    let service = plan::service(bundle, &inputs.workers);
+    if !plan::unchanged(existing_service.as_ref().map(|s| &s.metadata), &service.metadata) {
+        apply(&services, &service).await?;
+    }
+
+    // Purge: once the new image runs everywhere, the old ones nothing else uses.
+    let rollout = plan::rollout(running.as_ref(), &image_ref);
+    let mut stale_images = stale_images;
+    if rollout.complete && !stale_images.is_empty() {
+        let referenced = referenced_images(ctx, bundle).await?;
+        for stale in plan::purgeable(&stale_images, &image_ref, true, &referenced) {
+            delete(&stale, &registries).await?;
+            info!(image = %stale, "previous image deleted");
+            ctx.event(bundle, false, "ImagePurged", "PurgeImage", format!("deleted {stale}: no longer used"))
+                .await;
+            stale_images.retain(|i| *i != stale);
+        }
+        stale_images.retain(|i| !referenced.contains(i) || *i == image_ref);
+    }
+
+    // Status.
+    let base_status =
+        BaseImageStatus { reference: base_ref.to_string(), digest: base.image.manifest_digest.to_string() };
+    let complete = rollout.complete;
+    let desired = plan::ready_status(
+        bundle,
+        &image_ref,
+        last_image,
+        stale_images,
+        base_status,
+        rollout,
+        &inputs.skipped_keys,
+        Timestamp::now(),
+    );
+    let was_complete = status.and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.complete);
+    apply_status(&bundles, bundle, status, &desired).await?;
+    if complete && !was_complete {
+        info!(image = %image_ref, "rolled out");
+    }
+    Ok(Action::requeue(if complete { RESYNC } else { ROLLOUT_POLL }))
+}
+
+async fn observe_releases(
+    bundle: &WorkerBundle,
+    ctx: &Context,
+) -> Result<BTreeMap<String, WorkerRelease>, Error> {
+    let releases: Api<WorkerRelease> =
+        Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
+    let mut found = BTreeMap::new();
+    for worker in &bundle.spec.workers {
+        if let Some(release) = releases.get_opt(&worker.release).await? {
+            found.insert(worker.release.clone(), release);
+        }
+    }
+    Ok(found)
+}
+
+async fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> Result<plan::Secrets, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
+    let mut found = BTreeMap::new();
+    for name in plan::referenced_secrets(bundle) {
+        let secret = secrets.get_opt(&name).await?;
+        found.insert(name, secret);
+    }
+    Ok(found)
+}
+
+/// Images some object other than `bundle` still uses: other bundles' current and last images,
+/// and the images of Deployments it does not own.
+async fn referenced_images(ctx: &Context, bundle: &WorkerBundle) -> Result<BTreeSet<String>, Error> {
+    let (bundles, deployments): (Api<WorkerBundle>, Api<Deployment>) = match &ctx.namespace {
+        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let uid = bundle.uid().unwrap_or_default();
+    let mut referenced = BTreeSet::new();
+    for other in bundles.list(&ListParams::default()).await?.items {
+        if other.uid().unwrap_or_default() == uid {
+            continue;
+        }
+        if let Some(status) = &other.status {
+            referenced.extend(status.image.iter().cloned());
+            referenced.extend(status.last_image.iter().cloned());
+        }
+    }
+    for deployment in deployments.list(&ListParams::default()).await?.items {
+        if deployment.owner_references().iter().any(|o| o.uid == uid) {
+            continue;
+        }
+        let containers =
+            deployment.spec.and_then(|s| s.template.spec).map(|p| p.containers).unwrap_or_default();
+        referenced.extend(containers.into_iter().filter_map(|c| c.image));
+    }
+    Ok(referenced)
+}
+
+/// Deletes `image` (`registry/repository@sha256:...`) from its registry.
+async fn delete(image: &str, registries: &crate::registry::Registries) -> Result<(), Error> {
+    let reference = RegistryRef::parse(image).map_err(Error::Invalid)?;
+    let Some(digest) = reference.digest.clone() else {
+        return Err(Error::Invalid(format!("{image} is not a reference by digest")));
+    };
+    let client = registries.client(&reference.registry)?;
+    delete_image(&client, &reference.repository, &digest).await?;
+    Ok(())
+}
+
+/// A deleted bundle: its images go too, unless kept or still used elsewhere.
+async fn cleanup(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if bundle.annotations().get(KEEP_IMAGES_ANNOTATION).is_some_and(|v| v == "true") {
+        info!("bundle deleted; its images are kept ({KEEP_IMAGES_ANNOTATION})");
+        return Ok(Action::await_change());
+    }
+    let Some(status) = &bundle.status else { return Ok(Action::await_change()) };
+    let images: BTreeSet<String> = status.image.iter().chain(&status.stale_images).cloned().collect();
+    if images.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let namespace = bundle.namespace().unwrap_or_default();
+    let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
+    // The pull secret may be gone with the account: the controller's own credentials then.
+    let registries = match ctx.registries(&namespace, pull_secret).await {
+        Ok(registries) => registries,
+        Err(e) => {
+            warn!(error = %e.message(), "deleting the images with the controller's own credentials");
+            ctx.build.registries.clone()
+        }
+    };
+    let referenced = referenced_images(&ctx, &bundle).await?;
+    for image in images.iter().filter(|i| !referenced.contains(*i)) {
+        delete(image, &registries).await?;
+        info!(%image, "image of a deleted bundle deleted");
+    }
+    Ok(Action::await_change())
+}
+
+/// The bundles (from the controller's store) that a Secret concerns: those whose workers read it
+/// or that push with it.
+pub fn bundles_of_secret(
+    store: &kube::runtime::reflector::Store<WorkerBundle>,
+    secret: &Secret,
+) -> Vec<kube::runtime::reflector::ObjectRef<WorkerBundle>> {
+    let name = secret.name_any();
+    let namespace = secret.namespace();
+    store
+        .state()
+        .iter()
+        .filter(|b| b.namespace() == namespace)
+        .filter(|b| {
+            b.spec.workers.iter().any(|w| w.secret_ref.as_deref() == Some(name.as_str()))
+                || b.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref())
+                    == Some(name.as_str())
+        })
+        .map(|b| kube::runtime::reflector::ObjectRef::from_obj(&**b))
+        .collect()
+}
+
+/// The bundle a Deployment belongs to (by owner reference).
+pub fn bundle_of_deployment(
+    deployment: &Deployment,
+) -> Option<kube::runtime::reflector::ObjectRef<WorkerBundle>> {
+    let owner = deployment.owner_references().iter().find(|o| o.kind == WorkerBundle::kind(&()))?;
+    Some(
+        kube::runtime::reflector::ObjectRef::new(&owner.name)
+            .within(&deployment.namespace().unwrap_or_default()),
+    )
+}
