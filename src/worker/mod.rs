@@ -305,9 +305,11 @@ fn convert_bindings(raw: &[RawBinding], env_prefix: &str) -> Result<(Vec<Var>, B
                 names::check_secret_name(&name)?;
                 secrets.insert(name);
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "binding {name:?} has type {other:?}; supported types are plain_text, json and secret_text"
-            )),
+            ))
+            }
         }
     }
     Ok((vars, secrets))

@@ -82,6 +82,11 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Where the registry keeps its blobs and manifests on disk.
+    pub fn storage_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn creds_args(&self) -> Vec<String> {
         if self.auth {
             vec!["--creds".into(), format!("{USER}:{PASSWORD}")]

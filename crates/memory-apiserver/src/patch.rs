@@ -41,7 +41,16 @@ pub fn apply_json_patch(target: &Value, body: &[u8]) -> ApiResult<Value> {
         ApiError::bad_request(format!("the server rejected our request due to an error in our request: {e}"))
     })?;
     let mut doc = target.clone();
-    json_patch::patch(&mut doc, &patch).map_err(|e| ApiError::unprocessable(format!("{e}")))?;
+    for operation in patch.0 {
+        // As the real server's JSON patch library does, a `test` for null passes on a missing
+        // path (kube-rs's finalizer helper relies on it to add the first finalizer).
+        if let json_patch::PatchOperation::Test(test) = &operation {
+            if test.value.is_null() && doc.pointer(test.path.as_str()).is_none() {
+                continue;
+            }
+        }
+        json_patch::patch(&mut doc, &[operation]).map_err(|e| ApiError::unprocessable(format!("{e}")))?;
+    }
     Ok(doc)
 }
 
@@ -183,6 +192,17 @@ mod tests {
         }});
         let out = apply_strategic_patch(&target, patch.to_string().as_bytes()).unwrap();
         assert_eq!(out, json!({"spec": {"containers": [{"name": "b", "image": "z"}]}}));
+    }
+
+    #[test]
+    fn a_json_patch_test_for_null_passes_on_a_missing_path() {
+        let target = serde_json::json!({"metadata": {"name": "x"}});
+        let add = br#"[{"op":"test","path":"/metadata/finalizers","value":null},
+                       {"op":"add","path":"/metadata/finalizers","value":["f"]}]"#;
+        let patched = apply_json_patch(&target, add).unwrap();
+        assert_eq!(patched["metadata"]["finalizers"], serde_json::json!(["f"]));
+        let again = apply_json_patch(&patched, add).unwrap_err();
+        assert!(format!("{again:?}").contains("finalizers"), "a test against a present value still fails");
     }
 
     #[test]

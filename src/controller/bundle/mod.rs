@@ -183,7 +183,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
                 .await;
             stale_images.retain(|i| *i != stale);
         }
-        stale_images.retain(|i| !referenced.contains(i) || *i == image_ref);
+        // Images another object still uses stay listed: deleted once that object moves on.
     }
 
     // Status.
@@ -233,8 +233,8 @@ async fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> Result<plan::S
     Ok(found)
 }
 
-/// Images some object other than `bundle` still uses: other bundles' current and last images,
-/// and the images of Deployments it does not own.
+/// Images some object other than `bundle` still uses: other bundles' current images (and, while
+/// they roll out, their older ones), and the images of Deployments it does not own.
 async fn referenced_images(ctx: &Context, bundle: &WorkerBundle) -> Result<BTreeSet<String>, Error> {
     let (bundles, deployments): (Api<WorkerBundle>, Api<Deployment>) = match &ctx.namespace {
         Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
@@ -248,7 +248,11 @@ async fn referenced_images(ctx: &Context, bundle: &WorkerBundle) -> Result<BTree
         }
         if let Some(status) = &other.status {
             referenced.extend(status.image.iter().cloned());
-            referenced.extend(status.last_image.iter().cloned());
+            // While it rolls out, its older images may still run in some of its pods.
+            if !status.rollout.as_ref().is_some_and(|r| r.complete) {
+                referenced.extend(status.last_image.iter().cloned());
+                referenced.extend(status.stale_images.iter().cloned());
+            }
         }
     }
     for deployment in deployments.list(&ListParams::default()).await?.items {

@@ -1,0 +1,457 @@
+//! The operator loop end to end, the controller as its own process against a Kubernetes API
+//! (KUBECONFIG's cluster, else the in-memory API server), the real registry and the real S3
+//! server: WorkerDeployments → releases → WorkerAccount → WorkerBundle → one image → a
+//! Deployment. The image is then read back with skopeo, unpacked with umoci and served by the
+//! workerd inside it, with exactly the environment the Deployment's container would get.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::Value;
+use support::cluster::{Cluster, Controller};
+use support::registry::{Logged, Registry};
+use support::s3::{S3Server, SECRET_KEY};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+const REPO: &str = "workers/1234";
+
+const GREETER_V1: &str =
+    "export default { async fetch(request, env) { return new Response(`greeter v1 token=${env.TOKEN}`); } };\n";
+const GREETER_V2: &str =
+    "export default { async fetch(request, env) { return new Response(`greeter v2 token=${env.TOKEN}`); } };\n";
+
+fn account_yaml(name: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: workerbundle.dev/v1alpha1\nkind: WorkerAccount\nmetadata:\n  name: \"{name}\"\nspec:\n  workerBundleName: workers-{name}\n{extra_spec}"
+    )
+}
+
+fn deployment_yaml(script: &str, url: &str, secret_ref: Option<&str>) -> String {
+    let secret = secret_ref.map(|s| format!("    secretRef: {s}\n")).unwrap_or_default();
+    format!(
+        r#"apiVersion: workerbundle.dev/v1alpha1
+kind: WorkerDeployment
+metadata:
+  name: {script}
+  labels:
+    workerbundle.dev/account: "1234"
+spec:
+  template:
+    scriptName: {script}
+    scriptUrls: ["{url}"]
+{secret}"#
+    )
+}
+
+fn secret_yaml(data: &[(&str, &str)]) -> String {
+    let data: String = data.iter().map(|(k, v)| format!("  {k}: \"{v}\"\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: greeter-secrets\ntype: Opaque\nstringData:\n{data}"
+    )
+}
+
+fn apply_ok(cluster: &Cluster, yaml: &str) {
+    let out = cluster.apply_yaml(yaml);
+    assert!(out.status.success(), "kubectl apply failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct Setup {
+    cluster: Cluster,
+    registry: Registry,
+    s3: S3Server,
+    base: String,
+}
+
+/// The registry with the workerd base image in it, S3 with the two workers' scripts, a cluster.
+fn setup(test: &str) -> Setup {
+    let registry = Registry::start(false);
+    let base = format!("{}/workerd-base:1", registry.host());
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout(), &format!("docker://{base}")])
+        .output()
+        .expect("skopeo is not installed");
+    assert!(out.status.success(), "skopeo copy of the base failed: {}", String::from_utf8_lossy(&out.stderr));
+    let s3 = S3Server::start();
+    s3.put("workers", "1234/greeter/v1/index.js", GREETER_V1.as_bytes());
+    s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
+    let cluster = Cluster::start(test);
+    Setup { cluster, registry, s3, base }
+}
+
+fn start_controller(setup: &Setup) -> Controller {
+    let prefix = format!("{}/workers", setup.registry.host());
+    let base = format!("docker://{}", setup.base);
+    let endpoint = setup.s3.endpoint();
+    Controller::start(
+        &setup.cluster,
+        &["--repository-prefix", &prefix, "--base-image", &base, "--insecure", "--s3-endpoint", &endpoint],
+        &setup.s3.env(SECRET_KEY),
+    )
+}
+
+/// The image the bundle's Deployment runs once it is the bundle's current image.
+fn deployed_image(cluster: &Cluster, controller: &Controller, bundle: &str, not: Option<&str>) -> String {
+    cluster.wait_for("workerbundle", bundle, WAIT, controller, |b| {
+        let image = b["status"]["image"].as_str()?;
+        if Some(image) == not {
+            return None;
+        }
+        let deployment = cluster.get("deployment", bundle)?;
+        (container(&deployment)["image"].as_str() == Some(image)).then(|| image.to_owned())
+    })
+}
+
+fn container(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn secrets_hash(deployment: &Value) -> String {
+    deployment["spec"]["template"]["metadata"]["annotations"]["workerbundle.dev/secrets-hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The environment the Deployment's container gets: its `env`, and each `envFrom` Secret's keys
+/// under the prefix, with the values as the API server holds them.
+fn container_environment(cluster: &Cluster, deployment: &Value) -> Vec<(String, String)> {
+    let container = container(deployment);
+    let mut env: Vec<(String, String)> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    for source in container["envFrom"].as_array().into_iter().flatten() {
+        let prefix = source["prefix"].as_str().unwrap_or_default();
+        let name = source["secretRef"]["name"].as_str().expect("only Secret sources are expected");
+        let secret = cluster.get("secret", name).unwrap_or_else(|| panic!("secret {name} is missing"));
+        for (key, value) in secret["data"].as_object().into_iter().flatten() {
+            let value = base64::engine::general_purpose::STANDARD.decode(value.as_str().unwrap()).unwrap();
+            env.push((format!("{prefix}{key}"), String::from_utf8(value).unwrap()));
+        }
+    }
+    env
+}
+
+/// Copies `image` out of the registry with skopeo, unpacks it with umoci and runs its workerd
+/// with `env`; returns what each port answered.
+fn serve(image: &str, env: &[(String, String)], ports: &[u16]) -> BTreeMap<u16, String> {
+    let dir = tempdir();
+    let layout = dir.path().join("layout");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{image}")])
+        .arg(format!("oci:{}:bundle", layout.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
+    let bundle = umoci_unpack(&layout, "bundle", dir.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    serve_from_bundle(&bundle, &env, ports).bodies
+}
+
+/// Marks the Deployment's current generation as fully rolled out, as the cluster would.
+fn mark_rolled_out(cluster: &Cluster, name: &str) {
+    let deployment = cluster.get("deployment", name).unwrap();
+    let generation = deployment["metadata"]["generation"].as_i64().unwrap();
+    let status = format!(
+        r#"{{"status":{{"observedGeneration":{generation},"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}}}"#
+    );
+    cluster.kubectl_ok(&["patch", "deployment", name, "--subresource=status", "--type=merge", "-p", &status]);
+}
+
+fn digest_of(image: &str) -> &str {
+    image.rsplit_once('@').unwrap().1
+}
+
+/// Requests that change the registry: uploads, manifests, deletes.
+fn writes(requests: &[Logged]) -> Vec<&Logged> {
+    requests.iter().filter(|r| matches!(r.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")).collect()
+}
+
+/// The digests of the blobs whose uploads completed.
+fn uploaded_blobs(requests: &[Logged]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.method == "PUT" && r.uri.contains("/blobs/uploads/") && r.status == 201)
+        .filter_map(|r| {
+            r.uri.split("digest=").nth(1).map(|d| d.replace("%3A", ":").split('&').next().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// Every object's resourceVersion of the kinds the controller writes, by kind/name.
+fn resource_versions(cluster: &Cluster) -> BTreeMap<String, String> {
+    let mut versions = BTreeMap::new();
+    for kind in
+        ["workerdeployments", "workerreleases", "workeraccounts", "workerbundles", "deployments", "services"]
+    {
+        for object in cluster.list(kind, None) {
+            versions.insert(
+                format!("{kind}/{}", object["metadata"]["name"].as_str().unwrap()),
+                object["metadata"]["resourceVersion"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    versions
+}
+
+#[test]
+fn bundle_image_deployment_secrets_and_restart() {
+    let setup = setup("bundle");
+    let Setup { cluster, registry, s3, .. } = &setup;
+    let controller = start_controller(&setup);
+    let started = Instant::now();
+    apply_ok(cluster, &secret_yaml(&[("TOKEN", "s3cr3t-value-1")]));
+    apply_ok(cluster, &account_yaml("1234", ""));
+    apply_ok(cluster, &deployment_yaml("greeter", "s3://workers/1234/greeter/v1/", Some("greeter-secrets")));
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+
+    // The bundle's Deployment runs its image by digest, and the image serves both workers.
+    let first = deployed_image(cluster, &controller, "workers-1234", None);
+    let first_ms = started.elapsed().as_millis();
+    assert!(first.starts_with(&format!("{}/{REPO}@sha256:", registry.host())), "{first}");
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "WorkerBundle");
+    let ports: Vec<(String, u64)> = container(&deployment)["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ports, [("greeter".to_owned(), 8080), ("hello".to_owned(), 8081)]);
+    assert_eq!(container(&deployment)["securityContext"]["readOnlyRootFilesystem"], true);
+    let service = cluster.get("service", "workers-1234").expect("the bundle's Service");
+    assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 2);
+    let env = container_environment(cluster, &deployment);
+    assert_eq!(env, [("GREETER_TOKEN".to_owned(), "s3cr3t-value-1".to_owned())]);
+    let bodies = serve(&first, &env, &[8080, 8081]);
+    assert_eq!(bodies[&8080], "greeter v1 token=s3cr3t-value-1");
+    let hello: Value = serde_json::from_str(&bodies[&8081]).unwrap();
+    assert_eq!(
+        (hello["sum"].as_i64(), hello["greeting"].as_str()),
+        (Some(42), Some("Hello from workerbundle"))
+    );
+    eprintln!("WorkerDeployments applied -> Deployment runs the image: {first_ms} ms (test clock)");
+
+    // A new secret value: the same image, new pods (the pod template's hash moves).
+    let hash = secrets_hash(&deployment);
+    apply_ok(cluster, &secret_yaml(&[("TOKEN", "s3cr3t-value-2")]));
+    let moved = cluster.wait_for("deployment", "workers-1234", WAIT, &controller, |d| {
+        Some(secrets_hash(d)).filter(|h| *h != hash)
+    });
+    assert!(!moved.is_empty());
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    assert_eq!(
+        container(&deployment)["image"].as_str(),
+        Some(first.as_str()),
+        "a value change rebuilt the image"
+    );
+    assert_eq!(
+        cluster.get("workerbundle", "workers-1234").unwrap()["status"]["image"].as_str(),
+        Some(first.as_str())
+    );
+
+    // A new key: a new image, whose config binds it.
+    apply_ok(cluster, &secret_yaml(&[("TOKEN", "s3cr3t-value-2"), ("EXTRA", "extra-value")]));
+    let second = deployed_image(cluster, &controller, "workers-1234", Some(&first));
+    let bundle = cluster.get("workerbundle", "workers-1234").unwrap();
+    assert_eq!(bundle["status"]["lastImage"].as_str(), Some(first.as_str()));
+
+    // One worker's code changes: the only new blobs are its layer and the image config (the
+    // config layer names modules by import, so code never changes it); then one manifest.
+    let before = registry.requests().len();
+    s3.put("workers", "1234/greeter/v2/index.js", GREETER_V2.as_bytes());
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "greeter",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"scriptUrls":["s3://workers/1234/greeter/v2/"]}}}"#,
+    ]);
+    let third = deployed_image(cluster, &controller, "workers-1234", Some(&second));
+    let requests = registry.requests();
+    let changed = &requests[before..];
+    let manifest: Value = serde_json::from_slice(&registry.manifest(REPO, digest_of(&third)).1).unwrap();
+    let layers: Vec<&str> =
+        manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap()).collect();
+    let old_manifest: Value = serde_json::from_slice(&registry.manifest(REPO, digest_of(&second)).1).unwrap();
+    let old_layers: Vec<&str> =
+        old_manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap()).collect();
+    let new_layers: Vec<&str> = layers.iter().filter(|l| !old_layers.contains(l)).copied().collect();
+    let greeter = cluster.get("workerdeployment", "greeter").unwrap()["status"]["currentRelease"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let greeter_layer = cluster.get("workerrelease", &greeter).unwrap()["status"]["layer"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(new_layers, [greeter_layer.as_str()], "only the greeter's layer is new");
+    assert_eq!(layers.len(), old_layers.len());
+    let mut expected: Vec<String> = new_layers.iter().map(|s| s.to_string()).collect();
+    expected.push(manifest["config"]["digest"].as_str().unwrap().to_owned());
+    let mut uploaded = uploaded_blobs(changed);
+    uploaded.sort();
+    expected.sort();
+    assert_eq!(uploaded, expected, "uploads for one changed worker:\n{changed:#?}");
+    let manifests =
+        writes(changed).into_iter().filter(|r| r.method == "PUT" && r.uri.contains("/manifests/")).count();
+    assert_eq!(manifests, 1, "{changed:#?}");
+    eprintln!(
+        "registry requests for one changed worker, end to end: {} ({} writes): {:?}",
+        changed.len(),
+        writes(changed).len(),
+        changed.iter().map(|r| format!("{} {}", r.method, r.status)).collect::<Vec<_>>()
+    );
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    let env = container_environment(cluster, &deployment);
+    let bodies = serve(&third, &env, &[8080]);
+    assert_eq!(bodies[&8080], "greeter v2 token=s3cr3t-value-2");
+
+    // A restart with nothing changed writes nothing: not to the registry, not to any object.
+    let status = controller.terminate();
+    assert!(status.success(), "{}", controller.log());
+    let first_log = controller.log();
+    let versions = resource_versions(cluster);
+    let before = registry.requests().len();
+    let controller = start_controller(&setup);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !controller.log().contains("controllers started") {
+        assert!(Instant::now() < deadline && controller.is_running(), "{}", controller.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let requests = registry.requests();
+    assert!(
+        writes(&requests[before..]).is_empty(),
+        "registry writes after a restart: {:#?}",
+        &requests[before..]
+    );
+    assert_eq!(
+        resource_versions(cluster),
+        versions,
+        "objects written after a restart:\n{}",
+        controller.log()
+    );
+
+    // No secret value anywhere: registry blobs, object statuses, Events, the controller's logs.
+    let values = ["s3cr3t-value-1", "s3cr3t-value-2", "extra-value"];
+    scan_registry(&registry.storage_dir(), &values);
+    for kind in
+        ["workerdeployments", "workerreleases", "workeraccounts", "workerbundles", "deployments", "services"]
+    {
+        for object in cluster.list(kind, None) {
+            let text = object.to_string();
+            for value in values {
+                assert!(!text.contains(value), "{kind} holds a secret value: {text}");
+            }
+        }
+    }
+    let events = serde_json::to_string(&cluster.list("events.events.k8s.io", None)).unwrap();
+    for value in values {
+        assert!(!events.contains(value), "an Event holds a secret value");
+        assert!(
+            !first_log.contains(value) && !controller.log().contains(value),
+            "a log line holds a secret value"
+        );
+    }
+}
+
+/// Fails if any blob in the registry's storage (gzip layers unpacked) holds one of `values`.
+fn scan_registry(dir: &Path, values: &[&str]) {
+    let mut scanned = 0;
+    for (path, bytes) in tree(dir) {
+        let mut text = bytes.clone();
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            text.clear();
+            flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut text).unwrap();
+        }
+        let text = String::from_utf8_lossy(&text);
+        for value in values {
+            assert!(!text.contains(value), "registry file {path} holds a secret value");
+        }
+        scanned += 1;
+    }
+    assert!(scanned > 10, "the registry's storage was not found: {}", dir.display());
+}
+
+#[test]
+fn old_images_are_purged_after_the_rollout_unless_another_bundle_runs_them() {
+    let setup = setup("purge");
+    let Setup { cluster, registry, .. } = &setup;
+    let controller = start_controller(&setup);
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+    apply_ok(cluster, &account_yaml("1234", ""));
+    // A second account runs the same workers from the same repository: the same image.
+    let selector = "  repository: REPOSITORY\n  workerReleaseSelector:\n    matchLabels:\n      workerbundle.dev/account: \"1234\"\n"
+        .replace("REPOSITORY", &format!("{}/{REPO}", registry.host()));
+    apply_ok(cluster, &account_yaml("mirror", &selector));
+    let first = deployed_image(cluster, &controller, "workers-1234", None);
+    let mirrored = deployed_image(cluster, &controller, "workers-mirror", None);
+    assert_eq!(first, mirrored, "same workers, same base: the same image");
+    mark_rolled_out(cluster, "workers-1234");
+    mark_rolled_out(cluster, "workers-mirror");
+
+    // A new base reference for account 1234 alone gives it a new image.
+    let base_digest = {
+        let (status, body) = registry.manifest("workerd-base", "1");
+        assert_eq!(status, 200);
+        format!("sha256:{}", hex_sha256(&body))
+    };
+    let pinned = format!("  baseImage: {}/workerd-base@{base_digest}\n", registry.host());
+    apply_ok(cluster, &account_yaml("1234", &pinned));
+    let second = deployed_image(cluster, &controller, "workers-1234", Some(&first));
+    let bundle = cluster.get("workerbundle", "workers-1234").unwrap();
+    assert_eq!(bundle["status"]["conditions"][0]["status"], "False", "not ready before the rollout");
+    assert_eq!(registry.manifest(REPO, digest_of(&first)).0, 200);
+
+    // Rolled out: the old image stays, since the mirror bundle runs it.
+    mark_rolled_out(cluster, "workers-1234");
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        (b["status"]["conditions"][0]["status"] == "True").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(registry.manifest(REPO, digest_of(&first)).0, 200, "an image another bundle runs was deleted");
+
+    // Once the mirror moves on too, its old image (also 1234's old one) goes after its rollout.
+    apply_ok(cluster, &account_yaml("mirror", &format!("{selector}{pinned}")));
+    let mirror_second = deployed_image(cluster, &controller, "workers-mirror", Some(&first));
+    assert_eq!(mirror_second, second);
+    mark_rolled_out(cluster, "workers-mirror");
+    let deadline = Instant::now() + WAIT;
+    while registry.manifest(REPO, digest_of(&first)).0 != 404 {
+        assert!(Instant::now() < deadline, "the old image was not purged:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(registry.manifest(REPO, digest_of(&second)).0, 200, "the current image stays");
+
+    // Deleting an account deletes its bundle and, unless kept by annotation, its images.
+    cluster.kubectl_ok(&["annotate", "workerbundle", "workers-mirror", "workerbundle.dev/keep-images=true"]);
+    cluster.kubectl_ok(&["delete", "workeraccount", "mirror", "--wait=true", "--timeout=60s"]);
+    let deadline = Instant::now() + WAIT;
+    while cluster.get("workerbundle", "workers-mirror").is_some() {
+        assert!(Instant::now() < deadline, "the mirror bundle was not deleted:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(registry.manifest(REPO, digest_of(&second)).0, 200, "kept by annotation, and 1234 runs it");
+    cluster.kubectl_ok(&["delete", "workeraccount", "1234", "--wait=true", "--timeout=60s"]);
+    let deadline = Instant::now() + WAIT;
+    while registry.manifest(REPO, digest_of(&second)).0 != 404 {
+        assert!(Instant::now() < deadline, "a deleted bundle's image was kept:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
