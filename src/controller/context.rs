@@ -1,6 +1,8 @@
 //! What every reconcile shares: the API client, the Event recorder, the builder's clients (kept
-//! for the process's life so pushes and downloads are remembered), settings and retry state.
+//! for the process's life so pushes and downloads are remembered), settings, retry state and
+//! metrics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -8,6 +10,7 @@ use kube::{Client, Resource};
 use tracing::warn;
 
 use super::backoff::Backoff;
+use super::metrics::Metrics;
 use crate::image::build::BuildContext;
 
 /// Controller settings from the command line.
@@ -25,6 +28,8 @@ pub struct Context {
     pub build: BuildContext,
     pub settings: Settings,
     pub backoff: Backoff,
+    /// What every reconcile records (served on `/metrics`).
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
 }
 
@@ -40,6 +45,7 @@ impl Context {
             build,
             settings,
             backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 

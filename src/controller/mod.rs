@@ -11,6 +11,8 @@ mod backoff;
 mod context;
 pub mod deployment;
 mod error;
+mod instrument;
+pub mod metrics;
 pub mod release;
 
 pub use apply::FIELD_MANAGER;
@@ -31,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
 use crate::image::build::BuildContext;
+use instrument::instrumented;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -76,12 +79,12 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         .owns(apis.get::<WorkerRelease>(), watcher::Config::default())
         .with_config(config.clone())
         .graceful_shutdown_on(stopped())
-        .run(deployment::reconcile, error_policy, ctx.clone())
+        .run(instrumented(deployment::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
     let releases = Controller::new(apis.get::<WorkerRelease>(), watcher::Config::default())
         .with_config(config.clone())
         .graceful_shutdown_on(stopped())
-        .run(release::reconcile, error_policy, ctx.clone())
+        .run(instrumented(release::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
     let accounts = Controller::new(apis.get::<WorkerAccount>(), watcher::Config::default());
     let store = accounts.store();
@@ -93,7 +96,7 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         .watches(apis.get::<WorkerRelease>(), watcher::Config::default(), move |r| accounts_of(&store2, &r))
         .with_config(config)
         .graceful_shutdown_on(stopped())
-        .run(account::reconcile, error_policy, ctx)
+        .run(instrumented(account::reconcile), error_policy, ctx)
         .for_each(log_outcome);
 
     tokio::spawn(async move {
@@ -160,6 +163,7 @@ pub fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
 
 fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let wait = ctx.backoff.failed(&object_key(&*object));
+    ctx.metrics.error(&K::kind(&()), error.reason());
     warn!(object = %object_key(&*object), reason = error.reason(), error = %error.message(), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }

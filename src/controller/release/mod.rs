@@ -7,11 +7,12 @@
 pub mod plan;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
@@ -20,7 +21,6 @@ use crate::image::assemble::worker_layer;
 use crate::registry::push::push_blob_if_missing;
 use crate::registry::RegistryRef;
 
-#[instrument(skip_all, fields(namespace = release.namespace().unwrap_or_default(), name = release.name_any()))]
 pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
     if release.metadata.deletion_timestamp.is_some() || plan::is_built(&release) {
         return Ok(Action::await_change());
@@ -41,6 +41,7 @@ pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result
             Ok(Action::await_change())
         }
         Err(error) => {
+            ctx.metrics.error("WorkerRelease", error.reason());
             let wait = ctx.backoff.failed(&key);
             warn!(reason = error.reason(), error = %error.message(), retry_in = ?wait, "release failed");
             let status = plan::failed_status(&release, &error, Timestamp::now());
@@ -85,16 +86,20 @@ async fn build_and_push(
     // Build the layer off the async threads (large workers are CPU work), then push it.
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
     let layer_worker = worker.clone();
+    let started = Instant::now();
     let (digests, bytes) = tokio::task::spawn_blocking(move || worker_layer(&layer_worker).to_blob(mtime))
         .await
         .map_err(|e| Error::InvalidWorker(format!("layer build stopped: {e}")))?
         .map_err(|e| Error::InvalidWorker(format!("cannot write the layer: {e}")))?;
+    ctx.metrics.observe_build(started.elapsed());
     let registries = &ctx.build.registries;
     let registry_error = |e: crate::registry::RegistryError| Error::Registry(crate::error_chain(&e));
     let client = registries.client(&target.registry).map_err(registry_error)?;
     let memory = registries.memory(&target.registry);
+    let started = Instant::now();
     push_blob_if_missing(&client, &memory, &target.repository, &digests.digest, bytes.into())
         .await
         .map_err(registry_error)?;
+    ctx.metrics.observe_push(started.elapsed());
     Ok(plan::ready_status(release, &worker, modules, &digests, &repository, Timestamp::now()))
 }
