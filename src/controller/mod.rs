@@ -12,6 +12,7 @@ mod context;
 pub mod deployment;
 mod error;
 mod instrument;
+pub mod leader;
 pub mod metrics;
 pub mod release;
 
