@@ -253,8 +253,9 @@ struct OperationsArgs {
     /// Name of the Lease.
     #[arg(long, value_name = "NAME", default_value = "workerbundle-controller")]
     lease_name: String,
-    /// Namespace of the Lease. Default: --namespace, else $POD_NAMESPACE, else the namespace of
-    /// the kubeconfig context (in a pod: the service account's).
+    /// Namespace of the Lease. Default: $POD_NAMESPACE (the controller's own, where
+    /// deploy/rbac.yaml lets it hold the Lease), else --namespace, else the namespace of the
+    /// kubeconfig context.
     #[arg(long, value_name = "NAMESPACE")]
     lease_namespace: Option<String>,
     /// How long a lease lasts unrenewed, in seconds; a follower takes over a crashed leader's

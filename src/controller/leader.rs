@@ -33,7 +33,8 @@ use crate::error_chain;
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
     pub name: String,
-    /// `None`: the watched namespace, else POD_NAMESPACE, else the client's default namespace.
+    /// `None`: POD_NAMESPACE (the controller's own namespace, where its RBAC for the Lease is),
+    /// else the watched namespace, else the client's default namespace.
     pub namespace: Option<String>,
     /// This replica's name in `holderIdentity`; unique among the replicas.
     pub identity: String,
@@ -156,8 +157,12 @@ pub struct Elector {
 }
 
 enum Step {
-    Acquired(Held),
-    Wait { holder: String, left: Duration },
+    /// Boxed: a Lease is large next to the other variant.
+    Acquired(Box<Held>),
+    Wait {
+        holder: String,
+        left: Duration,
+    },
 }
 
 impl Elector {
@@ -165,8 +170,8 @@ impl Elector {
         let namespace = options
             .namespace
             .clone()
-            .or_else(|| watched_namespace.map(str::to_owned))
             .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .or_else(|| watched_namespace.map(str::to_owned))
             .unwrap_or_else(|| client.default_namespace().to_owned());
         Elector { api: Api::namespaced(client, &namespace), options, namespace, observed: None }
     }
@@ -185,7 +190,7 @@ impl Elector {
                         duration = ?self.options.duration,
                         "leader: holding the lease"
                     );
-                    return Ok(held);
+                    return Ok(*held);
                 }
                 Ok(Step::Wait { holder, left }) => {
                     if announced.as_ref() != Some(&holder) && !left.is_zero() {
@@ -210,7 +215,7 @@ impl Elector {
             let lease = self.lease_for_us(None);
             let sent = Instant::now();
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(lease) => Ok(Step::Acquired(Held { lease, sent })),
+                Ok(lease) => Ok(Step::Acquired(Box::new(Held { lease, sent }))),
                 // Another replica created it first: look again.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     Ok(Step::Wait { holder: "(just created)".into(), left: Duration::ZERO })
@@ -230,7 +235,7 @@ impl Elector {
                 let lease = self.lease_for_us(Some(&current));
                 let sent = Instant::now();
                 match self.api.replace(&self.options.name, &PostParams::default(), &lease).await {
-                    Ok(lease) => Ok(Step::Acquired(Held { lease, sent })),
+                    Ok(lease) => Ok(Step::Acquired(Box::new(Held { lease, sent }))),
                     // Someone wrote it since we read it (another replica took it): look again.
                     Err(kube::Error::Api(e)) if e.code == 409 => {
                         Ok(Step::Wait { holder: "(changed)".into(), left: Duration::ZERO })
