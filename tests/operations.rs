@@ -222,6 +222,32 @@ fn sigterm_releases_the_lease_and_the_follower_takes_over_at_once() {
 }
 
 #[test]
+fn a_leader_that_loses_its_lease_stops_at_once() {
+    let services = services("lost");
+    let cluster = &services.cluster;
+    let c = controller(&services, &lease_args("replica-a"));
+    wait_for_holder(cluster, WAIT, |h| h == Some("replica-a"));
+
+    // Someone else takes the lease: the leader's next renewal finds it gone and it exits
+    // non-zero instead of acting on, within one renewal (a third of the lease).
+    let taken = Instant::now();
+    cluster.kubectl_ok(&[
+        "patch",
+        "lease",
+        LEASE,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"holderIdentity":"intruder"}}"#,
+    ]);
+    let status = c.wait_for_exit(WAIT);
+    assert!(!status.success(), "exit {status:?}:\n{}", c.log());
+    assert!(taken.elapsed() < Duration::from_secs(LEASE_SECONDS), "stopped after {:?}", taken.elapsed());
+    let log = c.log();
+    assert!(log.contains("lost the leadership") && log.contains("intruder holds it now"), "{log}");
+    assert_eq!(holder(cluster).as_deref(), Some("intruder"), "it must not release what is not its own");
+}
+
+#[test]
 fn probes_metrics_and_json_logs() {
     let services = services("ops");
     let cluster = &services.cluster;

@@ -211,6 +211,18 @@ impl Controller {
         format!("http://{address}")
     }
 
+    /// Waits for the process to exit by itself; its exit status.
+    pub fn wait_for_exit(&self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the controller is still running:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(&self) -> std::process::ExitStatus {
         let pid = self.child.lock().unwrap().id();
