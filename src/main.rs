@@ -205,9 +205,20 @@ enum Command {
     /// image pull secret (spec.podTemplate.imagePullSecret) is used to push; --creds/--authfile
     /// are the fallback. Stops cleanly on SIGINT/SIGTERM.
     ///
+    /// Replicas elect a leader through a coordination.k8s.io Lease; only the leader reconciles.
+    /// The leader renews the lease every third of --lease-duration and exits non-zero when it
+    /// could not renew for two thirds of it; on SIGTERM it finishes its reconciles and releases
+    /// the lease, so a follower takes over at its next look (every eighth of --lease-duration).
+    /// After a crash, a follower takes over once the lease has gone unrenewed for --lease-duration.
+    ///
+    /// Serves /healthz (200 while running), /readyz (200 once the watch caches are filled, or
+    /// while standing by as a follower) and /metrics (Prometheus) on --health-listen.
+    ///
     /// Example:
     ///   workerbundle run --repository-prefix 127.0.0.1:5000/workers --insecure \
-    ///     --base-image docker://127.0.0.1:5000/workerd-base:1 --s3-endpoint http://127.0.0.1:8014
+    ///     --base-image docker://127.0.0.1:5000/workerd-base:1 --s3-endpoint http://127.0.0.1:8014 \
+    ///     --health-listen 127.0.0.1:8080
+    ///   curl -s 127.0.0.1:8080/metrics | grep workerbundle_reconciles_total
     #[command(verbatim_doc_comment)]
     Run {
         /// Watch this namespace only. Default: every namespace.
@@ -233,7 +244,48 @@ enum Command {
         registry: RegistryArgs,
         #[command(flatten)]
         s3: Box<S3Args>,
+        #[command(flatten)]
+        operations: OperationsArgs,
     },
+}
+
+/// Probes, metrics and leader election of `run`.
+#[derive(clap::Args, Clone)]
+struct OperationsArgs {
+    /// Address of /healthz, /readyz and /metrics. Port 0 picks a free port (logged at start).
+    /// Example: --health-listen 127.0.0.1:9090
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    health_listen: std::net::SocketAddr,
+    /// Reconcile only while holding the Lease (several replicas, one acting). `false` acts at
+    /// once: run a single replica then.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, value_name = "NAME", default_value = "workerbundle-controller")]
+    lease_name: String,
+    /// Namespace of the Lease. Default: $POD_NAMESPACE (the controller's own, where
+    /// deploy/rbac.yaml lets it hold the Lease), else --namespace, else the namespace of the
+    /// kubeconfig context.
+    #[arg(long, value_name = "NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long a lease lasts unrenewed, in seconds; a follower takes over a crashed leader's
+    /// lease after this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
+    lease_duration: u64,
+    /// This replica's name in the Lease. Default: $POD_NAME, else HOSTNAME-PID.
+    #[arg(long, value_name = "NAME")]
+    lease_identity: Option<String>,
+}
+
+impl OperationsArgs {
+    fn lease(&self) -> Option<controller::LeaseOptions> {
+        self.leader_election.then(|| controller::LeaseOptions {
+            name: self.lease_name.clone(),
+            namespace: self.lease_namespace.clone(),
+            identity: self.lease_identity.clone().unwrap_or_else(controller::leader::default_identity),
+            duration: std::time::Duration::from_secs(self.lease_duration),
+        })
+    }
 }
 
 fn parse_env_prefix(text: &str) -> Result<(String, String), String> {
@@ -333,6 +385,7 @@ async fn run(command: Command) -> Result<String, String> {
             source_date_epoch,
             registry,
             s3,
+            operations,
         } => {
             if let Some(prefix) = &repository_prefix {
                 RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
@@ -341,6 +394,8 @@ async fn run(command: Command) -> Result<String, String> {
                 namespace,
                 concurrency,
                 settings: Settings { repository_prefix, source_date_epoch, base_image },
+                health_listen: operations.health_listen,
+                leader_election: operations.lease(),
             };
             let build = BuildContext::new(registry.registries(), s3.options());
             controller::run(options, build).await.map_err(|e| e.to_string())?;
@@ -351,7 +406,10 @@ async fn run(command: Command) -> Result<String, String> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: never escape codes in a log file or collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

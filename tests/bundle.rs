@@ -71,12 +71,19 @@ struct Setup {
 
 /// The registry with the workerd base image in it, S3 with the two workers' scripts, a cluster.
 fn setup(test: &str) -> Setup {
-    let registry = Registry::start(false);
+    setup_with(test, false)
+}
+
+fn setup_with(test: &str, auth: bool) -> Setup {
+    let registry = Registry::start(auth);
     let base = format!("{}/workerd-base:1", registry.host());
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout(), &format!("docker://{base}")])
-        .output()
-        .expect("skopeo is not installed");
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if auth {
+        copy.arg(format!("--dest-creds={}:{}", support::registry::USER, support::registry::PASSWORD));
+    }
+    let out =
+        copy.args([base_layout(), &format!("docker://{base}")]).output().expect("skopeo is not installed");
     assert!(out.status.success(), "skopeo copy of the base failed: {}", String::from_utf8_lossy(&out.stderr));
     let s3 = S3Server::start();
     s3.put("workers", "1234/greeter/v1/index.js", GREETER_V1.as_bytes());
@@ -217,6 +224,7 @@ fn bundle_image_deployment_secrets_and_restart() {
     // The bundle's Deployment runs its image by digest, and the image serves both workers.
     let first = deployed_image(cluster, &controller, "workers-1234", None);
     let first_ms = started.elapsed().as_millis();
+    eprintln!("{}", log_interval(&controller.log(), "release created", "deployment applied"));
     assert!(first.starts_with(&format!("{}/{REPO}@sha256:", registry.host())), "{first}");
     let deployment = cluster.get("deployment", "workers-1234").unwrap();
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "WorkerBundle");
@@ -364,6 +372,63 @@ fn bundle_image_deployment_secrets_and_restart() {
             "a log line holds a secret value"
         );
     }
+}
+
+/// The time between the first log line holding `from` and the first holding `to`, from the
+/// controller's own timestamps.
+fn log_interval(log: &str, from: &str, to: &str) -> String {
+    let at = |needle: &str| {
+        let line = log.lines().find(|l| l.contains(needle))?;
+        let stamp = line.split_whitespace().find(|w| w.len() > 20 && w.as_bytes()[4] == b'-')?;
+        chrono::DateTime::parse_from_rfc3339(
+            stamp.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != ':' && c != '.' && c != '-'),
+        )
+        .ok()
+    };
+    match (at(from), at(to)) {
+        (Some(a), Some(b)) => {
+            format!("controller log: {from:?} -> {to:?}: {} ms", (b - a).num_milliseconds())
+        }
+        _ => format!("controller log: no {from:?} / {to:?} lines"),
+    }
+}
+
+#[test]
+fn an_accounts_pull_secret_pushes_its_layers_and_images() {
+    let setup = setup_with("pullsecret", true);
+    let Setup { cluster, registry, .. } = &setup;
+    // No --creds: the account's own Secret is the only way in.
+    let controller = start_controller(&setup);
+    apply_ok(cluster, &account_yaml("1234", "  podTemplate:\n    imagePullSecret: regcred\n"));
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+    let release = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, |d| {
+        d["status"]["currentRelease"].as_str().map(str::to_owned)
+    });
+    let message = cluster.wait_for("workerrelease", &release, WAIT, &controller, |r| {
+        let condition = r["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?.clone();
+        (condition["status"] == "False").then(|| condition["message"].as_str().unwrap_or_default().to_owned())
+    });
+    assert!(message.contains("regcred") && message.contains("does not exist"), "{message}");
+
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        support::registry::USER,
+        support::registry::PASSWORD
+    ));
+    let config = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.host());
+    apply_ok(
+        cluster,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: regcred\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{config}'\n"
+        ),
+    );
+    let image = deployed_image(cluster, &controller, "workers-1234", None);
+    let (status, _) = registry.manifest(REPO, digest_of(&image));
+    assert_eq!(status, 200, "the image is in the registry");
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    assert_eq!(deployment["spec"]["template"]["spec"]["imagePullSecrets"][0]["name"], "regcred");
+    let anonymous = registry.requests().iter().filter(|r| r.status == 401).count();
+    assert!(anonymous >= 1, "the registry asked for credentials");
 }
 
 /// Fails if any blob in the registry's storage (gzip layers unpacked) holds one of `values`.

@@ -67,3 +67,27 @@ fn every_deploy_document_names_its_kind() {
         }
     }
 }
+
+#[test]
+fn the_controller_may_hold_its_lease_and_is_probed_on_its_health_port() {
+    let rbac: Vec<Value> = serde_saphyr::from_str_multiple(&deploy("rbac.yaml")).unwrap();
+    let lease_verbs: Vec<&str> = rbac
+        .iter()
+        .filter(|d| d["kind"] == "Role")
+        .flat_map(|d| d["rules"].as_array().unwrap())
+        .filter(|r| r["apiGroups"][0] == "coordination.k8s.io" && r["resources"][0] == "leases")
+        .flat_map(|r| r["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .collect();
+    for verb in ["get", "create", "update"] {
+        assert!(lease_verbs.contains(&verb), "no {verb} on leases: {lease_verbs:?}");
+    }
+
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&deploy("controller.yaml")).unwrap();
+    let container = &docs[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["ports"][0]["containerPort"], 8080);
+    let env: Vec<&str> =
+        container["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "{env:?}");
+}

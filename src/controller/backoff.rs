@@ -1,7 +1,7 @@
 //! Per-object retry delays: a failing object waits longer each time (so a missing S3 key or a
 //! registry outage never becomes a hot loop) and starts afresh once it succeeds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,18 @@ impl Backoff {
         due.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
+    /// Objects still waiting out a retry delay, by kind (the first part of their key).
+    pub fn waiting_by_kind(&self) -> BTreeMap<String, usize> {
+        let mut waiting = BTreeMap::new();
+        let Ok(failures) = self.failures.lock() else { return waiting };
+        let now = Instant::now();
+        for (key, _) in failures.iter().filter(|(_, (_, due))| *due > now) {
+            let kind = key.split('/').next().unwrap_or_default();
+            *waiting.entry(kind.to_owned()).or_default() += 1;
+        }
+        waiting
+    }
+
     pub fn succeeded(&self, key: &str) {
         if let Ok(mut failures) = self.failures.lock() {
             failures.remove(key);
@@ -60,6 +72,7 @@ mod tests {
         assert!(backoff.failed("ns/b").as_secs_f64() <= 1.0, "objects back off independently");
         assert!(backoff.wait_left("ns/a").is_some_and(|d| d > Duration::from_secs(8)));
         assert!(backoff.wait_left("ns/c").is_none());
+        assert_eq!(backoff.waiting_by_kind(), BTreeMap::from([("ns".to_owned(), 2)]));
         backoff.succeeded("ns/a");
         assert!(backoff.wait_left("ns/a").is_none());
         assert!(backoff.failed("ns/a").as_secs_f64() <= 1.0);

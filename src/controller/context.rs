@@ -1,5 +1,6 @@
 //! What every reconcile shares: the API client, the Event recorder, the builder's clients (kept
-//! for the process's life so pushes and downloads are remembered), settings and retry state.
+//! for the process's life so pushes and downloads are remembered), settings, retry state and
+//! metrics.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use tracing::warn;
 
 use super::backoff::Backoff;
 use super::bases::Bases;
+use super::metrics::Metrics;
 use super::Error;
 use crate::build::BuildContext;
 use crate::image::reference::ImageRef;
@@ -45,6 +47,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Base images resolved so far, by reference.
     pub bases: Bases,
+    /// What every reconcile records (served on `/metrics`).
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     /// By `namespace/secret`; replaced when the secret's content changes, kept otherwise so that
     /// the push memory of an account's registries lives as long as the process.
@@ -66,6 +70,7 @@ impl Context {
             backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
             bases: Bases::default(),
             account_registries: Mutex::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 

@@ -5,6 +5,9 @@
 //! - WorkerRelease → the worker's layer, built and pushed once;
 //! - WorkerAccount → its WorkerBundle, listing the Ready release of each selected deployment;
 //! - WorkerBundle → one image (base + worker layers + config layer) → a Deployment and Service.
+//!
+//! Operations: `/healthz`, `/readyz` and `/metrics` (health.rs, metrics.rs), leader election on a
+//! Lease (leader.rs), a span per reconciled object (instrument.rs).
 
 pub mod account;
 mod apply;
@@ -14,19 +17,26 @@ pub mod bundle;
 mod context;
 pub mod deployment;
 mod error;
+pub mod health;
+mod instrument;
+pub mod leader;
+pub mod metrics;
 pub mod release;
 
 pub use apply::FIELD_MANAGER;
 pub use context::{Context, Settings};
 pub use error::Error;
+pub use leader::LeaseOptions;
 
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -37,6 +47,8 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 
 use crate::build::BuildContext;
 use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, MANAGED_BY};
+use health::Phase;
+use instrument::instrumented;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -45,6 +57,10 @@ pub struct RunOptions {
     /// Reconciles of one kind running at once.
     pub concurrency: u16,
     pub settings: Settings,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    pub health_listen: SocketAddr,
+    /// Act only while holding this Lease; `None`: act at once (one replica only).
+    pub leader_election: Option<LeaseOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +73,17 @@ pub enum RunError {
     MissingCrd { kind: String, source: kube::Error },
     #[error("cannot list {kind} objects ({source}); check the controller's RBAC (deploy/rbac.yaml) and the API server")]
     CannotList { kind: String, source: kube::Error },
+    #[error(
+        "cannot serve /healthz, /readyz and /metrics on {address} ({source}); choose another --health-listen"
+    )]
+    Health { address: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
 }
 
-/// Runs every controller until SIGINT or SIGTERM; in-flight reconciles finish first.
+/// Runs every controller until SIGINT or SIGTERM; in-flight reconciles finish first. With leader
+/// election, only while holding the lease: a follower waits for it, and a leader that cannot
+/// renew it returns `RunError::Leader` at once (the process must exit: it may no longer act).
 pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Connect)?;
     let apis = Apis { client: client.clone(), namespace: options.namespace.clone() };
@@ -68,7 +92,11 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
     check_crd(apis.get::<WorkerAccount>()).await?;
     check_crd(apis.get::<WorkerBundle>()).await?;
 
-    let ctx = Arc::new(Context::new(client, build, options.settings.clone(), options.namespace.clone()));
+    let ctx =
+        Arc::new(Context::new(client.clone(), build, options.settings.clone(), options.namespace.clone()));
+    let address = options.health_listen;
+    let (health, _) =
+        health::serve(address, ctx.clone()).await.map_err(|source| RunError::Health { address, source })?;
     let config = ControllerConfig::default().concurrency(options.concurrency);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -77,21 +105,49 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down: finishing reconciles in flight");
+        let _ = stop_tx.send(true);
+    });
 
-    let deployments = Controller::new(apis.get::<WorkerDeployment>(), watcher::Config::default())
+    // Only the leader acts; a follower waits here (ready to take over) until it leads or stops.
+    let leadership = match options.leader_election.clone() {
+        None => None,
+        Some(lease) => {
+            let mut elector = leader::Elector::new(client, lease, options.namespace.as_deref());
+            tokio::select! {
+                held = elector.acquire(|| health.set(Phase::StandingBy)) => Some((elector, held?)),
+                () = stopped() => {
+                    info!("stopped while standing by");
+                    return Ok(());
+                }
+            }
+        }
+    };
+    health.set(Phase::Syncing);
+
+    // Ready once every controller's cache of its own kind has been filled.
+    let mut caches: Vec<BoxFuture<'static, ()>> = Vec::new();
+    let deployments = Controller::new(apis.get::<WorkerDeployment>(), watcher::Config::default());
+    caches.push(cache_synced(deployments.store()));
+    let deployments = deployments
         .owns(apis.get::<WorkerRelease>(), watcher::Config::default())
         .with_config(config.clone())
         .graceful_shutdown_on(stopped())
-        .run(deployment::reconcile, error_policy, ctx.clone())
+        .run(instrumented(deployment::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
-    let releases = Controller::new(apis.get::<WorkerRelease>(), watcher::Config::default())
+    let releases = Controller::new(apis.get::<WorkerRelease>(), watcher::Config::default());
+    caches.push(cache_synced(releases.store()));
+    let releases = releases
         .with_config(config.clone())
         .graceful_shutdown_on(stopped())
-        .run(release::reconcile, error_policy, ctx.clone())
+        .run(instrumented(release::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
     let accounts = Controller::new(apis.get::<WorkerAccount>(), watcher::Config::default());
     let store = accounts.store();
     let store2 = store.clone();
+    caches.push(cache_synced(store.clone()));
     // Any change to a deployment or release may change the bundles of its namespace's accounts.
     let accounts = accounts
         .owns(apis.get::<WorkerBundle>(), watcher::Config::default())
@@ -99,11 +155,12 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         .watches(apis.get::<WorkerRelease>(), watcher::Config::default(), move |r| accounts_of(&store2, &r))
         .with_config(config)
         .graceful_shutdown_on(stopped())
-        .run(account::reconcile, error_policy, ctx.clone())
+        .run(instrumented(account::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
 
     let bundles = Controller::new(apis.get::<WorkerBundle>(), watcher::Config::default());
     let bundle_store = bundles.store();
+    caches.push(cache_synced(bundle_store.clone()));
     let bundles = bundles
         .owns(apis.get::<Deployment>(), managed_by_us())
         .owns(apis.get::<Service>(), managed_by_us())
@@ -113,18 +170,36 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         })
         .with_config(ControllerConfig::default().concurrency(options.concurrency))
         .graceful_shutdown_on(stopped())
-        .run(bundle::reconcile, error_policy, ctx.clone())
+        .run(instrumented(bundle::reconcile), error_policy, ctx)
         .for_each(log_outcome);
 
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        info!("shutting down: finishing reconciles in flight");
-        let _ = stop_tx.send(true);
-    });
+    let synced = async move {
+        futures::future::join_all(caches).await;
+        info!("watch caches synced");
+        health.set(Phase::Acting);
+    };
     info!(namespace = options.namespace.as_deref().unwrap_or("(all)"), "controllers started");
-    tokio::join!(deployments, releases, accounts, bundles);
+    let controllers = async {
+        tokio::join!(deployments, releases, accounts, bundles, synced);
+    };
+    match leadership {
+        None => controllers.await,
+        Some((elector, held)) => elector.lead(held, controllers).await?,
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Completes once `store` holds its first complete list (or its controller stopped).
+fn cache_synced<K>(store: Store<K>) -> BoxFuture<'static, ()>
+where
+    K: kube::runtime::reflector::Lookup + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    async move {
+        let _ = store.wait_until_ready().await;
+    }
+    .boxed()
 }
 
 struct Apis {
@@ -185,6 +260,7 @@ pub fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
 
 fn error_policy<K: Resource<DynamicType = ()>>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let wait = ctx.backoff.failed(&object_key(&*object));
+    ctx.metrics.error(&K::kind(&()), error.reason());
     warn!(object = %object_key(&*object), reason = error.reason(), error = %error.message(), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }

@@ -87,6 +87,8 @@ pub struct RegistryClient {
     authorization: Mutex<Option<String>>,
     retry: RetryPolicy,
     requests: AtomicU64,
+    /// Request body bytes sent, retries included (what the registry link carried up).
+    bytes_sent: AtomicU64,
 }
 
 impl RegistryClient {
@@ -122,6 +124,7 @@ impl RegistryClient {
             authorization: Mutex::new(None),
             retry: options.retry,
             requests: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
         })
     }
 
@@ -132,6 +135,11 @@ impl RegistryClient {
     /// Requests sent so far, retries and token requests included.
     pub fn request_count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Request body bytes sent so far, retries included.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
     }
 
     pub fn retry_policy(&self) -> &RetryPolicy {
@@ -221,6 +229,7 @@ impl RegistryClient {
             builder = builder.header(AUTHORIZATION, auth);
         }
         if let Some(body) = &req.body {
+            self.bytes_sent.fetch_add(body.len() as u64, Ordering::Relaxed);
             builder = builder.body(body.clone());
         } else if matches!(req.method, Method::PUT | Method::POST | Method::PATCH) {
             builder = builder.header(reqwest::header::CONTENT_LENGTH, "0");

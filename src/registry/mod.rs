@@ -67,6 +67,15 @@ pub struct Registries {
     clients: Mutex<HashMap<String, RegistryEntry>>,
 }
 
+/// Totals of one registry's client: requests (retries and token requests included) and request
+/// body bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryTraffic {
+    pub registry: String,
+    pub requests: u64,
+    pub bytes_sent: u64,
+}
+
 /// How to reach registries: credentials and transport.
 #[derive(Clone, Debug, Default)]
 pub struct RegistryOptions {
@@ -127,6 +136,19 @@ impl Registries {
 
     pub fn client(&self, registry: &str) -> Result<Arc<RegistryClient>, RegistryError> {
         self.entry(registry).map(|(client, _)| client)
+    }
+
+    /// What was sent to each registry so far (for metrics).
+    pub fn traffic(&self) -> Vec<RegistryTraffic> {
+        let Ok(clients) = self.clients.lock() else { return Vec::new() };
+        clients
+            .iter()
+            .map(|(registry, (client, _))| RegistryTraffic {
+                registry: registry.clone(),
+                requests: client.request_count(),
+                bytes_sent: client.bytes_sent(),
+            })
+            .collect()
     }
 
     /// The push memory of a registry (created with its client).

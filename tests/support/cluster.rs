@@ -152,6 +152,8 @@ impl Controller {
         let mut command = Command::new(super::BIN);
         command
             .args(["run", "--namespace", &cluster.namespace])
+            // Probes and metrics on a free loopback port: tests run side by side.
+            .args(["--health-listen", "127.0.0.1:0"])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,kube=warn")
@@ -171,6 +173,54 @@ impl Controller {
     /// Whether the process is still running (it must survive bad objects).
     pub fn is_running(&self) -> bool {
         matches!(self.child.lock().unwrap().try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
+    /// SIGKILL (no chance to clean up), then waits for the process to be gone.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The first log line containing `needle`, waiting up to `timeout` for it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline && self.is_running(),
+                "the controller logged no {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` of /healthz, /readyz and /metrics, from the start-up log line.
+    pub fn health_url(&self) -> String {
+        let line = self.wait_for_log("serving /healthz", Duration::from_secs(30));
+        let at = line.find("127.0.0.1:").unwrap_or_else(|| panic!("no address in {line}"));
+        let address: String =
+            line[at..].chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+        format!("http://{address}")
+    }
+
+    /// Waits for the process to exit by itself; its exit status.
+    pub fn wait_for_exit(&self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the controller is still running:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then the exit status.

@@ -182,16 +182,22 @@ pub fn serve_from_bundle(bundle: &Path, extra_env: &[(&str, &str)], ports: &[u16
         args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "),
         quote(&results.join("workerd.log").display().to_string()),
     );
+    let curl_log = quote(&results.join("curl.log").display().to_string());
     for port in ports {
         script += &format!(
-            "for i in $(seq 1 200); do curl -s --max-time 5 -o {out} http://127.0.0.1:{port}/ && break; sleep 0.05; done\n",
+            "for i in $(seq 1 200); do curl -sS --max-time 10 -o {out} http://127.0.0.1:{port}/ 2>>{curl_log} && break; sleep 0.05; done\n",
             out = quote(&results.join(port.to_string()).display().to_string())
         );
     }
+    script += &format!("kill -0 $pid 2>/dev/null || echo \"workerd exited early\" >> {curl_log}\n");
     script += "kill $pid\nwait $pid\nexit 0\n";
     let status = Command::new("unshare").args(["--net", "--mount", "sh", "-c", &script]).status().unwrap();
     assert!(status.success(), "the namespace script failed");
-    let log = fs::read_to_string(results.join("workerd.log")).unwrap_or_default();
+    let mut log = fs::read_to_string(results.join("workerd.log")).unwrap_or_default();
+    let curl = fs::read_to_string(results.join("curl.log")).unwrap_or_default();
+    if !curl.is_empty() {
+        log += &format!("\n(curl: {})", curl.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+    }
     let bodies = ports
         .iter()
         .map(|p| {

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
 use super::apply::{apply, apply_status};
 use super::{object_key, Context, Error};
@@ -19,7 +19,6 @@ use plan::BundlePlan;
 
 const RESYNC: Duration = Duration::from_secs(600);
 
-#[instrument(skip_all, fields(namespace = account.namespace().unwrap_or_default(), name = account.name_any()))]
 pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result<Action, Error> {
     if account.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());

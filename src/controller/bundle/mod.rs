@@ -20,7 +20,7 @@ use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
 use super::apply::{apply, apply_status};
 use super::{object_key, Context, Error};
@@ -37,7 +37,6 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// How soon a rollout in progress is looked at again (its Deployment's changes also wake it).
 const ROLLOUT_POLL: Duration = Duration::from_secs(30);
 
-#[instrument(skip_all, fields(namespace = bundle.namespace().unwrap_or_default(), name = bundle.name_any()))]
 pub async fn reconcile(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
     let bundles: Api<WorkerBundle> =
         Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
@@ -135,16 +134,20 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         ctx.bases.resolve(&base_ref, plan::pinned_base(bundle, &base_ref).as_ref(), &registries).await?;
     let options =
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
+    let assembling = Instant::now();
     let image = assemble_bundle(&base, &inputs.workers, &options)?;
+    ctx.metrics.observe_build(assembling.elapsed());
     let image_ref = format!("{repository}@{}", image.manifest.digest);
 
     // Apply: the image, only when it is not the one the bundle already runs.
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
     if status.and_then(|s| s.image.as_deref()) != Some(image_ref.as_str()) {
+        let pushing = Instant::now();
         let report =
             push_bundle(&image, &base, &inputs.workers, &target, &plan::image_tag(bundle), &registries)
                 .await?;
+        ctx.metrics.observe_push(pushing.elapsed());
         info!(image = %image_ref, uploaded = report.uploaded, mounted = report.mounted, skipped = report.skipped, requests = report.requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
         ctx.event(
             bundle,

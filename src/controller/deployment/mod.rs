@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use tracing::{info, instrument};
+use tracing::info;
 
 use super::apply::{apply, apply_status};
 use super::{object_key, Context, Error};
@@ -19,7 +19,6 @@ use crate::crd::{WorkerDeployment, WorkerRelease, DEPLOYMENT_LABEL};
 /// How often a settled deployment is looked at again even without a change.
 const RESYNC: Duration = Duration::from_secs(600);
 
-#[instrument(skip_all, fields(namespace = deployment.namespace().unwrap_or_default(), name = deployment.name_any()))]
 pub async fn reconcile(deployment: Arc<WorkerDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     if deployment.metadata.deletion_timestamp.is_some() {
         // Its releases are owned by it: the garbage collector removes them.

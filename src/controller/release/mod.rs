@@ -7,11 +7,12 @@
 pub mod plan;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
@@ -20,7 +21,6 @@ use crate::image::assemble::build_worker_layer;
 use crate::registry::push::push_blob_if_missing;
 use crate::registry::RegistryRef;
 
-#[instrument(skip_all, fields(namespace = release.namespace().unwrap_or_default(), name = release.name_any()))]
 pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
     if release.metadata.deletion_timestamp.is_some() || plan::is_built(&release) {
         return Ok(Action::await_change());
@@ -41,6 +41,7 @@ pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result
             Ok(Action::await_change())
         }
         Err(error) => {
+            ctx.metrics.error("WorkerRelease", error.reason());
             let wait = ctx.backoff.failed(&key);
             warn!(reason = error.reason(), error = %error.message(), retry_in = ?wait, "release failed");
             let status = plan::failed_status(&release, &error, Timestamp::now());
@@ -82,10 +83,12 @@ async fn build_and_push(
     // Build the layer off the async threads (large workers are CPU work), then push it.
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
     let code = worker.code.clone();
+    let started = Instant::now();
     let layer = tokio::task::spawn_blocking(move || build_worker_layer(&code, mtime))
         .await
         .map_err(|e| Error::internal("the layer build stopped", e))?
         .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
+    ctx.metrics.observe_build(started.elapsed());
     let pull_secret = account
         .as_ref()
         .and_then(|a| a.spec.pod_template.as_ref())
@@ -93,7 +96,9 @@ async fn build_and_push(
     let registries = ctx.registries(&release.namespace().unwrap_or_default(), pull_secret).await?;
     let client = registries.client(&target.registry)?;
     let memory = registries.memory(&target.registry);
+    let started = Instant::now();
     push_blob_if_missing(&client, &memory, &target.repository, &layer.blob.digest, layer.blob.bytes.clone())
         .await?;
+    ctx.metrics.observe_push(started.elapsed());
     Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }
