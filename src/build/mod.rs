@@ -11,9 +11,11 @@
 pub mod base;
 pub mod bundle;
 pub mod pipeline;
+pub mod target;
 
 pub use base::{read_base, BaseSource, ResolvedBase};
 pub use pipeline::{build, BuildOutcome, BuildRequest};
+pub use target::Target;
 
 use crate::image::assemble::AssembleError;
 use crate::image::layout::LayoutError;

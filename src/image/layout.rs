@@ -48,6 +48,73 @@ impl Layout {
         Ok(layout)
     }
 
+    /// Opens the layout at `dir`, making an empty one first where there is none (a target that
+    /// gains blobs one at a time, as the controller writes worker layers before any image).
+    pub fn open_or_create(dir: &Path) -> Result<Self, LayoutError> {
+        if dir.join(OCI_LAYOUT_FILE).exists() {
+            return Layout::open(dir);
+        }
+        let write_err =
+            |what: &str, source| LayoutError::Write { dir: dir.to_path_buf(), what: what.into(), source };
+        fs::create_dir_all(dir.join("blobs/sha256")).map_err(|e| write_err("blobs directory", e))?;
+        let empty =
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        if !dir.join("index.json").exists() {
+            write_atomically(&dir.join("index.json"), empty).map_err(|e| write_err("index.json", e))?;
+        }
+        write_atomically(&dir.join(OCI_LAYOUT_FILE), OCI_LAYOUT_CONTENT)
+            .map_err(|e| write_err("oci-layout", e))?;
+        Layout::open(dir)
+    }
+
+    /// Deletes an image by manifest digest: its tags and its manifest blob (layers and configs
+    /// stay; another image may share them). Returns whether it was there.
+    pub fn delete_image(&self, digest: &Digest) -> Result<bool, LayoutError> {
+        let mut index = self.index()?;
+        let before = index.manifests().len();
+        let kept: Vec<Descriptor> =
+            index.manifests().iter().filter(|d| d.digest().to_string() != digest.as_str()).cloned().collect();
+        let untagged = kept.len() != before;
+        if untagged {
+            index.set_manifests(kept);
+            let bytes = to_canonical_json(&index).map_err(|e| LayoutError::Write {
+                dir: self.dir.clone(),
+                what: "index.json".into(),
+                source: e.into(),
+            })?;
+            write_atomically(&self.dir.join("index.json"), &bytes).map_err(|source| LayoutError::Write {
+                dir: self.dir.clone(),
+                what: "index.json".into(),
+                source,
+            })?;
+        }
+        let blob = self.blob_path(digest);
+        let existed = blob.exists();
+        if existed {
+            fs::remove_file(&blob).map_err(|source| LayoutError::Write {
+                dir: self.dir.clone(),
+                what: format!("blob {digest}"),
+                source,
+            })?;
+        }
+        Ok(untagged || existed)
+    }
+
+    /// A manifest and its config, by manifest digest (an image need not be tagged).
+    pub fn image_by_digest(&self, digest: &Digest) -> Result<ImageMetadata, LayoutError> {
+        let bytes =
+            fs::read(self.blob_path(digest)).map_err(|e| self.read_err(&format!("manifest {digest}"), e))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(self.invalid(format!("manifest {digest} does not match its digest")));
+        }
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| self.invalid(format!("manifest {digest}: {e}")))?;
+        let config_bytes = self.read_blob(manifest.config())?;
+        let config = serde_json::from_slice(&config_bytes)
+            .map_err(|e| self.invalid(format!("config of {digest}: {e}")))?;
+        Ok(ImageMetadata { manifest_digest: digest.clone(), manifest, config })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

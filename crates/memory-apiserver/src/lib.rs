@@ -112,6 +112,9 @@ pub struct Options {
     pub watch_history: usize,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Keep every object in this file (written shortly after each change, and at shutdown) and
+    /// load it at start: the state survives a restart. `None`: memory only.
+    pub data_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -120,6 +123,7 @@ impl Default for Options {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             watch_history: store::DEFAULT_HISTORY,
             bookmark_interval: Duration::from_secs(1),
+            data_file: None,
         }
     }
 }
@@ -132,13 +136,68 @@ pub struct MemoryApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
-fn router(address: SocketAddr, options: &Options) -> axum::Router {
-    let app = http::App {
-        store: Arc::new(Mutex::new(store::Store::new(options.watch_history))),
-        address: address.to_string(),
-        bookmark_interval: options.bookmark_interval,
-    };
+type SharedStore = Arc<Mutex<store::Store>>;
+
+fn router(address: SocketAddr, options: &Options, store: SharedStore) -> axum::Router {
+    let app = http::App { store, address: address.to_string(), bookmark_interval: options.bookmark_interval };
     axum::Router::new().fallback(http::handle).with_state(app)
+}
+
+/// A new store, or the one `options.data_file` holds.
+fn open_store(options: &Options) -> std::io::Result<SharedStore> {
+    let mut store = store::Store::new(options.watch_history);
+    if let Some(path) = options.data_file.as_ref().filter(|p| p.exists()) {
+        let bytes = std::fs::read(path)?;
+        let snapshot: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        })?;
+        store.restore(&snapshot).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        })?;
+    }
+    Ok(Arc::new(Mutex::new(store)))
+}
+
+/// Writes the store to `path` (whole file, atomically).
+fn save(store: &SharedStore, path: &std::path::Path) -> std::io::Result<()> {
+    let snapshot = match store.lock() {
+        Ok(store) => store.snapshot(),
+        Err(poisoned) => poisoned.into_inner().snapshot(),
+    };
+    let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Saves the store a moment after changes (many changes, one write) until `stop`, then once more.
+async fn keep_saved(
+    store: SharedStore,
+    path: std::path::PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut events = match store.lock() {
+        Ok(s) => s.subscribe(),
+        Err(poisoned) => poisoned.into_inner().subscribe(),
+    };
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                if matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                events = events.resubscribe();
+                if let Err(e) = save(&store, &path) {
+                    tracing::error!(error = %e, path = %path.display(), "cannot save the API server's objects");
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    if let Err(e) = save(&store, &path) {
+        tracing::error!(error = %e, path = %path.display(), "cannot save the API server's objects");
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes; for callers that own a runtime (the binary).
@@ -148,7 +207,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let address = listener.local_addr()?;
-    axum::serve(listener, router(address, &options)).with_graceful_shutdown(shutdown).await
+    let store = open_store(&options)?;
+    let (stop_saving, stopped) = tokio::sync::watch::channel(false);
+    let saver = options.data_file.clone().map(|path| tokio::spawn(keep_saved(store.clone(), path, stopped)));
+    let served =
+        axum::serve(listener, router(address, &options, store)).with_graceful_shutdown(shutdown).await;
+    let _ = stop_saving.send(true);
+    if let Some(saver) = saver {
+        let _ = saver.await;
+    }
+    served
 }
 
 impl MemoryApiServer {
@@ -160,6 +228,7 @@ impl MemoryApiServer {
         let listener = std::net::TcpListener::bind(options.listen)?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
+        let store = open_store(&options)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("memory-apiserver")
@@ -175,7 +244,10 @@ impl MemoryApiServer {
                         return;
                     }
                 };
-                let app = router(address, &options);
+                let app = router(address, &options, store.clone());
+                let (stop_saving, stopped) = tokio::sync::watch::channel(false);
+                let saver =
+                    options.data_file.clone().map(|path| tokio::spawn(keep_saved(store, path, stopped)));
                 // Open watches would hold a graceful shutdown forever: stop serving at once.
                 tokio::select! {
                     result = axum::serve(listener, app) => {
@@ -184,6 +256,10 @@ impl MemoryApiServer {
                         }
                     }
                     _ = stop => {}
+                }
+                let _ = stop_saving.send(true);
+                if let Some(saver) = saver {
+                    let _ = saver.await;
                 }
             });
             runtime.shutdown_timeout(Duration::from_millis(100));

@@ -478,3 +478,25 @@ fn kubeconfig_names_the_server_and_namespace() {
     assert!(yaml.contains("current-context: memory-apiserver"));
     assert!(cluster.server.url().starts_with("http://127.0.0.1:"));
 }
+
+#[test]
+fn with_a_data_file_objects_and_crds_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { data_file: Some(dir.path().join("objects.json")), ..Options::default() };
+    let created = {
+        let cluster = Cluster::start_with(options.clone());
+        let (ok, _, err) = cluster.apply(common::CRD, &[]);
+        assert!(ok, "{err}");
+        cluster.post(WIDGETS, &widget("kept")).json()
+        // Dropped here: the server stops and saves.
+    };
+    let cluster = Cluster::start_with(options);
+    let got = cluster.get(&item("kept"));
+    assert_eq!(got.status, 200, "{}", got.body);
+    let got = got.json();
+    assert_eq!(got["metadata"]["uid"], created["metadata"]["uid"]);
+    assert_eq!(got["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+    let next = cluster.post(WIDGETS, &widget("next")).json();
+    let rv = |o: &Value| o["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap();
+    assert!(rv(&next) > rv(&created), "resourceVersions go on from where they stopped");
+}

@@ -25,10 +25,9 @@ use tracing::{info, warn};
 use super::apply::{apply, apply_status};
 use super::{object_key, Context, Error};
 use crate::build::bundle::{assemble_bundle, push_bundle};
+use crate::build::Target;
 use crate::crd::{BaseImageStatus, WorkerBundle, WorkerRelease, KEEP_IMAGES_ANNOTATION};
 use crate::image::assemble::AssembleOptions;
-use crate::registry::pull::delete_image;
-use crate::registry::RegistryRef;
 
 /// Held by every bundle until its images are deleted.
 pub const FINALIZER: &str = "workerbundle.dev/images";
@@ -126,7 +125,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     // Plan: the image's inputs, then the image itself (pure and cheap: only the config layer is new).
     let inputs = plan::image_inputs(bundle, &releases, &secrets).map_err(Failure::Waiting)?;
     let repository = plan::repository(bundle, &ctx.settings)?;
-    let target = RegistryRef::parse(&repository).map_err(Error::Invalid)?;
+    let target = Target::parse(&repository).map_err(Error::Invalid)?;
     let base_ref = plan::base_reference(bundle, &ctx.settings)?;
     let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
     let registries = ctx.registries(&namespace, pull_secret).await?;
@@ -137,24 +136,31 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let assembling = Instant::now();
     let image = assemble_bundle(&base, &inputs.workers, &options)?;
     ctx.metrics.observe_build(assembling.elapsed());
-    let image_ref = format!("{repository}@{}", image.manifest.digest);
+    let image_ref = target.image_ref(&image.manifest.digest);
 
     // Apply: the image, only when it is not the one the bundle already runs.
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
     if status.and_then(|s| s.image.as_deref()) != Some(image_ref.as_str()) {
         let pushing = Instant::now();
-        let report =
-            push_bundle(&image, &base, &inputs.workers, &target, &plan::image_tag(bundle), &registries)
-                .await?;
+        let tag = plan::image_tag(bundle);
+        let requests = match &target {
+            Target::Registry(r) => {
+                push_bundle(&image, &base, &inputs.workers, r, &tag, &registries).await?.requests
+            }
+            Target::Layout(dir) => {
+                Target::write_layout_image(dir, &image, &base, &inputs.workers, &tag, &registries).await?;
+                0
+            }
+        };
         ctx.metrics.observe_push(pushing.elapsed());
-        info!(image = %image_ref, uploaded = report.uploaded, mounted = report.mounted, skipped = report.skipped, requests = report.requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
+        info!(image = %image_ref, requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
         ctx.event(
             bundle,
             false,
             "ImagePushed",
             "BuildImage",
-            format!("pushed {image_ref} ({} registry requests)", report.requests),
+            format!("pushed {image_ref} ({requests} registry requests)"),
         )
         .await;
     }
@@ -271,12 +277,8 @@ async fn referenced_images(ctx: &Context, bundle: &WorkerBundle) -> Result<BTree
 
 /// Deletes `image` (`registry/repository@sha256:...`) from its registry.
 async fn delete(image: &str, registries: &crate::registry::Registries) -> Result<(), Error> {
-    let reference = RegistryRef::parse(image).map_err(Error::Invalid)?;
-    let Some(digest) = reference.digest.clone() else {
-        return Err(Error::Invalid(format!("{image} is not a reference by digest")));
-    };
-    let client = registries.client(&reference.registry)?;
-    delete_image(&client, &reference.repository, &digest).await?;
+    let (target, digest) = Target::parse_image(image).map_err(Error::Invalid)?;
+    target.delete_image(registries, &digest).await?;
     Ok(())
 }
 

@@ -16,10 +16,9 @@ use tracing::{info, warn};
 
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
+use crate::build::Target;
 use crate::crd::{WorkerAccount, WorkerRelease, ACCOUNT_LABEL};
 use crate::image::assemble::build_worker_layer;
-use crate::registry::push::push_blob_if_missing;
-use crate::registry::RegistryRef;
 
 pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
     if release.metadata.deletion_timestamp.is_some() || plan::is_built(&release) {
@@ -72,7 +71,7 @@ async fn build_and_push(
         None => None,
     };
     let repository = plan::repository(release, account.as_ref(), &ctx.settings)?;
-    let target = RegistryRef::parse(&repository).map_err(Error::Invalid)?;
+    let target = Target::parse(&repository).map_err(Error::Invalid)?;
     let s3 = ctx.build.sources.s3().await;
     let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
     let fetched = futures::future::try_join_all(reads).await?;
@@ -94,11 +93,8 @@ async fn build_and_push(
         .and_then(|a| a.spec.pod_template.as_ref())
         .and_then(|p| p.image_pull_secret.as_deref());
     let registries = ctx.registries(&release.namespace().unwrap_or_default(), pull_secret).await?;
-    let client = registries.client(&target.registry)?;
-    let memory = registries.memory(&target.registry);
     let started = Instant::now();
-    push_blob_if_missing(&client, &memory, &target.repository, &layer.blob.digest, layer.blob.bytes.clone())
-        .await?;
+    target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone()).await?;
     ctx.metrics.observe_push(started.elapsed());
     Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }
