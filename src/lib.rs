@@ -4,8 +4,10 @@
 //! - [`worker`]: what a worker is (Cloudflare upload metadata, module kinds, validation);
 //! - [`source`]: where a worker's files come from (a directory today);
 //! - [`image`]: the builder — deterministic layers, the workerd config, image assembly, OCI layouts;
-//! - [`base_image`]: the workerd base image, assembled from package archives.
+//! - [`base_image`]: the workerd base image, assembled from package archives;
+//! - [`api`]: the Cloudflare-compatible API wrangler deploys to.
 
+pub mod api;
 pub mod base_image;
 pub mod controller;
 pub mod crd;
