@@ -345,7 +345,8 @@ const META: &str = r#"{"main_module":"index.js","compatibility_date":"2024-09-23
 
 #[test]
 fn bad_requests_are_refused_and_store_nothing() {
-    let env = Env::start("api-refusals", false, &["--max-upload-bytes", "20000"]);
+    let limits = ["--max-upload-bytes", "20000", "--max-modules", "3", "--max-module-bytes", "10000"];
+    let env = Env::start("api-refusals", false, &limits);
     let files = tempdir();
     let url = format!("{}/accounts/{A}/workers/scripts/refused", env.api.url);
     let js: &[u8] = b"export default {}";
@@ -371,6 +372,19 @@ fn bad_requests_are_refused_and_store_nothing() {
         &[("index.js", "application/javascript+module", js), ("big.txt", "text/plain", &big)],
     );
     refused(Some(TOKEN_A), Body::Form(over), 413, 10027, &["20000"]);
+    let bigger_module = vec![b'x'; 15_000];
+    let one_big = form(
+        files.path(),
+        META,
+        &[("index.js", "application/javascript+module", js), ("big.txt", "text/plain", &bigger_module)],
+    );
+    refused(Some(TOKEN_A), Body::Form(one_big), 413, 10027, &["big.txt", "10000"]);
+    let many: Vec<(String, Vec<u8>)> = (0..4).map(|i| (format!("m{i}.js"), js.to_vec())).collect();
+    let many: Vec<(&str, &str, &[u8])> =
+        many.iter().map(|(n, c)| (n.as_str(), "application/javascript+module", c.as_slice())).collect();
+    let mut too_many = many.clone();
+    too_many[0].0 = "index.js";
+    refused(Some(TOKEN_A), Body::Form(form(files.path(), META, &too_many)), 413, 10027, &["3 modules"]);
     let escape = form(
         files.path(),
         META,
@@ -552,6 +566,50 @@ fn rate_limit_token_file_reload_health_and_shutdown() {
         assert!(!log.contains(token), "a token was logged:\n{log}");
     }
     assert!(env.api.terminate().success(), "{}", env.api.log());
+}
+
+/// The token table in a Kubernetes Secret, and each account in its own namespace (created, with
+/// its WorkerAccount, on the first upload).
+#[test]
+fn tokens_from_a_secret_and_a_namespace_per_account() {
+    let s3 = S3Server::start();
+    let cluster = Cluster::start("api-per-account");
+    // A unique account, so that its namespace is this test's own on a real cluster too.
+    let account = format!("t{:x}", fastrand::u32(..));
+    let token = format!("token-of-{account}");
+    let namespace = format!("workers-{account}");
+    let tokens = token_line(&account, &token);
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api-tokens\nstringData:\n  tokens: \"{}\"\n",
+        tokens.trim_end()
+    );
+    let out = cluster.apply_yaml(&secret);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let source = format!("{}/api-tokens", cluster.namespace);
+    let api = ApiServer::start_bare(&cluster, &s3, &["--tokens-secret", &source, "--namespace-per-account"]);
+
+    let files = tempdir();
+    let js: &[u8] = b"export default { fetch() { return new Response('ns') } }";
+    let url = format!("{}/accounts/{account}/workers/scripts/hello", api.url);
+    let upload = form(files.path(), META, &[("index.js", "application/javascript+module", js)]);
+    let (code, reply) = curl("PUT", &url, Some(&token), Body::Form(upload));
+    assert_eq!(code, 200, "{reply}\n{}", api.log());
+    assert_eq!(curl("GET", &url, Some("some-other-token"), Body::None).0, 401);
+
+    let get = |kind: &str, name: &str| {
+        let out = cluster.kubectl(&["--namespace", &namespace, "get", kind, name, "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{kind}/{name} in {namespace}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let wd = get("workerdeployment", "hello");
+    assert_eq!(wd["metadata"]["labels"]["workerbundle.dev/account"], account.as_str());
+    assert_eq!(get("workeraccount", &account)["metadata"]["name"], account.as_str());
+    assert!(cluster.get("workerdeployment", "hello").is_none(), "nothing in the shared namespace");
+    let _ = cluster.kubectl(&["delete", "namespace", &namespace, "--wait=false"]);
 }
 
 /// `wrangler deploy` wall time against the API (median of 5) and the API's own time per upload,

@@ -44,9 +44,13 @@ pub struct Upload {
 /// capped by the router's body limit; a body cut off there is reported as too large.
 pub async fn read_parts(multipart: &mut Multipart, limits: &Limits) -> Result<Vec<Part>, ApiError> {
     let mut parts = Vec::new();
+    let mut modules = 0;
     while let Some(mut field) = multipart.next_field().await.map_err(|e| form_error(e, limits))? {
         let name = field.name().unwrap_or_default().to_owned();
-        if name != METADATA_PART && parts.len() >= limits.max_modules + 1 {
+        if name != METADATA_PART {
+            modules += 1;
+        }
+        if modules > limits.max_modules {
             return Err(ApiError::TooLarge(format!(
                 "the upload has more than {} modules (the limit)",
                 limits.max_modules

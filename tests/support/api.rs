@@ -32,17 +32,35 @@ impl ApiServer {
     /// Starts the API on a free port, its objects in the cluster's test namespace, with a token
     /// table of `(account, token)` pairs.
     pub fn start(cluster: &Cluster, s3: &S3Server, tokens: &[(&str, &str)], args: &[&str]) -> ApiServer {
-        s3.create_bucket(BUCKET);
         let dir = super::tempdir();
         let table = dir.path().join("tokens");
         let text: String = tokens.iter().map(|(account, token)| token_line(account, token)).collect();
         std::fs::write(&table, format!("# account sha256(token)\n{text}")).unwrap();
+        let mut all = vec!["--namespace".to_owned(), cluster.namespace.clone(), "--tokens".to_owned()];
+        all.push(table.display().to_string());
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn(cluster, s3, &all, table, dir)
+    }
+
+    /// Starts the API with only `args` choosing the token source and the namespaces.
+    pub fn start_bare(cluster: &Cluster, s3: &S3Server, args: &[&str]) -> ApiServer {
+        let dir = super::tempdir();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn(cluster, s3, &args, dir.path().join("no-token-file"), dir)
+    }
+
+    fn spawn(
+        cluster: &Cluster,
+        s3: &S3Server,
+        args: &[String],
+        tokens: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> ApiServer {
+        s3.create_bucket(BUCKET);
         let log = dir.path().join("api.log");
         let mut command = Command::new(super::BIN);
         command
-            .args(["api", "--listen", "127.0.0.1:0", "--bucket", BUCKET, "--namespace", &cluster.namespace])
-            .arg("--tokens")
-            .arg(&table)
+            .args(["api", "--listen", "127.0.0.1:0", "--bucket", BUCKET])
             .args(["--s3-endpoint", &s3.endpoint()])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
@@ -62,7 +80,7 @@ impl ApiServer {
             "the API printed {url:?} instead of its URL:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        ApiServer { url, tokens: table, child: Mutex::new(child), log, _dir: dir }
+        ApiServer { url, tokens, child: Mutex::new(child), log, _dir: dir }
     }
 
     /// `http://127.0.0.1:PORT`, without the API's base path.
