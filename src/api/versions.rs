@@ -435,8 +435,9 @@ mod tests {
 
     #[test]
     fn version_ids_must_be_uuids() {
-        assert!(check_version_id(V1).is_ok());
-        for bad in ["../x", "x", "11111111111141118111111111111111", &V1.to_uppercase()] {
+        let mixed = "0b8a5b8e-6f4e-4c39-9a57-2c4d2b7d8f10";
+        assert!(check_version_id(V1).is_ok() && check_version_id(mixed).is_ok());
+        for bad in ["../x", "x", "11111111111141118111111111111111", &mixed.to_uppercase()] {
             assert!(check_version_id(bad).is_err(), "{bad}");
         }
     }
