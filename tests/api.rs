@@ -325,6 +325,17 @@ fn secrets_put_list_delete() {
     let after = env.cluster.get("workerdeployment", "hello").unwrap();
     assert_eq!(after["spec"], before["spec"]);
     assert_eq!(after["metadata"]["generation"], before["metadata"]["generation"]);
+    // A redeploy keeps the secrets: they live in the Secret, which uploads do not touch.
+    write(dir, &[("index.js", hello_js("again").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    let redeployed = env.cluster.get("workerdeployment", "hello").unwrap();
+    assert_ne!(redeployed["spec"]["template"]["versionId"], before["spec"]["template"]["versionId"]);
+    assert_eq!(redeployed["spec"]["template"]["secretRef"], "hello-secrets");
+    let secret = env.cluster.get("secret", "hello-secrets").unwrap();
+    assert_eq!(secret["data"]["OTHER"], base64_of("other-value"));
+    let list = wrangler.ok(dir, &["secret", "list"]).text();
+    assert!(list.contains("OTHER") && !list.contains("API_KEY"), "{list}");
+
     // The value is nowhere but in the Secret.
     assert!(!env.api.log().contains(VALUE), "the value is not logged");
     for (key, content) in env.s3.objects(BUCKET) {
