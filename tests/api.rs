@@ -411,6 +411,8 @@ fn bad_requests_are_refused_and_store_nothing() {
         &[("index.js", "application/javascript+module", js)],
     );
     refused(Some(TOKEN_A), Body::Form(no_main), 400, 10021, &["main.js", "missing"]);
+    let commonjs_as_js = form(files.path(), META, &[("index.js", "application/javascript", js)]);
+    refused(Some(TOKEN_A), Body::Form(commonjs_as_js), 400, 10021, &["index.js", "application/javascript"]);
     let garbage = Body::Raw("multipart/form-data; boundary=XYZ", b"--XYZ\r\nthis is not a part");
     refused(Some(TOKEN_A), garbage, 400, 10021, &["multipart"]);
     let not_form = Body::Raw("application/json", b"{}");

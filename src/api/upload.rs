@@ -14,7 +14,7 @@ use super::envelope::ApiError;
 use super::limits::Limits;
 use crate::crd::{VarType, WorkerTemplate, WorkerVar};
 use crate::worker::names::{check_module_path, check_worker_name};
-use crate::worker::{Worker, WorkerFiles, METADATA_FILE};
+use crate::worker::{ModuleKind, Worker, WorkerFiles, METADATA_FILE};
 
 /// The form part that carries the metadata JSON.
 const METADATA_PART: &str = "metadata";
@@ -27,6 +27,8 @@ const SECRET_TYPES: [&str; 2] = ["secret_text", "inherit"];
 #[derive(Clone, Debug)]
 pub struct Part {
     pub name: String,
+    /// The part's Content-Type: wrangler's module type (see [`check_module_type`]).
+    pub content_type: Option<String>,
     pub bytes: Bytes,
 }
 
@@ -47,6 +49,7 @@ pub async fn read_parts(multipart: &mut Multipart, limits: &Limits) -> Result<Ve
     let mut modules = 0;
     while let Some(mut field) = multipart.next_field().await.map_err(|e| form_error(e, limits))? {
         let name = field.name().unwrap_or_default().to_owned();
+        let content_type = field.content_type().map(str::to_owned);
         if name != METADATA_PART {
             modules += 1;
         }
@@ -67,7 +70,7 @@ pub async fn read_parts(multipart: &mut Multipart, limits: &Limits) -> Result<Ve
             }
             bytes.extend_from_slice(&chunk);
         }
-        parts.push(Part { name, bytes: bytes.freeze() });
+        parts.push(Part { name, content_type, bytes: bytes.freeze() });
     }
     Ok(parts)
 }
@@ -127,6 +130,7 @@ pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Uploa
                 "a module may not be named {METADATA_FILE:?}: that name holds the worker's metadata"
             )));
         }
+        check_module_type(&part.name, part.content_type.as_deref())?;
         if part.bytes.len() > limits.max_module_bytes {
             return Err(ApiError::TooLarge(format!(
                 "module {:?} is {} bytes, over the limit of {} bytes per module",
@@ -161,6 +165,34 @@ pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Uploa
     Worker::from_files(WorkerFiles { name: script.to_owned(), port: 8080, env_prefix: None, files })
         .map_err(|e| ApiError::Invalid(e.message))?;
     Ok(Upload { modules, metadata })
+}
+
+/// The image builder decides a module's type by its extension (issue A's format has no per-module
+/// type). wrangler says the type in each part's Content-Type; a module whose declared type is not
+/// what its extension gives would run as the wrong kind, so it is refused, not silently changed.
+pub fn check_module_type(name: &str, content_type: Option<&str>) -> Result<(), ApiError> {
+    let Some(declared) = content_type.map(|c| c.split(';').next().unwrap_or_default().trim()) else {
+        return Ok(());
+    };
+    let kind = ModuleKind::from_path(name);
+    let fits = match declared {
+        "application/javascript+module" => kind == ModuleKind::EsModule,
+        "application/javascript" => kind == ModuleKind::CommonJs,
+        "application/wasm" => kind == ModuleKind::Wasm,
+        "text/plain" | "application/source-map" => kind == ModuleKind::Text,
+        "application/json" => kind == ModuleKind::Json,
+        "application/octet-stream" => kind == ModuleKind::Data,
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "module {name:?} is sent as {declared:?}, but this server gives modules their type by \
+         extension and would run it as {}: rename it (.js/.mjs ES module, .cjs CommonJS, .wasm, \
+         .json, .txt/.html/... text, others data) or change the wrangler rule",
+        kind.capnp_field()
+    )))
 }
 
 fn stored_metadata(raw: UploadMetadata) -> Result<Value, ApiError> {
@@ -303,7 +335,7 @@ mod tests {
     use super::*;
 
     fn part(name: &str, content: &str) -> Part {
-        Part { name: name.into(), bytes: Bytes::from(content.to_owned()) }
+        Part { name: name.into(), content_type: None, bytes: Bytes::from(content.to_owned()) }
     }
 
     fn metadata(json: &str) -> Part {
@@ -369,6 +401,32 @@ mod tests {
             validate("Hello", vec![metadata(MAIN), js()], &Limits::default()),
             Err(ApiError::Invalid(m)) if m.contains("DNS-1123")
         ));
+    }
+
+    #[test]
+    fn declared_module_types_must_match_the_extension() {
+        for (name, declared) in [
+            ("index.js", "application/javascript+module"),
+            ("lib/old.cjs", "application/javascript"),
+            ("add.wasm", "application/wasm"),
+            ("t.txt", "text/plain; charset=utf-8"),
+            ("index.js.map", "application/source-map"),
+            ("cfg.json", "application/json"),
+            ("blob.bin", "application/octet-stream"),
+        ] {
+            assert!(check_module_type(name, Some(declared)).is_ok(), "{name} {declared}");
+        }
+        assert!(check_module_type("index.js", None).is_ok());
+        for (name, declared) in [
+            ("index.js", "application/javascript"),
+            ("q.sql", "text/plain"),
+            ("index.js", "application/octet-stream"),
+            ("t.txt", "application/octet-stream"),
+            ("w.py", "text/x-python"),
+        ] {
+            let err = check_module_type(name, Some(declared)).unwrap_err();
+            assert!(err.to_string().contains(name), "{name} {declared}: {err}");
+        }
     }
 
     #[test]
