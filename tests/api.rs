@@ -411,6 +411,15 @@ fn bad_requests_are_refused_and_store_nothing() {
         &[("index.js", "application/javascript+module", js)],
     );
     refused(Some(TOKEN_A), Body::Form(no_main), 400, 10021, &["main.js", "missing"]);
+    // Over the upload limit in parts each under the module limit, with no Content-Length: the
+    // body limit stops the stream.
+    let chunk = vec![b'y'; 9_900];
+    let streamed = form(
+        files.path(),
+        META,
+        &[("c.txt", "text/plain", &chunk), ("a.txt", "text/plain", &chunk), ("b.txt", "text/plain", &chunk)],
+    );
+    refused(Some(TOKEN_A), Body::ChunkedForm(streamed), 413, 10027, &["20000"]);
     let commonjs_as_js = form(files.path(), META, &[("index.js", "application/javascript", js)]);
     refused(Some(TOKEN_A), Body::Form(commonjs_as_js), 400, 10021, &["index.js", "application/javascript"]);
     let garbage = Body::Raw("multipart/form-data; boundary=XYZ", b"--XYZ\r\nthis is not a part");

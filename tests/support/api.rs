@@ -145,6 +145,8 @@ pub enum Body<'a> {
     Json(String),
     /// `-F` arguments (`name=@file;filename=...;type=...` or `name=value`).
     Form(Vec<String>),
+    /// The same, sent chunked: no Content-Length for the server to check up front.
+    ChunkedForm(Vec<String>),
     /// Raw bytes with a content type.
     Raw(&'a str, &'a [u8]),
 }
@@ -163,6 +165,12 @@ pub fn curl(method: &str, url: &str, token: Option<&str>, body: Body) -> (u16, V
             command.args(["-H", "Content-Type: application/json", "--data-binary", &text]);
         }
         Body::Form(fields) => {
+            for field in fields {
+                command.args(["-F", &field]);
+            }
+        }
+        Body::ChunkedForm(fields) => {
+            command.args(["-H", "Transfer-Encoding: chunked"]);
             for field in fields {
                 command.args(["-F", &field]);
             }
