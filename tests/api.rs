@@ -347,6 +347,30 @@ fn secrets_put_list_delete() {
     assert!(!status.contains(VALUE));
 }
 
+#[test]
+fn wrangler_delete_removes_the_worker_its_secret_and_its_versions() {
+    let env = Env::start("api-delete", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    let dir = project.path();
+    write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("bye").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    assert!(wrangler.run_with_input(dir, &["secret", "put", "K"], Some("v")).success());
+    assert!(!env.keys(&format!("{A}/hello/")).is_empty());
+
+    let run = wrangler.ok(dir, &["delete", "--force"]);
+    assert!(env.cluster.get("workerdeployment", "hello").is_none(), "{}", run.text());
+    assert!(env.cluster.get("secret", "hello-secrets").is_none());
+    assert!(env.keys(&format!("{A}/hello/")).is_empty());
+    let (code, reply) = curl(
+        "GET",
+        &format!("{}/accounts/{A}/workers/services/hello", env.api.url),
+        Some(TOKEN_A),
+        Body::None,
+    );
+    assert_eq!((code, &reply["errors"][0]["code"]), (404, &json!(10007)));
+}
+
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)

@@ -72,8 +72,14 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/memberships", |m| on(m, scripts::memberships)),
         route(Method::GET, "/accounts/{account_id}/workers/subdomain", |m| on(m, scripts::account_subdomain)),
         route(Method::GET, "/accounts/{account_id}/workers/scripts", |m| on(m, scripts::list)),
+        // `wrangler delete` looks for the worker's Workers Sites KV namespaces: there are none.
+        route(Method::GET, "/accounts/{account_id}/storage/kv/namespaces", |m| on(m, scripts::kv_namespaces)),
         route(Method::GET, "/accounts/{account_id}/workers/services/{script_name}", |m| {
             on(m, scripts::service)
+        }),
+        // `wrangler delete` deletes the service; a script and its service are the same thing here.
+        route(Method::DELETE, "/accounts/{account_id}/workers/services/{script_name}", |m| {
+            on(m, scripts::delete)
         }),
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}", |m| {
             on(m, scripts::content)
@@ -148,6 +154,7 @@ pub fn router(state: Shared) -> Router {
     let api = api
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn(log_request))
+        .method_not_allowed_fallback(unknown_route)
         .layer(DefaultBodyLimit::max(state.limits.max_upload_bytes));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

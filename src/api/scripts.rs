@@ -68,6 +68,11 @@ pub async fn account_subdomain(Path(account): Path<String>) -> Response {
     ok(json!({"subdomain": account}))
 }
 
+/// `GET .../storage/kv/namespaces`: KV is not served here, so an account has none.
+pub async fn kv_namespaces() -> Response {
+    ok_list(Vec::<Value>::new())
+}
+
 /// `GET .../workers/scripts`.
 pub async fn list(State(api): State<Shared>, Path(account): Path<String>) -> Result<Response, ApiError> {
     let deployments = api.store.deployments(&account).await?;
