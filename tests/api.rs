@@ -347,6 +347,33 @@ fn secrets_put_list_delete() {
     assert!(!status.contains(VALUE));
 }
 
+/// `wrangler versions upload` stores a version without running it; `versions deploy` runs it.
+#[test]
+fn versions_upload_then_deploy() {
+    let env = Env::start("api-versions", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    let dir = project.path();
+    write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("one").as_bytes())]);
+    let v1 = wrangler.ok(dir, &["deploy"]).version_id();
+    write(dir, &[("index.js", hello_js("two").as_bytes())]);
+    let upload = wrangler.ok(dir, &["versions", "upload", "--message", "staged"]).text();
+    let v2 = upload
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Worker Version ID: "))
+        .unwrap_or_else(|| panic!("no version id:\n{upload}"))
+        .to_owned();
+    assert!(env.keys(&format!("{A}/hello/{v2}/")).contains(&format!("{A}/hello/{v2}/index.js")));
+    let current =
+        || env.cluster.get("workerdeployment", "hello").unwrap()["spec"]["template"]["versionId"].clone();
+    assert_eq!(current(), v1.as_str(), "an uploaded version does not run until it is deployed");
+    let listed = wrangler.ok(dir, &["versions", "view", &v2]).text();
+    assert!(listed.contains("staged"), "the version keeps its message:\n{listed}");
+
+    wrangler.ok(dir, &["versions", "deploy", &format!("{v2}@100"), "-y"]);
+    assert_eq!(current(), v2.as_str());
+}
+
 #[test]
 fn wrangler_delete_removes_the_worker_its_secret_and_its_versions() {
     let env = Env::start("api-delete", false, &[]);
