@@ -13,14 +13,10 @@ use super::auth::Caller;
 use super::envelope::{json_body, ok, ok_list, ApiError};
 use super::store::DEPLOYED_AT;
 use super::upload::{template_for, version_prefix};
-use super::versions::{bindings_json, receive};
+use super::versions::{bindings_json, created, receive};
 use super::Shared;
 use crate::crd::WorkerDeployment;
 use kube::ResourceExt;
-
-fn created(deployment: &WorkerDeployment) -> String {
-    deployment.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
-}
 
 fn modified(deployment: &WorkerDeployment) -> String {
     deployment.annotations().get(DEPLOYED_AT).cloned().unwrap_or_else(|| created(deployment))
@@ -44,10 +40,6 @@ fn script_json(deployment: &WorkerDeployment) -> Value {
         "created_on": created(deployment),
         "modified_on": modified(deployment),
     })
-}
-
-async fn existing(api: &Shared, account: &str, script: &str) -> Result<WorkerDeployment, ApiError> {
-    api.store.deployment(account, script).await?.ok_or_else(|| ApiError::script_not_found(script))
 }
 
 /// `GET /memberships`: the token's accounts (wrangler asks when CLOUDFLARE_ACCOUNT_ID is unset).
@@ -84,7 +76,7 @@ pub async fn service(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let deployment = existing(&api, &account, &script).await?;
+    let deployment = api.store.existing(&account, &script).await?;
     Ok(ok(json!({
         "id": script,
         "default_environment": {
@@ -103,7 +95,7 @@ pub async fn content(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let deployment = existing(&api, &account, &script).await?;
+    let deployment = api.store.existing(&account, &script).await?;
     let template = &deployment.spec.template;
     let (Some(version), Some(main)) = (&template.version_id, &template.main_module) else {
         return Err(ApiError::NotFound(format!("worker {script:?} was not uploaded through this API")));
@@ -141,7 +133,7 @@ pub async fn delete(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     api.store.delete_script(&account, &script).await?;
     let objects = api.store.delete_versions(&account, &script).await?;
     tracing::info!(%account, %script, objects, "worker deleted");
@@ -153,7 +145,7 @@ pub async fn settings(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let deployment = existing(&api, &account, &script).await?;
+    let deployment = api.store.existing(&account, &script).await?;
     let template = &deployment.spec.template;
     Ok(ok(json!({
         "bindings": bindings_json(template),
@@ -177,7 +169,7 @@ pub async fn script_settings(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     Ok(ok(script_settings_json()))
 }
 
@@ -189,7 +181,7 @@ pub async fn patch_script_settings(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     json_body(body)?;
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     Ok(ok(script_settings_json()))
 }
 
@@ -199,7 +191,7 @@ pub async fn subdomain(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     Ok(ok(json!({"enabled": true, "previews_enabled": false})))
 }
 
@@ -208,7 +200,7 @@ pub async fn schedules(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     Ok(ok(json!({"schedules": []})))
 }
 
@@ -220,7 +212,7 @@ pub async fn put_schedules(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    existing(&api, &account, &script).await?;
+    api.store.existing(&account, &script).await?;
     match body.as_array() {
         Some(list) if list.is_empty() => Ok(ok(json!({"schedules": []}))),
         Some(_) => Err(ApiError::Invalid(

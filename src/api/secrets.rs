@@ -52,8 +52,7 @@ pub async fn put(
             "secrets of type {kind:?} are not supported (only secret_text)"
         )));
     }
-    let deployment =
-        api.store.deployment(&account, &script).await?.ok_or_else(|| ApiError::script_not_found(&script))?;
+    let deployment = api.store.existing(&account, &script).await?;
     api.store.put_secret(&deployment, &account, &secret.name, &secret.text).await?;
     tracing::info!(%account, %script, key = %secret.name, "secret set");
     Ok(ok(json!({"name": secret.name, "type": "secret_text"})))
@@ -64,7 +63,7 @@ pub async fn list(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    api.store.deployment(&account, &script).await?.ok_or_else(|| ApiError::script_not_found(&script))?;
+    api.store.existing(&account, &script).await?;
     let secret = api.store.secret(&account, &script).await?;
     let names: Vec<serde_json::Value> = secret
         .and_then(|s| s.data)
@@ -80,7 +79,7 @@ pub async fn delete(
     State(api): State<Shared>,
     Path((account, script, name)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    api.store.deployment(&account, &script).await?.ok_or_else(|| ApiError::script_not_found(&script))?;
+    api.store.existing(&account, &script).await?;
     if !api.store.delete_secret_key(&account, &script, &name).await? {
         return Err(ApiError::NotFound(format!("worker {script:?} has no secret {name:?}")));
     }

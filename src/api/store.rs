@@ -252,6 +252,11 @@ impl Store {
         Ok(found.filter(|d| belongs_to(d, account)))
     }
 
+    /// The account's WorkerDeployment of `script`, or Cloudflare's "not found".
+    pub async fn existing(&self, account: &str, script: &str) -> Result<WorkerDeployment, ApiError> {
+        self.deployment(account, script).await?.ok_or_else(|| ApiError::script_not_found(script))
+    }
+
     /// Refuses a script name another account already uses in a shared namespace.
     pub async fn check_name_free(&self, account: &str, script: &str) -> Result<(), ApiError> {
         let found = self

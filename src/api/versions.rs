@@ -104,7 +104,8 @@ pub fn deployment_json(entry: &DeploymentEntry) -> Value {
     })
 }
 
-fn created(object: &impl kube::Resource) -> String {
+/// When an object was created (RFC 3339), or "" when it was never stored.
+pub fn created(object: &impl kube::Resource) -> String {
     object.meta().creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
 }
 
@@ -191,10 +192,6 @@ async fn version_info(
     }))
 }
 
-async fn existing(api: &Shared, account: &str, script: &str) -> Result<WorkerDeployment, ApiError> {
-    api.store.deployment(account, script).await?.ok_or_else(|| ApiError::script_not_found(script))
-}
-
 /// Reads, validates and stores an upload as a new version; returns its id. Refused uploads store
 /// nothing.
 pub async fn receive(
@@ -249,7 +246,7 @@ pub async fn list(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let deployment = existing(&api, &account, &script).await?;
+    let deployment = api.store.existing(&account, &script).await?;
     let releases = api.store.releases(&account, &script).await?;
     let ids = known_versions(&deployment, &releases);
     let found = futures::future::try_join_all(
@@ -284,7 +281,7 @@ pub async fn deployments(
     State(api): State<Shared>,
     Path((account, script)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let deployment = existing(&api, &account, &script).await?;
+    let deployment = api.store.existing(&account, &script).await?;
     let releases = api.store.releases(&account, &script).await?;
     let entries: Vec<Value> = history(&deployment, &releases).iter().map(deployment_json).collect();
     Ok(ok(json!({"deployments": entries})))
