@@ -187,7 +187,10 @@ fn deploy_redeploy_versions_rollback_and_memberships() {
     let third = env.release_of("hello", &v3);
     env.built_layer(&third);
     let log = env.api.log();
-    assert!(log.contains("route=/client/v4/memberships") && log.contains("status=200"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("route=/client/v4/memberships") && l.contains("status=200")),
+        "wrangler asked /memberships:\n{log}"
+    );
     assert!(!log.contains(TOKEN_A), "the token is never logged");
 
     // One log line per request, and a clean stop.
