@@ -377,6 +377,34 @@ fn versions_upload_then_deploy() {
     assert_eq!(current(), v2.as_str());
 }
 
+/// `keep_vars = true`: a deploy without vars keeps the running version's (wrangler sends
+/// `keep_bindings`), where a plain deploy without vars drops them, as on Cloudflare.
+#[test]
+fn keep_vars_keeps_the_running_vars() {
+    let env = Env::start("api-keep-vars", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    let dir = project.path();
+    let with_vars = format!("{HELLO_TOML}[vars]\nKEPT = \"yes\"\nCFG = {{ n = 1 }}\n");
+    write(dir, &[("wrangler.toml", with_vars.as_bytes()), ("index.js", hello_js("one").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    let names = || -> Vec<String> {
+        let wd = env.cluster.get("workerdeployment", "hello").unwrap();
+        let vars = wd["spec"]["template"]["vars"].as_array().cloned().unwrap_or_default();
+        vars.iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(), ["KEPT", "CFG"]);
+
+    write(dir, &[("wrangler.toml", format!("keep_vars = true\n{HELLO_TOML}").as_bytes())]);
+    write(dir, &[("index.js", hello_js("two").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    assert_eq!(names(), ["KEPT", "CFG"], "keep_vars kept them");
+
+    write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("three").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    assert!(names().is_empty(), "without keep_vars the upload's (no) vars are the vars");
+}
+
 #[test]
 fn wrangler_delete_removes_the_worker_its_secret_and_its_versions() {
     let env = Env::start("api-delete", false, &[]);

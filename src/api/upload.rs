@@ -40,6 +40,23 @@ pub struct Upload {
     /// The `metadata.json` stored beside the modules: Cloudflare's format, with only what we
     /// serve (no secret values, ever).
     pub metadata: Value,
+    /// Vars of the running version the upload asks to keep (see [`inherit_vars`]).
+    pub keep: Keep,
+}
+
+/// Vars an upload keeps from the version that runs now: all plain-text or all JSON ones
+/// (`keep_bindings`, wrangler's `keep_vars = true`), or some by name (`inherit` bindings).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    pub text: bool,
+    pub json: bool,
+    pub names: BTreeSet<String>,
+}
+
+impl Keep {
+    pub fn is_empty(&self) -> bool {
+        !self.text && !self.json && self.names.is_empty()
+    }
 }
 
 /// Reads the form part by part, refusing as soon as a limit is passed. The body's total size is
@@ -103,6 +120,8 @@ struct UploadMetadata {
     bindings: Vec<Value>,
     #[serde(default)]
     annotations: BTreeMap<String, Value>,
+    #[serde(default)]
+    keep_bindings: Vec<String>,
     migrations: Option<Value>,
     assets: Option<Value>,
     containers: Option<Value>,
@@ -156,6 +175,16 @@ pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Uploa
     let raw: UploadMetadata = serde_json::from_slice(&metadata_bytes).map_err(|e| {
         ApiError::Invalid(format!("the `metadata` part is not valid upload metadata JSON: {e}"))
     })?;
+    let keep = Keep {
+        text: raw.keep_bindings.iter().any(|k| k == "plain_text"),
+        json: raw.keep_bindings.iter().any(|k| k == "json"),
+        names: raw
+            .bindings
+            .iter()
+            .filter(|b| b["type"] == "inherit")
+            .filter_map(|b| b["name"].as_str().map(str::to_owned))
+            .collect(),
+    };
     let metadata = stored_metadata(raw)?;
 
     // The same validation every worker source gets (issue A): module paths, the main module among
@@ -164,7 +193,7 @@ pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Uploa
     files.insert(METADATA_FILE.into(), metadata.to_string().into_bytes());
     Worker::from_files(WorkerFiles { name: script.to_owned(), port: 8080, env_prefix: None, files })
         .map_err(|e| ApiError::Invalid(e.message))?;
-    Ok(Upload { modules, metadata })
+    Ok(Upload { modules, metadata, keep })
 }
 
 /// The image builder decides a module's type by its extension (issue A's format has no per-module
@@ -274,6 +303,29 @@ fn stored_metadata(raw: UploadMetadata) -> Result<Value, ApiError> {
         stored.insert("annotations".into(), Value::Object(annotations));
     }
     Ok(Value::Object(stored))
+}
+
+/// Adds to an upload's metadata the vars of the running template it keeps and does not define
+/// itself. An `inherit` of a name that is not a var is a secret: secrets stay in the worker's
+/// Secret whatever the upload says.
+pub fn inherit_vars(metadata: &mut Value, keep: &Keep, running: &WorkerTemplate) {
+    let Some(bindings) = metadata.get_mut("bindings").and_then(Value::as_array_mut) else { return };
+    for var in &running.vars {
+        let defined = bindings.iter().any(|b| b["name"] == var.name.as_str());
+        let kept = keep.names.contains(&var.name)
+            || match var.kind {
+                VarType::Text => keep.text,
+                VarType::Json => keep.json,
+            };
+        if defined || !kept {
+            continue;
+        }
+        bindings.push(match var.kind {
+            VarType::Text => json!({"name": var.name, "type": "plain_text", "text": var.value}),
+            VarType::Json => json!({"name": var.name, "type": "json",
+                "json": serde_json::from_str::<Value>(&var.value).unwrap_or(Value::Null)}),
+        });
+    }
 }
 
 /// Where a version's files are: `<account>/<script>/<version-id>/`.
@@ -427,6 +479,33 @@ mod tests {
             let err = check_module_type(name, Some(declared)).unwrap_err();
             assert!(err.to_string().contains(name), "{name} {declared}: {err}");
         }
+    }
+
+    #[test]
+    fn kept_vars_come_from_the_running_version_unless_redefined() {
+        let keep_vars = r#"{"main_module":"index.js","keep_bindings":["plain_text","json","secret_text"],
+            "bindings":[{"name":"A","type":"plain_text","text":"new"},{"name":"S","type":"inherit"}]}"#;
+        let mut u = upload(vec![metadata(keep_vars), part("index.js", "export default {}")]).unwrap();
+        assert_eq!(u.keep, Keep { text: true, json: true, names: ["S".to_owned()].into_iter().collect() });
+        let running = WorkerTemplate {
+            vars: vec![
+                WorkerVar { name: "A".into(), kind: VarType::Text, value: "old".into() },
+                WorkerVar { name: "B".into(), kind: VarType::Text, value: "kept".into() },
+                WorkerVar { name: "C".into(), kind: VarType::Json, value: r#"{"x":1}"#.into() },
+            ],
+            ..WorkerTemplate::default()
+        };
+        inherit_vars(&mut u.metadata, &u.keep, &running);
+        assert_eq!(
+            u.metadata["bindings"],
+            json!([{"name":"A","type":"plain_text","text":"new"},{"name":"B","type":"plain_text","text":"kept"},
+                   {"name":"C","type":"json","json":{"x":1}}])
+        );
+        // Without keep_bindings, only what the upload names: B and C are gone, as on Cloudflare.
+        let mut plain = upload(vec![metadata(MAIN), part("index.js", "export default {}")]).unwrap();
+        let before = plain.metadata.clone();
+        inherit_vars(&mut plain.metadata, &plain.keep, &running);
+        assert_eq!(plain.metadata, before);
     }
 
     #[test]

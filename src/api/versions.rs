@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::envelope::{json_body, ok, ApiError};
 use super::store::{DEPLOYED_AT, DEPLOY_MESSAGE};
-use super::upload::{read_parts, template_for, validate, Upload};
+use super::upload::{inherit_vars, read_parts, template_for, validate, Upload};
 use super::Shared;
 use crate::crd::{VarType, WorkerDeployment, WorkerRelease, WorkerTemplate};
 
@@ -214,8 +214,13 @@ pub async fn receive(
         ApiError::Invalid(format!("the upload is not a multipart/form-data body: {}", e.body_text()))
     })?;
     let parts = read_parts(&mut multipart, &api.limits).await?;
-    let upload = validate(script, parts, &api.limits)?;
+    let mut upload = validate(script, parts, &api.limits)?;
     api.store.check_name_free(account, script).await?;
+    if !upload.keep.is_empty() {
+        if let Some(running) = api.store.deployment(account, script).await? {
+            inherit_vars(&mut upload.metadata, &upload.keep, &running.spec.template);
+        }
+    }
     let version = uuid::Uuid::new_v4().to_string();
     api.store.put_version(account, script, &version, &upload).await?;
     Ok((version, upload))
