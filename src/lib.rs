@@ -8,8 +8,10 @@
 //! - [`registry`]: push, pull, mount and delete over the distribution API;
 //! - [`build`]: the pipelines the CLI and the controller call (sources → image → target);
 //! - [`base_image`]: the workerd base image, assembled from package archives;
-//! - [`crd`] and [`controller`]: the custom resources and their reconcilers.
+//! - [`crd`] and [`controller`]: the custom resources and their reconcilers;
+//! - [`api`]: the Cloudflare-compatible API wrangler deploys to.
 
+pub mod api;
 pub mod base_image;
 pub mod build;
 pub mod controller;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use workerbundle::api::{self, ApiOptions, Limits as ApiLimits, Placement, TokenSource};
 use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
 use workerbundle::build::{build, BuildContext, BuildRequest};
 use workerbundle::controller::{self, RunOptions, Settings};
@@ -247,6 +248,74 @@ enum Command {
         #[command(flatten)]
         operations: OperationsArgs,
     },
+    /// Serve the Cloudflare-compatible API that unmodified wrangler deploys to.
+    ///
+    /// Point wrangler at the URL this prints (CLOUDFLARE_API_BASE_URL) with a token from the
+    /// token table (CLOUDFLARE_API_TOKEN). Uploads are validated whole, stored in S3 under
+    /// <account>/<script>/<version-id>/, and the WorkerDeployment of (account, script) is
+    /// server-side-applied to run them; `wrangler secret put` writes the Secret <script>-secrets.
+    /// Connects to Kubernetes with KUBECONFIG (or ~/.kube/config), else the in-cluster service
+    /// account. Logs one line per request on stderr; stops cleanly on SIGINT/SIGTERM.
+    ///
+    /// Example:
+    ///   workerbundle api --listen 127.0.0.1:8787 --bucket workers --tokens tokens \
+    ///     --namespace workers --s3-endpoint http://127.0.0.1:8014
+    ///   CLOUDFLARE_API_BASE_URL=http://127.0.0.1:8787/client/v4 CLOUDFLARE_API_TOKEN=... \
+    ///     CLOUDFLARE_ACCOUNT_ID=1234 npx wrangler deploy
+    #[command(verbatim_doc_comment)]
+    Api(Box<ApiArgs>),
+}
+
+/// The `api` subcommand's arguments (boxed in [`Command`]: they are many).
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("token_source").required(true).args(["tokens", "tokens_secret"])))]
+#[command(group(clap::ArgGroup::new("placement").required(true).args(["namespace", "namespace_per_account"])))]
+struct ApiArgs {
+    /// Address to listen on; port 0 picks a free port. The URL to give wrangler as
+    /// CLOUDFLARE_API_BASE_URL is printed on stdout. Example: --listen 127.0.0.1:8787
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8787")]
+    listen: std::net::SocketAddr,
+    /// The S3 bucket uploads are stored in, as <account>/<script>/<version-id>/.
+    /// Example: --bucket workers
+    #[arg(long, value_name = "BUCKET")]
+    bucket: String,
+    /// The token table: one `ACCOUNT_ID SHA256_HEX_OF_TOKEN` line per token and account ('#'
+    /// comments). It holds no live token; it is re-read when it changes.
+    /// Example: printf '1234 %s\n' "$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)" > tokens
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// The same table in the key `tokens` of a Kubernetes Secret, re-read every few seconds.
+    /// Example: --tokens-secret workerbundle/api-tokens
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_namespaced)]
+    tokens_secret: Option<(String, String)>,
+    /// Put every account's objects (WorkerAccount, WorkerDeployments, Secrets) in this namespace.
+    /// Example: --namespace workers
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Put each account's objects in its own namespace, workers-<account>, created on first upload.
+    #[arg(long)]
+    namespace_per_account: bool,
+    /// Largest upload, in bytes (Cloudflare's paid-plan limit is 10 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = ApiLimits::default().max_upload_bytes)]
+    max_upload_bytes: usize,
+    /// Most modules in one upload.
+    #[arg(long, value_name = "N", default_value_t = ApiLimits::default().max_modules)]
+    max_modules: usize,
+    /// Largest single module, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = ApiLimits::default().max_module_bytes)]
+    max_module_bytes: usize,
+    /// Requests one token may make per minute (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = ApiLimits::default().requests_per_minute)]
+    rate_limit: u32,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+fn parse_namespaced(text: &str) -> Result<(String, String), String> {
+    text.split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+        .ok_or_else(|| format!("{text:?} must look like NAMESPACE/NAME"))
 }
 
 /// Probes, metrics and leader election of `run`.
@@ -399,6 +468,53 @@ async fn run(command: Command) -> Result<String, String> {
             };
             let build = BuildContext::new(registry.registries(), s3.options());
             controller::run(options, build).await.map_err(|e| e.to_string())?;
+            Ok(String::new())
+        }
+        Command::Api(args) => {
+            let ApiArgs {
+                listen,
+                bucket,
+                tokens,
+                tokens_secret,
+                namespace,
+                namespace_per_account: _,
+                max_upload_bytes,
+                max_modules,
+                max_module_bytes,
+                rate_limit,
+                s3,
+            } = *args;
+            let tokens = match (tokens, tokens_secret) {
+                (Some(file), _) => TokenSource::File(file),
+                (None, Some((namespace, name))) => TokenSource::Secret { namespace, name },
+                (None, None) => return Err("give --tokens FILE or --tokens-secret NAMESPACE/NAME".into()),
+            };
+            let placement = match namespace {
+                Some(namespace) => Placement::Shared(namespace),
+                None => Placement::PerAccount,
+            };
+            let options = ApiOptions {
+                listen,
+                bucket,
+                tokens,
+                placement,
+                limits: ApiLimits {
+                    max_upload_bytes,
+                    max_modules,
+                    max_module_bytes,
+                    requests_per_minute: rate_limit,
+                },
+                s3: s3.options(),
+            };
+            // The URL goes to stdout as soon as the port is bound: scripts and tests read it.
+            api::serve(options, |addr| {
+                use std::io::Write;
+                let mut stdout = std::io::stdout();
+                let _ = writeln!(stdout, "http://{addr}{}", api::BASE_PATH);
+                let _ = stdout.flush();
+            })
+            .await
+            .map_err(|e| e.to_string())?;
             Ok(String::new())
         }
     }

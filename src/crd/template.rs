@@ -40,6 +40,12 @@ pub struct WorkerTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
     pub env_prefix: Option<String>,
+    /// The Cloudflare version this template is (a UUID), set by the upload API: part of the
+    /// template so that every upload makes its own WorkerRelease, and deploying an older version
+    /// brings back exactly that version's template, hence its release, with no rebuild.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"))]
+    pub version_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]

@@ -156,6 +156,12 @@ impl S3Source {
         }
     }
 
+    /// The S3 client, for writers (the upload API) that share this set-up of endpoint, region and
+    /// credentials.
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// Objects downloaded so far (cache hits excluded).
     pub fn downloads(&self) -> u64 {
         self.downloads.load(Ordering::Relaxed)

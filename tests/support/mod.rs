@@ -2,10 +2,12 @@
 //! (umoci, skopeo, workerd, curl) to read back and run what the builder produced.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod cluster;
 pub mod fault_proxy;
 pub mod registry;
 pub mod s3;
+pub mod wrangler;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -66,6 +66,16 @@ impl S3Server {
         }
     }
 
+    /// Every object of a bucket, by key (empty when the bucket holds nothing).
+    pub fn objects(&self, bucket: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let dir = self.dir.path().join(bucket);
+        if dir.exists() {
+            super::tree(&dir)
+        } else {
+            Default::default()
+        }
+    }
+
     /// The environment the standard AWS credential chain reads.
     pub fn env(&self, secret: &str) -> Vec<(String, String)> {
         vec![

@@ -1,0 +1,542 @@
+//! A script upload (wrangler's multipart form): read part by part under the limits, then validated
+//! whole — metadata, every module, the main module among them, bindings we can serve — before
+//! anything is stored. Also what a stored version means as a WorkerDeployment template.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::extract::multipart::{Multipart, MultipartError};
+use axum::http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::envelope::ApiError;
+use super::limits::Limits;
+use crate::crd::{VarType, WorkerTemplate, WorkerVar};
+use crate::worker::names::{check_module_path, check_worker_name};
+use crate::worker::{ModuleKind, Worker, WorkerFiles, METADATA_FILE};
+
+/// The form part that carries the metadata JSON.
+const METADATA_PART: &str = "metadata";
+/// Metadata is a small JSON document; anything bigger is not metadata.
+const MAX_METADATA_BYTES: usize = 1 << 20;
+/// Binding types that are accepted but carry nothing to store (see `validate`).
+const SECRET_TYPES: [&str; 2] = ["secret_text", "inherit"];
+
+/// One part of the form, read whole.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub name: String,
+    /// The part's Content-Type: wrangler's module type (see [`check_module_type`]).
+    pub content_type: Option<String>,
+    pub bytes: Bytes,
+}
+
+/// A validated upload: what goes to S3.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    /// Module path → content, sorted by path.
+    pub modules: BTreeMap<String, Bytes>,
+    /// The `metadata.json` stored beside the modules: Cloudflare's format, with only what we
+    /// serve (no secret values, ever).
+    pub metadata: Value,
+    /// Vars of the running version the upload asks to keep (see [`inherit_vars`]).
+    pub keep: Keep,
+}
+
+/// Vars an upload keeps from the version that runs now: all plain-text or all JSON ones
+/// (`keep_bindings`, wrangler's `keep_vars = true`), or some by name (`inherit` bindings).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    pub text: bool,
+    pub json: bool,
+    pub names: BTreeSet<String>,
+}
+
+impl Keep {
+    pub fn is_empty(&self) -> bool {
+        !self.text && !self.json && self.names.is_empty()
+    }
+}
+
+/// Reads the form part by part, refusing as soon as a limit is passed. The body's total size is
+/// capped by the router's body limit; a body cut off there is reported as too large.
+pub async fn read_parts(multipart: &mut Multipart, limits: &Limits) -> Result<Vec<Part>, ApiError> {
+    let mut parts = Vec::new();
+    let mut modules = 0;
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| form_error(e, limits))? {
+        let name = field.name().unwrap_or_default().to_owned();
+        let content_type = field.content_type().map(str::to_owned);
+        if name != METADATA_PART {
+            modules += 1;
+        }
+        if modules > limits.max_modules {
+            return Err(ApiError::TooLarge(format!(
+                "the upload has more than {} modules (the limit)",
+                limits.max_modules
+            )));
+        }
+        let cap = if name == METADATA_PART { MAX_METADATA_BYTES } else { limits.max_module_bytes };
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| form_error(e, limits))? {
+            if bytes.len() + chunk.len() > cap {
+                return Err(ApiError::TooLarge(format!(
+                    "part {name:?} is larger than the limit of {cap} bytes per {}",
+                    if name == METADATA_PART { "metadata part" } else { "module" }
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        parts.push(Part { name, content_type, bytes: bytes.freeze() });
+    }
+    Ok(parts)
+}
+
+fn form_error(error: MultipartError, limits: &Limits) -> ApiError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(format!(
+            "the upload is larger than the limit of {} bytes",
+            limits.max_upload_bytes
+        ))
+    } else {
+        ApiError::Invalid(format!(
+            "the upload is not a valid multipart/form-data body: {}",
+            error.body_text()
+        ))
+    }
+}
+
+/// The metadata fields an upload may carry. Fields that do not change what runs (`logpush`,
+/// `observability`, `placement`, `limits`, `tail_consumers`, `keep_bindings`, ...) are accepted and
+/// not stored.
+#[derive(Debug, Deserialize)]
+struct UploadMetadata {
+    main_module: Option<String>,
+    body_part: Option<String>,
+    compatibility_date: Option<String>,
+    #[serde(default)]
+    compatibility_flags: Vec<String>,
+    #[serde(default)]
+    bindings: Vec<Value>,
+    #[serde(default)]
+    annotations: BTreeMap<String, Value>,
+    #[serde(default)]
+    keep_bindings: Vec<String>,
+    migrations: Option<Value>,
+    assets: Option<Value>,
+    containers: Option<Value>,
+}
+
+/// Validates a whole upload for worker `script`. Pure: nothing is read or written.
+///
+/// `secret_text` bindings: a value in the upload is refused (secrets go through `wrangler secret
+/// put`, into the worker's Secret, never to S3); a `secret_text` or `inherit` binding without a
+/// value is accepted and not stored, because the worker's Secret keeps its secrets across uploads.
+pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Upload, ApiError> {
+    check_worker_name(script).map_err(|e| ApiError::Invalid(format!("script name: {e}")))?;
+    let mut metadata_bytes = None;
+    let mut modules = BTreeMap::new();
+    for part in parts {
+        if part.name == METADATA_PART {
+            if metadata_bytes.replace(part.bytes).is_some() {
+                return Err(ApiError::Invalid("the upload has two `metadata` parts".into()));
+            }
+            continue;
+        }
+        check_module_path(&part.name).map_err(|e| ApiError::Invalid(format!("module name: {e}")))?;
+        if part.name == METADATA_FILE {
+            return Err(ApiError::Invalid(format!(
+                "a module may not be named {METADATA_FILE:?}: that name holds the worker's metadata"
+            )));
+        }
+        check_module_type(&part.name, part.content_type.as_deref())?;
+        if part.bytes.len() > limits.max_module_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "module {:?} is {} bytes, over the limit of {} bytes per module",
+                part.name,
+                part.bytes.len(),
+                limits.max_module_bytes
+            )));
+        }
+        if modules.insert(part.name.clone(), part.bytes).is_some() {
+            return Err(ApiError::Invalid(format!("module {:?} is uploaded twice", part.name)));
+        }
+    }
+    if modules.len() > limits.max_modules {
+        return Err(ApiError::TooLarge(format!(
+            "the upload has {} modules, over the limit of {}",
+            modules.len(),
+            limits.max_modules
+        )));
+    }
+    let metadata_bytes = metadata_bytes.ok_or_else(|| {
+        ApiError::Invalid("the upload has no `metadata` part (Cloudflare's script upload format)".into())
+    })?;
+    let raw: UploadMetadata = serde_json::from_slice(&metadata_bytes).map_err(|e| {
+        ApiError::Invalid(format!("the `metadata` part is not valid upload metadata JSON: {e}"))
+    })?;
+    let keep = Keep {
+        text: raw.keep_bindings.iter().any(|k| k == "plain_text"),
+        json: raw.keep_bindings.iter().any(|k| k == "json"),
+        names: raw
+            .bindings
+            .iter()
+            .filter(|b| b["type"] == "inherit")
+            .filter_map(|b| b["name"].as_str().map(str::to_owned))
+            .collect(),
+    };
+    let metadata = stored_metadata(raw)?;
+
+    // The same validation every worker source gets (issue A): module paths, the main module among
+    // the modules and JavaScript, compatibility date and flags, binding names.
+    let mut files: BTreeMap<String, bytes::Bytes> =
+        modules.iter().map(|(k, v)| (k.clone(), bytes::Bytes::from(v.to_vec()))).collect();
+    files.insert(METADATA_FILE.into(), bytes::Bytes::from(metadata.to_string().into_bytes()));
+    Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
+        .map_err(|e| ApiError::Invalid(e.message))?;
+    Ok(Upload { modules, metadata, keep })
+}
+
+/// The image builder decides a module's type by its extension (issue A's format has no per-module
+/// type). wrangler says the type in each part's Content-Type; a module whose declared type is not
+/// what its extension gives would run as the wrong kind, so it is refused, not silently changed.
+pub fn check_module_type(name: &str, content_type: Option<&str>) -> Result<(), ApiError> {
+    let Some(declared) = content_type.map(|c| c.split(';').next().unwrap_or_default().trim()) else {
+        return Ok(());
+    };
+    let kind = ModuleKind::from_path(name);
+    let fits = match declared {
+        "application/javascript+module" => kind == ModuleKind::EsModule,
+        "application/javascript" => kind == ModuleKind::CommonJs,
+        "application/wasm" => kind == ModuleKind::Wasm,
+        "text/plain" | "application/source-map" => kind == ModuleKind::Text,
+        "application/json" => kind == ModuleKind::Json,
+        "application/octet-stream" => kind == ModuleKind::Data,
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "module {name:?} is sent as {declared:?}, but this server gives modules their type by \
+         extension and would run it as {}: rename it (.js/.mjs ES module, .cjs CommonJS, .wasm, \
+         .json, .txt/.html/... text, others data) or change the wrangler rule",
+        kind.capnp_field()
+    )))
+}
+
+fn stored_metadata(raw: UploadMetadata) -> Result<Value, ApiError> {
+    let main_module = match (raw.main_module, raw.body_part) {
+        (Some(main), _) => main,
+        (None, Some(_)) => {
+            return Err(ApiError::Invalid(
+                "the service-worker format (body_part) is not supported: upload ES modules \
+                 (wrangler does by default; main_module names the entry)"
+                    .into(),
+            ))
+        }
+        (None, None) => return Err(ApiError::Invalid("the metadata names no main_module".into())),
+    };
+    for (field, present) in [
+        ("assets", raw.assets.is_some()),
+        ("migrations (Durable Objects)", raw.migrations.is_some()),
+        ("containers", raw.containers.is_some()),
+    ] {
+        if present {
+            return Err(ApiError::Invalid(format!("{field} are not supported by this server yet")));
+        }
+    }
+    let mut bindings = Vec::new();
+    let mut names = BTreeSet::new();
+    for binding in raw.bindings {
+        let name = binding["name"].as_str().unwrap_or_default().to_owned();
+        let kind = binding["type"].as_str().unwrap_or_default().to_owned();
+        if name.is_empty() || kind.is_empty() {
+            return Err(ApiError::Invalid(format!("a binding without a name or type: {binding}")));
+        }
+        if !names.insert(name.clone()) {
+            return Err(ApiError::Invalid(format!("binding {name:?} is defined twice")));
+        }
+        match kind.as_str() {
+            "plain_text" => {
+                let text = binding["text"].as_str().ok_or_else(|| {
+                    ApiError::Invalid(format!("plain_text binding {name:?} has no string \"text\""))
+                })?;
+                bindings.push(json!({"name": name, "type": "plain_text", "text": text}));
+            }
+            "json" => {
+                let value = binding.get("json").ok_or_else(|| {
+                    ApiError::Invalid(format!("json binding {name:?} has no \"json\" value"))
+                })?;
+                bindings.push(json!({"name": name, "type": "json", "json": value}));
+            }
+            "secret_text" if binding.get("text").is_some() => {
+                return Err(ApiError::Invalid(format!(
+                    "secret_text binding {name:?} carries its value in the upload; secrets are set with \
+                     `wrangler secret put {name}` and never stored with the code"
+                )))
+            }
+            t if SECRET_TYPES.contains(&t) => {}
+            other => {
+                return Err(ApiError::Invalid(format!(
+                    "binding {name:?} has type {other:?}, which this server does not support yet \
+                     (supported: plain_text and json vars; secrets through `wrangler secret put`)"
+                )))
+            }
+        }
+    }
+    let mut stored = Map::new();
+    stored.insert("main_module".into(), json!(main_module));
+    if let Some(date) = raw.compatibility_date {
+        stored.insert("compatibility_date".into(), json!(date));
+    }
+    if !raw.compatibility_flags.is_empty() {
+        stored.insert("compatibility_flags".into(), json!(raw.compatibility_flags));
+    }
+    stored.insert("bindings".into(), Value::Array(bindings));
+    // wrangler's --message and --tag: shown again by `versions list` and `deployments list`.
+    let annotations: Map<String, Value> = raw
+        .annotations
+        .into_iter()
+        .filter(|(k, v)| (k == "workers/message" || k == "workers/tag") && v.is_string())
+        .collect();
+    if !annotations.is_empty() {
+        stored.insert("annotations".into(), Value::Object(annotations));
+    }
+    Ok(Value::Object(stored))
+}
+
+/// Adds to an upload's metadata the vars of the running template it keeps and does not define
+/// itself. An `inherit` of a name that is not a var is a secret: secrets stay in the worker's
+/// Secret whatever the upload says.
+pub fn inherit_vars(metadata: &mut Value, keep: &Keep, running: &WorkerTemplate) {
+    let Some(bindings) = metadata.get_mut("bindings").and_then(Value::as_array_mut) else { return };
+    for var in &running.vars {
+        let defined = bindings.iter().any(|b| b["name"] == var.name.as_str());
+        let kept = keep.names.contains(&var.name)
+            || match var.kind {
+                VarType::Text => keep.text,
+                VarType::Json => keep.json,
+            };
+        if defined || !kept {
+            continue;
+        }
+        bindings.push(match var.kind {
+            VarType::Text => json!({"name": var.name, "type": "plain_text", "text": var.value}),
+            VarType::Json => json!({"name": var.name, "type": "json",
+                "json": serde_json::from_str::<Value>(&var.value).unwrap_or(Value::Null)}),
+        });
+    }
+}
+
+/// Where a version's files are: `<account>/<script>/<version-id>/`.
+pub fn version_prefix(account: &str, script: &str, version: &str) -> String {
+    format!("{account}/{script}/{version}/")
+}
+
+/// The Secret holding a script's secrets (in the account's namespace). A WorkerDeployment name is
+/// at most 63 characters, so this stays well inside a Secret name's 253.
+pub fn secret_name(script: &str) -> String {
+    format!("{script}-secrets")
+}
+
+/// The template of version `version` of (account, script), from its stored metadata. A pure
+/// function of what is in S3, so a version deployed later (`versions upload`, then `deployments`)
+/// gets exactly the template an upload would have applied: the same release.
+pub fn template_for(
+    bucket: &str,
+    account: &str,
+    script: &str,
+    version: &str,
+    metadata: &Value,
+) -> Result<WorkerTemplate, String> {
+    let text = |key: &str| metadata[key].as_str().map(str::to_owned);
+    let flags = metadata["compatibility_flags"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut vars = Vec::new();
+    for binding in metadata["bindings"].as_array().into_iter().flatten() {
+        let name = binding["name"].as_str().unwrap_or_default().to_owned();
+        match binding["type"].as_str() {
+            Some("plain_text") => vars.push(WorkerVar {
+                name,
+                kind: VarType::Text,
+                value: binding["text"].as_str().unwrap_or_default().to_owned(),
+            }),
+            Some("json") => {
+                vars.push(WorkerVar { name, kind: VarType::Json, value: binding["json"].to_string() })
+            }
+            other => return Err(format!("stored metadata has a binding of type {other:?}")),
+        }
+    }
+    Ok(WorkerTemplate {
+        script_name: script.to_owned(),
+        script_urls: vec![format!("s3://{bucket}/{}", version_prefix(account, script, version))],
+        main_module: Some(text("main_module").ok_or("stored metadata names no main_module")?),
+        compatibility_date: text("compatibility_date"),
+        compatibility_flags: flags,
+        vars,
+        secret_ref: Some(secret_name(script)),
+        env_prefix: None,
+        version_id: Some(version.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(name: &str, content: &str) -> Part {
+        Part { name: name.into(), content_type: None, bytes: Bytes::from(content.to_owned()) }
+    }
+
+    fn metadata(json: &str) -> Part {
+        part("metadata", json)
+    }
+
+    const MAIN: &str = r#"{"main_module":"index.js","compatibility_date":"2024-09-23","bindings":[
+        {"name":"GREETING","type":"plain_text","text":"hi"},{"name":"CFG","type":"json","json":{"a":[1,2]}},
+        {"name":"OLD","type":"secret_text"}],"annotations":{"workers/message":"m","other":"x"},
+        "observability":{"enabled":false}}"#;
+
+    fn upload(parts: Vec<Part>) -> Result<Upload, ApiError> {
+        validate("hello", parts, &Limits::default())
+    }
+
+    fn invalid(parts: Vec<Part>) -> String {
+        match upload(parts) {
+            Err(ApiError::Invalid(m)) => m,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_upload_keeps_modules_and_the_metadata_we_serve() {
+        let u = upload(vec![
+            metadata(MAIN),
+            part("index.js", "import t from './t.txt'; export default {}"),
+            part("t.txt", "x"),
+            part("add.wasm", "\0asm"),
+        ])
+        .unwrap();
+        assert_eq!(u.modules.keys().collect::<Vec<_>>(), ["add.wasm", "index.js", "t.txt"]);
+        assert_eq!(u.metadata["main_module"], "index.js");
+        assert_eq!(u.metadata["bindings"].as_array().unwrap().len(), 2, "the secret is not stored");
+        assert_eq!(u.metadata["annotations"], json!({"workers/message": "m"}));
+        assert!(u.metadata.get("observability").is_none());
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        let js = || part("index.js", "export default {}");
+        assert!(invalid(vec![metadata(MAIN), part("../x.js", "")]).contains("'..'"));
+        assert!(invalid(vec![metadata(MAIN), part("/x.js", "")]).contains("absolute"));
+        assert!(invalid(vec![metadata(MAIN), part("a\0.js", "")]).contains("control character"));
+        assert!(
+            invalid(vec![metadata(r#"{"main_module":"main.js"}"#), js()]).contains("\"main.js\" is missing")
+        );
+        assert!(invalid(vec![metadata("{not json"), js()]).contains("not valid upload metadata JSON"));
+        assert!(invalid(vec![js()]).contains("no `metadata` part"));
+        assert!(invalid(vec![metadata(MAIN), metadata(MAIN), js()]).contains("two `metadata`"));
+        assert!(
+            invalid(vec![metadata(r#"{"body_part":"w.js"}"#), part("w.js", "")]).contains("service-worker")
+        );
+        let kv = r#"{"main_module":"index.js","bindings":[{"name":"CACHE","type":"kv_namespace","namespace_id":"x"}]}"#;
+        let message = invalid(vec![metadata(kv), js()]);
+        assert!(message.contains("\"CACHE\"") && message.contains("kv_namespace"), "{message}");
+        let secret =
+            r#"{"main_module":"index.js","bindings":[{"name":"K","type":"secret_text","text":"v"}]}"#;
+        let message = invalid(vec![metadata(secret), js()]);
+        assert!(message.contains("wrangler secret put K") && !message.contains("\"v\""), "{message}");
+        assert!(invalid(vec![metadata(MAIN), js(), part("metadata.json", "{}")]).contains("metadata.json"));
+        assert!(matches!(
+            validate("Hello", vec![metadata(MAIN), js()], &Limits::default()),
+            Err(ApiError::Invalid(m)) if m.contains("DNS-1123")
+        ));
+    }
+
+    #[test]
+    fn declared_module_types_must_match_the_extension() {
+        for (name, declared) in [
+            ("index.js", "application/javascript+module"),
+            ("lib/old.cjs", "application/javascript"),
+            ("add.wasm", "application/wasm"),
+            ("t.txt", "text/plain; charset=utf-8"),
+            ("index.js.map", "application/source-map"),
+            ("cfg.json", "application/json"),
+            ("blob.bin", "application/octet-stream"),
+        ] {
+            assert!(check_module_type(name, Some(declared)).is_ok(), "{name} {declared}");
+        }
+        assert!(check_module_type("index.js", None).is_ok());
+        for (name, declared) in [
+            ("index.js", "application/javascript"),
+            ("q.sql", "text/plain"),
+            ("index.js", "application/octet-stream"),
+            ("t.txt", "application/octet-stream"),
+            ("w.py", "text/x-python"),
+        ] {
+            let err = check_module_type(name, Some(declared)).unwrap_err();
+            assert!(err.to_string().contains(name), "{name} {declared}: {err}");
+        }
+    }
+
+    #[test]
+    fn kept_vars_come_from_the_running_version_unless_redefined() {
+        let keep_vars = r#"{"main_module":"index.js","keep_bindings":["plain_text","json","secret_text"],
+            "bindings":[{"name":"A","type":"plain_text","text":"new"},{"name":"S","type":"inherit"}]}"#;
+        let mut u = upload(vec![metadata(keep_vars), part("index.js", "export default {}")]).unwrap();
+        assert_eq!(u.keep, Keep { text: true, json: true, names: ["S".to_owned()].into_iter().collect() });
+        let running = WorkerTemplate {
+            vars: vec![
+                WorkerVar { name: "A".into(), kind: VarType::Text, value: "old".into() },
+                WorkerVar { name: "B".into(), kind: VarType::Text, value: "kept".into() },
+                WorkerVar { name: "C".into(), kind: VarType::Json, value: r#"{"x":1}"#.into() },
+            ],
+            ..WorkerTemplate::default()
+        };
+        inherit_vars(&mut u.metadata, &u.keep, &running);
+        assert_eq!(
+            u.metadata["bindings"],
+            json!([{"name":"A","type":"plain_text","text":"new"},{"name":"B","type":"plain_text","text":"kept"},
+                   {"name":"C","type":"json","json":{"x":1}}])
+        );
+        // Without keep_bindings, only what the upload names: B and C are gone, as on Cloudflare.
+        let mut plain = upload(vec![metadata(MAIN), part("index.js", "export default {}")]).unwrap();
+        let before = plain.metadata.clone();
+        inherit_vars(&mut plain.metadata, &plain.keep, &running);
+        assert_eq!(plain.metadata, before);
+    }
+
+    #[test]
+    fn limits_are_enforced_on_validated_parts_too() {
+        let limits = Limits { max_modules: 1, max_module_bytes: 4, ..Limits::default() };
+        let r = validate("hello", vec![metadata(MAIN), part("index.js", "12345")], &limits);
+        assert!(matches!(r, Err(ApiError::TooLarge(m)) if m.contains("per module")));
+        let r = validate("hello", vec![metadata(MAIN), part("index.js", "1"), part("b.js", "2")], &limits);
+        assert!(matches!(r, Err(ApiError::TooLarge(m)) if m.contains("limit of 1")));
+    }
+
+    #[test]
+    fn the_template_follows_the_stored_metadata() {
+        let u = upload(vec![metadata(MAIN), part("index.js", "export default {}")]).unwrap();
+        let v = "0b8a5b8e-6f4e-4c39-9a57-2c4d2b7d8f10";
+        let t = template_for("workers", "1234", "hello", v, &u.metadata).unwrap();
+        assert_eq!(t.script_urls, [format!("s3://workers/1234/hello/{v}/")]);
+        assert_eq!(t.main_module.as_deref(), Some("index.js"));
+        assert_eq!(t.compatibility_date.as_deref(), Some("2024-09-23"));
+        assert_eq!(t.secret_ref.as_deref(), Some("hello-secrets"));
+        assert_eq!(t.version_id.as_deref(), Some(v));
+        assert_eq!(
+            t.vars,
+            [
+                WorkerVar { name: "GREETING".into(), kind: VarType::Text, value: "hi".into() },
+                WorkerVar { name: "CFG".into(), kind: VarType::Json, value: r#"{"a":[1,2]}"#.into() },
+            ]
+        );
+        // Read back from S3 it is the same template: the same release.
+        let reread: Value = serde_json::from_slice(u.metadata.to_string().as_bytes()).unwrap();
+        assert_eq!(template_for("workers", "1234", "hello", v, &reread).unwrap(), t);
+    }
+}
