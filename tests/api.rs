@@ -429,6 +429,29 @@ fn wrangler_delete_removes_the_worker_its_secret_and_its_versions() {
     assert_eq!((code, &reply["errors"][0]["code"]), (404, &json!(10007)));
 }
 
+/// `wrangler secret put` on a worker that does not exist yet creates a draft worker, as on
+/// Cloudflare, then sets the secret.
+#[test]
+fn secret_put_on_a_new_worker_creates_it() {
+    let env = Env::start("api-draft", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    write(
+        project.path(),
+        &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("x").as_bytes())],
+    );
+    let put = wrangler.run_with_input(project.path(), &["secret", "put", "FIRST"], Some("early"));
+    assert!(put.success(), "{}", put.text());
+    let wd = env.cluster.get("workerdeployment", "hello").expect("the draft worker");
+    assert_eq!(wd["spec"]["template"]["mainModule"], "hello.mjs");
+    assert_eq!(env.cluster.get("secret", "hello-secrets").unwrap()["data"]["FIRST"], base64_of("early"));
+    // The real deploy replaces the draft and keeps the secret.
+    wrangler.ok(project.path(), &["deploy"]);
+    let wd = env.cluster.get("workerdeployment", "hello").unwrap();
+    assert_eq!(wd["spec"]["template"]["mainModule"], "index.js");
+    assert!(env.cluster.get("secret", "hello-secrets").unwrap()["data"]["FIRST"].is_string());
+}
+
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)

@@ -163,13 +163,15 @@ impl Tokens {
     pub async fn current(&self) -> Result<TokenTable, String> {
         match &self.source {
             TokenSource::File(path) => {
-                let meta = std::fs::metadata(path)
+                let meta = tokio::fs::metadata(path)
+                    .await
                     .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
                 let stamp = Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
                 if let Some(hit) = self.cached(|c| c.stamp == stamp) {
                     return hit;
                 }
-                let text = std::fs::read_to_string(path)
+                let text = tokio::fs::read_to_string(path)
+                    .await
                     .map_err(|e| format!("cannot read the token file {}: {e}", path.display()));
                 let table = text.and_then(|t| {
                     TokenTable::parse(&t).map_err(|e| format!("token file {}: {e}", path.display()))

@@ -132,8 +132,9 @@ struct UploadMetadata {
 /// `secret_text` bindings: a value in the upload is refused (secrets go through `wrangler secret
 /// put`, into the worker's Secret, never to S3); a `secret_text` or `inherit` binding without a
 /// value is accepted and not stored, because the worker's Secret keeps its secrets across uploads.
-pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Upload, ApiError> {
+pub fn validate(script: &str, mut parts: Vec<Part>, limits: &Limits) -> Result<Upload, ApiError> {
     check_worker_name(script).map_err(|e| ApiError::Invalid(format!("script name: {e}")))?;
+    name_draft_module(&mut parts);
     let mut metadata_bytes = None;
     let mut modules = BTreeMap::new();
     for part in parts {
@@ -195,6 +196,29 @@ pub fn validate(script: &str, parts: Vec<Part>, limits: &Limits) -> Result<Uploa
     Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
         .map_err(|e| ApiError::Invalid(e.message))?;
     Ok(Upload { modules, metadata, keep })
+}
+
+/// `wrangler secret put` on a worker that does not exist yet first uploads a draft: one ES module
+/// named like the worker, without an extension. The builder types modules by extension, so that
+/// one module is stored as `<name>.mjs` (nothing can import it: it is the only module).
+fn name_draft_module(parts: &mut [Part]) {
+    let modules: Vec<usize> = (0..parts.len()).filter(|&i| parts[i].name != METADATA_PART).collect();
+    let [only] = modules[..] else { return };
+    let declared_esm =
+        parts[only].content_type.as_deref().is_some_and(|c| c.starts_with("application/javascript+module"));
+    if parts[only].name.contains(['.', '/']) || !declared_esm {
+        return;
+    }
+    let name = parts[only].name.clone();
+    let Some(meta) = parts.iter().position(|p| p.name == METADATA_PART) else { return };
+    let Ok(mut metadata) = serde_json::from_slice::<Value>(&parts[meta].bytes) else { return };
+    if metadata["main_module"] != name.as_str() {
+        return;
+    }
+    let renamed = format!("{name}.mjs");
+    metadata["main_module"] = json!(renamed);
+    parts[meta].bytes = Bytes::from(metadata.to_string());
+    parts[only].name = renamed;
 }
 
 /// The image builder decides a module's type by its extension (issue A's format has no per-module
@@ -507,6 +531,21 @@ mod tests {
         let before = plain.metadata.clone();
         inherit_vars(&mut plain.metadata, &plain.keep, &running);
         assert_eq!(plain.metadata, before);
+    }
+
+    #[test]
+    fn wranglers_draft_worker_gets_an_extension() {
+        let esm = |name: &str| Part {
+            name: name.into(),
+            content_type: Some("application/javascript+module".into()),
+            bytes: Bytes::from_static(b"export default { fetch() {} }"),
+        };
+        let u = upload(vec![metadata(r#"{"main_module":"fresh","bindings":[]}"#), esm("fresh")]).unwrap();
+        assert_eq!(u.modules.keys().collect::<Vec<_>>(), ["fresh.mjs"]);
+        assert_eq!(u.metadata["main_module"], "fresh.mjs");
+        // Only that shape: with a second module the extension-less main stays refused.
+        let two = vec![metadata(r#"{"main_module":"fresh"}"#), esm("fresh"), esm("lib.js")];
+        assert!(matches!(upload(two), Err(ApiError::Invalid(m)) if m.contains("\"fresh\"")));
     }
 
     #[test]
