@@ -9,13 +9,15 @@
 //! - [`build`]: the pipelines the CLI and the controller call (sources → image → target);
 //! - [`base_image`]: the workerd base image, assembled from package archives;
 //! - [`crd`] and [`controller`]: the custom resources and their reconcilers;
-//! - [`api`]: the Cloudflare-compatible API wrangler deploys to.
+//! - [`api`]: the Cloudflare-compatible API wrangler deploys to;
+//! - [`dev`]: all of it in one process, with a local runner (`workerbundle dev`).
 
 pub mod api;
 pub mod base_image;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod dev;
 pub mod digest;
 pub mod image;
 pub mod oci;

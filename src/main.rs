@@ -264,6 +264,48 @@ enum Command {
     ///     CLOUDFLARE_ACCOUNT_ID=1234 npx wrangler deploy
     #[command(verbatim_doc_comment)]
     Api(Box<ApiArgs>),
+    /// The whole platform on this machine, in one process: no cluster, no Docker, no root.
+    ///
+    /// Runs the Cloudflare-compatible API, an in-memory Kubernetes API server as the control
+    /// plane, the controllers, an S3-compatible store on a local directory, an OCI image layout
+    /// as the image target, and a local runner that starts each bundle's workerd as a pod would
+    /// (its Secrets' values in the environment) and replaces it when the image or a secret
+    /// changes. The first run assembles the workerd base image from the pinned archives (fetch
+    /// them with base-images/workerd/fetch.py) unless --base-image names one.
+    ///
+    /// stdout carries, for scripts, three `export CLOUDFLARE_...=` lines for wrangler, then
+    /// `serving ACCOUNT/SCRIPT on http://127.0.0.1:PORT` whenever a worker starts or changes.
+    /// Logs go to stderr. Ctrl-C stops everything, every workerd included.
+    ///
+    /// Example:
+    ///   workerbundle dev --data .workerbundle > dev.out &
+    ///   eval "$(head -3 dev.out)"      # once the exports are there
+    ///   cd my-worker && npx wrangler deploy
+    ///   curl http://127.0.0.1:8080/    # the URL dev.out names
+    #[command(verbatim_doc_comment)]
+    Dev {
+        /// Keep everything here (objects, uploads, images, the account and token) across
+        /// restarts. Default: a temporary directory removed at exit.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Where the API listens (CLOUDFLARE_API_BASE_URL).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+        /// The workerd base image: oci:DIR[:TAG] or docker://HOST/REPO:TAG|@DIGEST. Default: the
+        /// one assembled from the pinned archives into DATA/base.
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        base_image: Option<ImageRef>,
+        /// Push images to a registry (HOST[:PORT]/PATH; each account gets PATH/<account>)
+        /// instead of the OCI layout under DATA/images.
+        #[arg(long, value_name = "HOST[:PORT]/PATH")]
+        repository_prefix: Option<String>,
+        /// Where the base image's package archives are. Default: $WORKERBUNDLE_ARCHIVES, else
+        /// ~/.cache/workerbundle/archives.
+        #[arg(long, value_name = "DIR")]
+        archives: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
 }
 
 /// The `api` subcommand's arguments (boxed in [`Command`]: they are many).
@@ -468,6 +510,21 @@ async fn run(command: Command) -> Result<String, String> {
             };
             let build = BuildContext::new(registry.registries(), s3.options());
             controller::run(options, build).await.map_err(|e| e.to_string())?;
+            Ok(String::new())
+        }
+        Command::Dev { data, listen, base_image, repository_prefix, archives, registry } => {
+            if let Some(prefix) = &repository_prefix {
+                RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
+            }
+            let options = workerbundle::dev::DevOptions {
+                data,
+                listen,
+                base_image,
+                repository_prefix,
+                archives: archives.unwrap_or_else(base_image::default_archive_dir),
+                source_date_epoch: 0,
+            };
+            workerbundle::dev::run(options, registry.registries()).await.map_err(|e| e.to_string())?;
             Ok(String::new())
         }
         Command::Api(args) => {

@@ -233,8 +233,19 @@ pub enum ServeError {
 /// Serves until SIGINT or SIGTERM; requests in flight finish first. `listening` is told the
 /// address actually bound (port 0 picks a free one).
 pub async fn serve(options: ApiOptions, listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    S3Url::parse(&format!("s3://{}/", options.bucket)).map_err(ServeError::Bucket)?;
     let kube = kube::Client::try_default().await.map_err(ServeError::Connect)?;
+    serve_with(options, kube, shutdown_signal(), listening).await
+}
+
+/// [`serve`] with a given Kubernetes client, until `shutdown` completes (`workerbundle dev`
+/// serves the API beside its own control plane).
+pub async fn serve_with(
+    options: ApiOptions,
+    kube: kube::Client,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    S3Url::parse(&format!("s3://{}/", options.bucket)).map_err(ServeError::Bucket)?;
     let kube_for_tokens = matches!(options.tokens, TokenSource::Secret { .. }).then(|| kube.clone());
     let tokens =
         auth::Tokens::load(options.tokens.clone(), kube_for_tokens).await.map_err(ServeError::Tokens)?;
@@ -256,10 +267,7 @@ pub async fn serve(options: ApiOptions, listening: impl FnOnce(SocketAddr)) -> R
     let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: options.listen, source })?;
     info!(%addr, bucket = %options.bucket, placement = ?options.placement, "API listening");
     listening(addr);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(ServeError::Serve)?;
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(ServeError::Serve)?;
     info!("stopped");
     Ok(())
 }

@@ -86,6 +86,17 @@ pub enum RunError {
 /// renew it returns `RunError::Leader` at once (the process must exit: it may no longer act).
 pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Connect)?;
+    run_with(client, options, build, shutdown_signal()).await
+}
+
+/// [`run`] with a given client, until `shutdown` completes (`workerbundle dev` runs the
+/// controllers beside its own API server and stops them with everything else).
+pub async fn run_with(
+    client: Client,
+    options: RunOptions,
+    build: BuildContext,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let apis = Apis { client: client.clone(), namespace: options.namespace.clone() };
     check_crd(apis.get::<WorkerDeployment>()).await?;
     check_crd(apis.get::<WorkerRelease>()).await?;
@@ -106,7 +117,7 @@ pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunErro
         }
     };
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         info!("shutting down: finishing reconciles in flight");
         let _ = stop_tx.send(true);
     });

@@ -86,11 +86,21 @@ pub struct S3Options {
     /// Objects downloaded at once.
     pub parallel: usize,
     pub limits: S3Limits,
+    /// An access key id and secret key to use instead of the credential chain (a store this
+    /// process started itself, as `workerbundle dev` does).
+    pub static_credentials: Option<(String, String)>,
 }
 
 impl Default for S3Options {
     fn default() -> Self {
-        S3Options { endpoint: None, region: None, page_size: 1000, parallel: 16, limits: S3Limits::default() }
+        S3Options {
+            endpoint: None,
+            region: None,
+            page_size: 1000,
+            parallel: 16,
+            limits: S3Limits::default(),
+            static_credentials: None,
+        }
     }
 }
 
@@ -131,11 +141,18 @@ impl S3Source {
             .or_else(EnvironmentVariableRegionProvider::new())
             .or_else(ProfileFileRegionProvider::builder().build())
             .or_else(Region::new("us-east-1"));
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .credentials_provider(credentials)
-            .region(region)
-            .load()
-            .await;
+        let defaults = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+        let defaults = match &options.static_credentials {
+            Some((id, secret)) => defaults.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "workerbundle",
+            )),
+            None => defaults.credentials_provider(credentials),
+        };
+        let shared = defaults.load().await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared)
             .retry_config(RetryConfig::standard().with_max_attempts(5))
             .force_path_style(true);

@@ -122,6 +122,11 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let existing_deployment = deployments.get_opt(&bundle.spec.deployment_name).await?;
     let existing_service = services.get_opt(&bundle.spec.deployment_name).await?;
 
+    // No workers left (the last script was deleted): nothing to run, nothing to keep.
+    if bundle.spec.workers.is_empty() {
+        return stop_running(bundle, ctx, existing_deployment.is_some(), existing_service.is_some()).await;
+    }
+
     // Plan: the image's inputs, then the image itself (pure and cheap: only the config layer is new).
     let inputs = plan::image_inputs(bundle, &releases, &secrets).map_err(Failure::Waiting)?;
     let repository = plan::repository(bundle, &ctx.settings)?;
@@ -215,6 +220,45 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         info!(image = %image_ref, "rolled out");
     }
     Ok(Action::requeue(if complete { RESYNC } else { ROLLOUT_POLL }))
+}
+
+/// A bundle without workers: its Deployment and Service go, and its images once nothing else
+/// runs them.
+async fn stop_running(
+    bundle: &WorkerBundle,
+    ctx: &Context,
+    has_deployment: bool,
+    has_service: bool,
+) -> Result<Action, Failure> {
+    let namespace = bundle.namespace().unwrap_or_default();
+    let name = &bundle.spec.deployment_name;
+    let params = kube::api::DeleteParams::background();
+    if has_deployment {
+        Api::<Deployment>::namespaced(ctx.client.clone(), &namespace).delete(name, &params).await?;
+        info!(deployment = %name, "no workers left: deployment deleted");
+    }
+    if has_service {
+        Api::<Service>::namespaced(ctx.client.clone(), &namespace).delete(name, &params).await?;
+    }
+    let current = bundle.status.clone().unwrap_or_default();
+    let mut stale = current.stale_images.clone();
+    if let Some(image) = current.image.as_ref().filter(|i| !stale.contains(i)) {
+        stale.push(image.clone());
+    }
+    if !stale.is_empty() {
+        let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
+        let registries = ctx.registries(&namespace, pull_secret).await?;
+        let referenced = referenced_images(ctx, bundle).await?;
+        for image in plan::purgeable(&stale, "", true, &referenced) {
+            delete(&image, &registries).await?;
+            info!(%image, "image of a bundle without workers deleted");
+            stale.retain(|i| *i != image);
+        }
+    }
+    let status = plan::empty_status(bundle, current.image.or(current.last_image), stale, Timestamp::now());
+    let bundles: Api<WorkerBundle> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_status(&bundles, bundle, bundle.status.as_ref(), &status).await?;
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn observe_releases(

@@ -41,6 +41,8 @@ pub const CONTAINER: &str = "workerd";
 /// On the Deployment and Service: a hash of what we applied, so an unchanged object is not
 /// applied again (no write at all on a resync or a restart).
 pub const APPLIED_HASH_ANNOTATION: &str = "workerbundle.dev/applied-hash";
+/// On the Deployment: `worker=port,...`.
+pub const WORKERS_ANNOTATION: &str = "workerbundle.dev/workers";
 const NAME_LABEL: &str = "app.kubernetes.io/name";
 const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -325,8 +327,13 @@ pub fn deployment(
         }]),
         ..PodSpec::default()
     };
+    let mut metadata = meta(bundle);
+    // Which worker is on which port, for people and for `workerbundle dev`'s runner (a port's
+    // name is not always its worker's whole name).
+    let workers_annotation: Vec<String> = sorted.iter().map(|w| format!("{}={}", w.name, w.port)).collect();
+    metadata.annotations = Some([(WORKERS_ANNOTATION.to_owned(), workers_annotation.join(","))].into());
     let mut object = Deployment {
-        metadata: meta(bundle),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(pod.replicas.unwrap_or(1)),
             selector: LabelSelector { match_labels: Some(selector_labels(bundle)), match_expressions: None },
@@ -453,6 +460,32 @@ pub fn after_push(status: Option<&WorkerBundleStatus>, pushed: &str) -> (Option<
             (Some(previous), stale)
         }
         None => (status.and_then(|s| s.last_image.clone()), stale),
+    }
+}
+
+/// The status of a bundle without workers: nothing runs; `stale` are images not deleted yet.
+pub fn empty_status(
+    bundle: &WorkerBundle,
+    last_image: Option<String>,
+    stale_images: Vec<String>,
+    now: Timestamp,
+) -> WorkerBundleStatus {
+    let current = bundle.status.clone().unwrap_or_default();
+    let wanted = condition(
+        READY,
+        ConditionStatus::True,
+        "NoWorkers",
+        "the bundle lists no workers; nothing runs",
+        bundle.metadata.generation,
+    );
+    WorkerBundleStatus {
+        observed_generation: bundle.metadata.generation,
+        image: None,
+        last_image,
+        stale_images,
+        base_image: current.base_image,
+        rollout: None,
+        conditions: set_condition(&current.conditions, wanted, now),
     }
 }
 
@@ -643,6 +676,7 @@ mod tests {
         let image = "127.0.0.1:5000/workers/1234@sha256:0123";
         let d = deployment(&bundle(), image, &inputs.workers, "h1");
         assert_eq!(d.metadata.name.as_deref(), Some("workers-1234"));
+        assert_eq!(d.metadata.annotations.as_ref().unwrap()[WORKERS_ANNOTATION], "api=8080,web=8081");
         assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].uid, "bundle-uid");
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(2));

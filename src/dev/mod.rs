@@ -1,0 +1,249 @@
+//! `workerbundle dev`: the whole platform in one process, no cluster, no Docker, no root.
+//!
+//! - the in-memory API server as the control plane (its objects kept under `--data`);
+//! - an S3-compatible store on a local directory (s3s-fs, served on 127.0.0.1);
+//! - the Cloudflare-compatible API that `wrangler deploy` talks to;
+//! - the controllers, building into an OCI image layout under `--data` (or a registry);
+//! - a local runner that plays the kubelet for the bundles' Deployments.
+//!
+//! stdout carries what scripts read: `export CLOUDFLARE_...=` lines, then one `serving
+//! ACCOUNT/SCRIPT on http://127.0.0.1:PORT` line per worker as it starts or changes. Logs go to
+//! stderr. SIGINT or SIGTERM stops everything, every workerd included.
+
+mod identity;
+mod runner;
+mod s3;
+mod unpack;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tracing::info;
+
+use crate::api::{ApiOptions, Placement, TokenSource};
+use crate::build::BuildContext;
+use crate::controller::{self, RunOptions, Settings};
+use crate::image::reference::ImageRef;
+use crate::registry::Registries;
+use crate::source::S3Options;
+
+/// The bucket uploads go to.
+pub const BUCKET: &str = "workers";
+/// The namespace every account's objects live in.
+pub const NAMESPACE: &str = "workers";
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// Where everything is kept; a fresh temporary directory (removed at exit) when `None`.
+    pub data: Option<PathBuf>,
+    /// The API's address.
+    pub listen: SocketAddr,
+    /// The workerd base image; else the one assembled from the pinned archives into `--data`.
+    pub base_image: Option<ImageRef>,
+    /// Push images to `HOST[:PORT]/PATH/<account>` instead of the layout under `--data`.
+    pub repository_prefix: Option<String>,
+    /// Where the base image's package archives are (see `base-image`).
+    pub archives: PathBuf,
+    pub source_date_epoch: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("the control plane: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the controllers stopped: {0}")]
+    Controller(#[from] controller::RunError),
+    #[error("the API stopped: {0}")]
+    Api(#[from] crate::api::ServeError),
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevError> {
+    let setup = |message: String| DevError::Setup(message);
+    let temporary = match &options.data {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("workerbundle-dev-")
+                .tempdir()
+                .map_err(|e| setup(format!("cannot make a data directory: {e}")))?,
+        ),
+    };
+    let data = match (&options.data, &temporary) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => return Err(setup("no data directory".into())),
+    };
+    std::fs::create_dir_all(&data).map_err(|e| setup(format!("cannot create {}: {e}", data.display())))?;
+    let data = data.canonicalize().map_err(|e| setup(format!("{}: {e}", data.display())))?;
+    info!(data = %data.display(), "workerbundle dev starting");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    // The base image first: everything else is quick, this may take seconds the first time.
+    let base = match &options.base_image {
+        Some(base) => base.clone(),
+        None => ensure_base(&data, &options).map_err(setup)?,
+    };
+
+    // The control plane and the store.
+    let control_plane =
+        start_control_plane(&data.join("control-plane.json"), stopped()).await.map_err(setup)?;
+    let client = control_plane.client.clone();
+    install(&client).await?;
+    let store = s3::start(&data.join("s3"), stopped()).await.map_err(setup)?;
+    std::fs::create_dir_all(data.join("s3").join(BUCKET))
+        .map_err(|e| setup(format!("cannot create the bucket: {e}")))?;
+    let s3_options = S3Options {
+        endpoint: Some(store.endpoint.clone()),
+        static_credentials: Some((store.access_key.clone(), store.secret_key.clone())),
+        ..S3Options::default()
+    };
+    let identity = identity::load_or_create(&data).map_err(setup)?;
+
+    // The controllers.
+    let repository_prefix =
+        options.repository_prefix.clone().unwrap_or_else(|| format!("oci:{}", data.join("images").display()));
+    let registries = Arc::new(registries);
+    let run_options = RunOptions {
+        namespace: None,
+        concurrency: 4,
+        settings: Settings {
+            repository_prefix: Some(repository_prefix),
+            source_date_epoch: options.source_date_epoch,
+            base_image: Some(base),
+        },
+        health_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        leader_election: None,
+    };
+    let build = BuildContext {
+        registries: registries.clone(),
+        sources: crate::source::Sources::new(s3_options.clone()),
+    };
+    let controllers = tokio::spawn(controller::run_with(client.clone(), run_options, build, stopped()));
+
+    // The API; the exports once it listens.
+    let api_options = ApiOptions {
+        listen: options.listen,
+        bucket: BUCKET.into(),
+        tokens: TokenSource::File(identity.tokens_file.clone()),
+        placement: Placement::Shared(NAMESPACE.into()),
+        limits: Default::default(),
+        s3: s3_options,
+    };
+    let account = identity.account.clone();
+    let token = identity.token.clone();
+    let api = tokio::spawn(crate::api::serve_with(api_options, client.clone(), stopped(), move |address| {
+        // Scripts read these lines (`eval "$(... | head -3)"`): keep their shape.
+        println!("export CLOUDFLARE_API_BASE_URL=http://{address}/client/v4");
+        println!("export CLOUDFLARE_API_TOKEN={token}");
+        println!("export CLOUDFLARE_ACCOUNT_ID={account}");
+    }));
+
+    // The runner.
+    let runner = runner::Runner::new(client.clone(), registries, data.join("run"));
+    let runner = tokio::spawn(runner.run(stopped()));
+
+    shutdown_signal().await;
+    info!("stopping");
+    let _ = stop_tx.send(true);
+    let (controllers, api, _) = tokio::join!(controllers, api, runner);
+    drop(control_plane);
+    if let Ok(result) = controllers {
+        result?;
+    }
+    if let Ok(result) = api {
+        result?;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The base image in `DATA/base`, assembled from the pinned archives the first time.
+fn ensure_base(data: &Path, options: &DevOptions) -> Result<ImageRef, String> {
+    let dir = data.join("base");
+    let reference = ImageRef::Layout { dir: dir.clone(), tag: Some("workerd".into()) };
+    if dir.join("index.json").exists() {
+        return Ok(reference);
+    }
+    eprintln!("assembling the workerd base image into {} (once; a few seconds)", dir.display());
+    let recipe = crate::base_image::Recipe::parse(crate::base_image::BUILTIN_RECIPE)?;
+    crate::base_image::build_base_image(
+        &recipe,
+        &options.archives,
+        &dir,
+        "workerd",
+        options.source_date_epoch,
+    )
+    .map_err(|e| {
+        format!("{e} (fetch the archives with base-images/workerd/fetch.py, or give --base-image)")
+    })?;
+    Ok(reference)
+}
+
+/// The in-memory API server, in this process, and a client of it.
+struct ControlPlane {
+    client: Client,
+}
+
+async fn start_control_plane(
+    data_file: &Path,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<ControlPlane, String> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| format!("cannot listen for the control plane: {e}"))?;
+    let address = listener.local_addr().map_err(|e| format!("control plane: {e}"))?;
+    let options =
+        memory_apiserver::Options { data_file: Some(data_file.to_path_buf()), ..Default::default() };
+    tokio::spawn(async move {
+        if let Err(e) = memory_apiserver::serve(listener, options, stop).await {
+            tracing::error!(error = %e, "the control plane stopped");
+        }
+    });
+    let url = format!("http://{address}").parse().map_err(|e| format!("control plane URL: {e}"))?;
+    let config = kube::Config::new(url);
+    let client = Client::try_from(config).map_err(|e| format!("control plane client: {e}"))?;
+    info!(%address, "control plane serving");
+    Ok(ControlPlane { client })
+}
+
+/// The CRDs and the accounts' namespace.
+async fn install(client: &Client) -> Result<(), kube::Error> {
+    let params = PatchParams::apply("workerbundle-dev").force();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crate::crd::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &params, &Patch::Apply(&crd)).await?;
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace =
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
+    namespaces.patch(NAMESPACE, &params, &Patch::Apply(&namespace)).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = ctrl_c.await;
+}
