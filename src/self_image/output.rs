@@ -12,7 +12,8 @@ use super::SelfImageError;
 
 pub enum Destination {
     Layout { writer: LayoutWriter, tag: String },
-    Registry { out: RegistryRef, tag: String, registries: Registries },
+    // Boxed: a registry client set is several times the size of a layout writer.
+    Registry { out: RegistryRef, tag: String, registries: Box<Registries> },
 }
 
 impl Destination {
@@ -28,7 +29,7 @@ impl Destination {
                 let tag = out.tag.clone().unwrap_or_default();
                 let client = registries.client(&out.registry)?;
                 learn_repository(&client, &registries.memory(&out.registry), &out.repository, &tag).await?;
-                Ok(Destination::Registry { out: out.clone(), tag, registries })
+                Ok(Destination::Registry { out: out.clone(), tag, registries: Box::new(registries) })
             }
             _ => Err(SelfImageError::Invalid(format!(
                 "--output {output} must be oci:DIR:TAG or docker://HOST[:PORT]/REPO:TAG (a tag, no digest)"
