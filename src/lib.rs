@@ -8,6 +8,7 @@
 //! - [`registry`]: push, pull, mount and delete over the distribution API;
 //! - [`build`]: the pipelines the CLI and the controller call (sources → image → target);
 //! - [`base_image`]: the workerd base image, assembled from package archives;
+//! - [`self_image`]: workerbundle's own image, the same way (no Docker to ship the controller);
 //! - [`crd`] and [`controller`]: the custom resources and their reconcilers;
 //! - [`api`]: the Cloudflare-compatible API wrangler deploys to;
 //! - [`dev`]: all of it in one process, with a local runner (`workerbundle dev`).
@@ -22,6 +23,7 @@ pub mod digest;
 pub mod image;
 pub mod oci;
 pub mod registry;
+pub mod self_image;
 pub mod source;
 pub mod worker;
 

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use workerbundle::api::{self, ApiOptions, Limits as ApiLimits, Placement, TokenSource};
-use workerbundle::base_image::{self, Recipe, BUILTIN_RECIPE};
+use workerbundle::base_image::{self, ControllerRecipe, Recipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE};
 use workerbundle::build::{build, BuildContext, BuildRequest};
 use workerbundle::controller::{self, RunOptions, Settings};
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
 use workerbundle::registry::{Registries, RegistryOptions, RegistryRef};
+use workerbundle::self_image::{self, Destination};
 use workerbundle::source::s3::{S3Limits, S3Options};
 use workerbundle::source::WorkerInput;
 
@@ -185,6 +186,47 @@ enum Command {
         /// Timestamp for every file and the config, in seconds since the epoch.
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
+    },
+    /// Build workerbundle's own image (the controller's) with its own builder: no Docker.
+    ///
+    /// Two layers: the runtime of the workerd base image (glibc and CA certificates, the same
+    /// pinned Debian archives) plus libgcc_s and liblzma, then the workerbundle binary at
+    /// /usr/local/bin/workerbundle. The image runs as 65532:65532 with the entrypoint
+    /// `workerbundle run` (a Deployment's args add its flags), a /tmp for an emptyDir under a
+    /// read-only root, and is labelled with this version. The binary is this one, or --binary;
+    /// it is checked to find every library it links against in the image. The same binary,
+    /// archives and SOURCE_DATE_EPOCH give the same digest, printed as the last line of stdout.
+    ///
+    /// Fill the archive cache first (scripts/setup does):
+    ///   python3 base-images/workerd/fetch.py --recipe base-images/controller/recipe.json
+    ///
+    /// Example:
+    ///   workerbundle self-image --output docker://registry.example.com/workerbundle:0.1.0
+    ///   workerbundle self-image --binary target/release/workerbundle --output oci:out/controller:0.1.0
+    #[command(verbatim_doc_comment)]
+    SelfImage {
+        /// Where to write the image: oci:DIR:TAG (a new directory is created whole or not at all;
+        /// an existing layout gains the tag) or docker://HOST[:PORT]/REPO:TAG. Checked before
+        /// anything is assembled.
+        #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
+        output: ImageRef,
+        /// The workerbundle binary to put in the image (a build of this same version: the image is
+        /// labelled with it). Default: the running executable.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+        /// Directory holding the package archives. Default: $WORKERBUNDLE_ARCHIVES, else
+        /// ~/.cache/workerbundle/archives.
+        #[arg(long, value_name = "DIR")]
+        archives: Option<PathBuf>,
+        /// A recipe other than the built-in base-images/controller/recipe.json.
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
+        /// Timestamp for every file, the config's `created` and the created annotation, in seconds
+        /// since the epoch.
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
+        source_date_epoch: i64,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Print the CustomResourceDefinitions of workerbundle.dev/v1alpha1 as YAML.
     ///
@@ -473,12 +515,7 @@ async fn run(command: Command) -> Result<String, String> {
             Ok(digest.to_string())
         }
         Command::BaseImage { output, archives, recipe, source_date_epoch } => {
-            let text = match &recipe {
-                Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?,
-                None => BUILTIN_RECIPE.to_owned(),
-            };
-            let recipe = Recipe::parse(&text)?;
+            let recipe = Recipe::parse(&recipe_text(recipe.as_deref(), BUILTIN_RECIPE)?)?;
             let ImageRef::Layout { dir, tag: Some(tag) } = output else {
                 return Err("--output of base-image must be an OCI layout with a tag: oci:DIR:TAG".into());
             };
@@ -486,6 +523,39 @@ async fn run(command: Command) -> Result<String, String> {
             let digest = base_image::build_base_image(&recipe, &archives, &dir, &tag, source_date_epoch)
                 .map_err(|e| e.to_string())?;
             Ok(digest.to_string())
+        }
+        Command::SelfImage { output, binary, archives, recipe, source_date_epoch, registry } => {
+            let recipe =
+                ControllerRecipe::parse(&recipe_text(recipe.as_deref(), BUILTIN_CONTROLLER_RECIPE)?)?;
+            let binary = match binary {
+                Some(path) => path,
+                None => std::env::current_exe().map_err(|e| {
+                    format!("cannot find the running executable (name one with --binary): {e}")
+                })?,
+            };
+            let archives = archives.unwrap_or_else(base_image::default_archive_dir);
+            let destination =
+                Destination::open(&output, registry.registries()).await.map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
+            let image = tokio::task::spawn_blocking(move || {
+                self_image::assemble_self_image(&recipe, &archives, &binary, source_date_epoch)
+            })
+            .await
+            .map_err(|e| format!("image assembly stopped: {e}"))?
+            .map_err(|e| e.to_string())?;
+            tracing::info!(
+                bytes = image.size(),
+                seconds = started.elapsed().as_secs_f64(),
+                digest = %image.manifest.digest,
+                "image assembled"
+            );
+            if let Some(push) = destination.write(&image).await.map_err(|e| e.to_string())? {
+                eprintln!(
+                    "pushed: {} uploaded, {} already there; {} registry requests",
+                    push.uploaded, push.skipped, push.requests
+                );
+            }
+            Ok(image.manifest.digest.to_string())
         }
         Command::Crd => workerbundle::crd::crds_yaml(),
         Command::Run {
@@ -574,6 +644,16 @@ async fn run(command: Command) -> Result<String, String> {
             .map_err(|e| e.to_string())?;
             Ok(String::new())
         }
+    }
+}
+
+/// A recipe file's text, or the built-in recipe.
+fn recipe_text(path: Option<&std::path::Path>, builtin: &str) -> Result<String, String> {
+    match path {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read recipe {}: {e}", path.display()))
+        }
+        None => Ok(builtin.to_owned()),
     }
 }
 

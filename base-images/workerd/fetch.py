@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Download the package archives the workerd base image is assembled from, and check their pins.
+"""Download the package archives an image is assembled from, and check their pins.
 
-Reads recipe.json beside this file, fetches each archive with the ordinary package clients
-(`npm pack`, `apt-get download`) into the archive cache, and verifies every sha256. Archives already
+Reads recipe.json beside this file (the workerd base image), or the recipe given with --recipe
+(base-images/controller/recipe.json: the controller's own image), fetches each archive with the
+ordinary package clients (`npm pack`, `apt-get download`) into the archive cache, and verifies
+every sha256. Archives already
 in the cache with the right sha256 are not fetched again.
 
 Debian replaces package versions on its mirrors (security updates). When a pinned version can no
@@ -79,7 +81,8 @@ def main():
         recipe = json.load(f)
     os.makedirs(args.cache, exist_ok=True)
 
-    entries = [("npm", recipe["workerd"])] + [("deb", d) for d in recipe["debs"]]
+    # The controller's recipe has no npm archive: its binary is workerbundle itself.
+    entries = ([("npm", recipe["workerd"])] if "workerd" in recipe else []) + [("deb", d) for d in recipe["debs"]]
     problems = []
     for kind, entry in entries:
         target = os.path.join(args.cache, entry["archive"])
@@ -117,7 +120,7 @@ def main():
             f.write("\n")
         print(f"rewrote {args.recipe}")
     if problems:
-        print("\n".join(["error: some base image archives could not be fetched:"] + problems), file=sys.stderr)
+        print("\n".join([f"error: some archives of {args.recipe} could not be fetched:"] + problems), file=sys.stderr)
         return 1
     print(f"archives ready in {args.cache}")
     return 0

@@ -2,34 +2,30 @@
 //! from its npm tarball, glibc and CA certificates from Debian packages. Two layers: the runtime
 //! (glibc, CA bundle, a few directories), which changes with Debian security updates, and workerd
 //! itself, which changes with workerd releases.
+//!
+//! The runtime layer ([`runtime_layer`]) and the packaging ([`package`]) are shared with the
+//! controller's own image (`crate::self_image`).
 
 mod archive;
+pub mod package;
 pub mod recipe;
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{
-    ImageManifestBuilder, MediaType, ANNOTATION_CREATED, ANNOTATION_DESCRIPTION, ANNOTATION_TITLE,
-    ANNOTATION_VERSION,
-};
-use serde_json::json;
-use tracing::info;
-
 use crate::digest::Digest;
-use crate::image::assemble::{AssembleError, Blob};
-use crate::image::canonical::{rfc3339, to_canonical_json};
-use crate::image::layer::{Entry, LayerBuilder, MEDIA_TYPE_LAYER_GZIP};
+use crate::image::assemble::AssembleError;
+use crate::image::layer::{Entry, LayerBuilder};
 use crate::image::layout::{LayoutError, LayoutWriter};
-pub use recipe::{Recipe, BUILTIN_RECIPE};
+pub use package::{package_image, ImageLabels, PackagedImage, PackagedLayer};
+pub use recipe::{ControllerRecipe, Recipe, RuntimeRecipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaseImageError {
-    #[error("archive {archive} is not in {dir}: run base-images/workerd/fetch.py to download the pinned archives ({source})")]
+    #[error("archive {archive} is not in {dir}: run scripts/setup, or base-images/workerd/fetch.py --recipe RECIPE, to download the pinned archives ({source})")]
     MissingArchive { archive: String, dir: PathBuf, source: std::io::Error },
-    #[error("archive {archive} has sha256 {actual}, but the recipe pins {pinned}: run base-images/workerd/fetch.py (or --refresh-pins to update the pins)")]
+    #[error("archive {archive} has sha256 {actual}, but the recipe pins {pinned}: run base-images/workerd/fetch.py --recipe RECIPE (add --refresh-pins to update the pins)")]
     PinMismatch { archive: String, actual: String, pinned: String },
     #[error("archive {archive}: {message}")]
     Archive { archive: String, message: String },
@@ -73,8 +69,9 @@ fn read_pinned(dir: &Path, archive: &str, sha256: &str) -> Result<Vec<u8>, BaseI
     Ok(bytes)
 }
 
-/// Reads the pinned archives and lays out the base image's files.
-pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, BaseImageError> {
+/// Reads the pinned Debian archives and lays out the runtime layer: the files the recipe takes
+/// from each package, the CA bundle made from the certificates, and the empty directories.
+pub fn runtime_layer(recipe: &RuntimeRecipe, archives: &Path) -> Result<LayerBuilder, BaseImageError> {
     let mut runtime = LayerBuilder::new();
     for deb in &recipe.debs {
         let bytes = read_pinned(archives, &deb.archive, &deb.sha256)?;
@@ -96,7 +93,12 @@ pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, Ba
         })?;
         runtime.dir(&dir.path, mode);
     }
+    Ok(runtime)
+}
 
+/// Reads the pinned archives and lays out the base image's files.
+pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, BaseImageError> {
+    let runtime = runtime_layer(&recipe.runtime, archives)?;
     let npm = &recipe.workerd;
     let tgz = read_pinned(archives, &npm.archive, &npm.sha256)?;
     let mut binary = None;
@@ -142,72 +144,32 @@ pub fn build_base_image(
     tag: &str,
     source_date_epoch: i64,
 ) -> Result<Digest, BaseImageError> {
-    let created = rfc3339(source_date_epoch).ok_or(AssembleError::Epoch(source_date_epoch))?;
-    let mtime = u64::try_from(source_date_epoch).map_err(|_| AssembleError::Epoch(source_date_epoch))?;
     let layers = collect_layers(recipe, archives)?;
-
-    let mut blobs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for (role, layer) in [("runtime", &layers.runtime), ("workerd", &layers.workerd)] {
-        let (digests, bytes) = layer.to_blob(mtime).map_err(AssembleError::Layer)?;
-        info!(layer = role, digest = %digests.digest, size = digests.size, "base layer assembled");
-        diff_ids.push(digests.diff_id.to_string());
-        blobs.push(Blob {
-            media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()),
-            digest: digests.digest,
-            bytes,
-        });
-    }
-
-    let settings = &recipe.config;
-    let mut process = json!({ "Entrypoint": settings.entrypoint, "Env": settings.env });
-    if let Some(user) = &settings.user {
-        process["User"] = json!(user);
-    }
-    if let Some(dir) = &settings.working_dir {
-        process["WorkingDir"] = json!(dir);
-    }
     let packages: Vec<String> =
         std::iter::once(format!("{}@{}", recipe.workerd.npm_package, recipe.workerd.version))
-            .chain(recipe.debs.iter().map(|d| format!("{}={}", d.package, d.version)))
+            .chain(recipe.runtime.debs.iter().map(|d| format!("{}={}", d.package, d.version)))
             .collect();
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "created": created,
-        "config": process,
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-        "history": [
-            { "created": created, "created_by": format!("workerbundle base-image: {}", packages[1..].join(" ")) },
-            { "created": created, "created_by": format!("workerbundle base-image: {}", packages[0]) },
+    let image = package_image(
+        &[
+            PackagedLayer {
+                role: "runtime",
+                layer: &layers.runtime,
+                created_by: format!("workerbundle base-image: {}", packages[1..].join(" ")),
+            },
+            PackagedLayer {
+                role: "workerd",
+                layer: &layers.workerd,
+                created_by: format!("workerbundle base-image: {}", packages[0]),
+            },
         ],
-    });
-    let serialize = |e: serde_json::Error| AssembleError::Serialize(e.to_string());
-    let config = Blob::from_bytes(MediaType::ImageConfig, to_canonical_json(&config).map_err(serialize)?);
-    let annotations: HashMap<String, String> = [
-        (ANNOTATION_CREATED, created.clone()),
-        (ANNOTATION_TITLE, "workerd base image".to_owned()),
-        (ANNOTATION_VERSION, recipe.workerd.version.clone()),
-        (ANNOTATION_DESCRIPTION, format!("workerd and its runtime, from {}", packages.join(", "))),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(config.descriptor()?)
-        .layers(blobs.iter().map(Blob::descriptor).collect::<Result<Vec<_>, _>>()?)
-        .annotations(annotations)
-        .build()
-        .map_err(|e| AssembleError::Serialize(e.to_string()))?;
-    let manifest =
-        Blob::from_bytes(MediaType::ImageManifest, to_canonical_json(&manifest).map_err(serialize)?);
-
-    let writer = LayoutWriter::begin(out_dir)?;
-    for blob in blobs.iter().chain([&config, &manifest]) {
-        writer.put_blob(&blob.digest, &blob.bytes)?;
-    }
-    writer.commit(tag, &manifest.descriptor()?)?;
-    Ok(manifest.digest)
+        &recipe.config,
+        &ImageLabels {
+            title: "workerd base image".to_owned(),
+            version: recipe.workerd.version.clone(),
+            description: format!("workerd and its runtime, from {}", packages.join(", ")),
+        },
+        source_date_epoch,
+    )?;
+    image.write_layout(LayoutWriter::begin(out_dir)?, tag)?;
+    Ok(image.manifest.digest)
 }

@@ -1,19 +1,47 @@
-//! The base image recipe (`base-images/workerd/recipe.json`): which archives, pinned how, and what
-//! to take from each.
+//! The recipes of the images assembled from package archives: the workerd base image
+//! (`base-images/workerd/recipe.json`) and the controller's own image
+//! (`base-images/controller/recipe.json`). Both name which archives, pinned how, and what to take
+//! from each; they share the runtime part (Debian packages, CA bundle, directories).
 
 use serde::Deserialize;
 
-/// The recipe shipped with this version of workerbundle.
+/// The workerd base image recipe shipped with this version of workerbundle.
 pub const BUILTIN_RECIPE: &str = include_str!("../../base-images/workerd/recipe.json");
+/// The controller image recipe shipped with this version of workerbundle.
+pub const BUILTIN_CONTROLLER_RECIPE: &str = include_str!("../../base-images/controller/recipe.json");
 
+/// The workerd base image: the runtime plus workerd from npm.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Recipe {
     pub workerd: NpmArchive,
+    #[serde(flatten)]
+    pub runtime: RuntimeRecipe,
+    pub config: ImageSettings,
+}
+
+/// The controller's image: the runtime plus a workerbundle binary given at assembly time.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ControllerRecipe {
+    #[serde(flatten)]
+    pub runtime: RuntimeRecipe,
+    pub binary: BinaryInstall,
+    pub config: ImageSettings,
+}
+
+/// The runtime layer both images start from: files of Debian packages, the CA bundle made from
+/// them, and a few empty directories.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RuntimeRecipe {
     pub debs: Vec<DebArchive>,
     pub ca_bundle: CaBundle,
     #[serde(default)]
     pub directories: Vec<Directory>,
-    pub config: ImageSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BinaryInstall {
+    /// Where the binary goes in the image.
+    pub install_as: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -68,6 +96,12 @@ impl Recipe {
     }
 }
 
+impl ControllerRecipe {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("controller image recipe is invalid: {e}"))
+    }
+}
+
 impl DebArchive {
     pub fn includes(&self, path: &str) -> bool {
         self.include.iter().any(|inc| match inc.strip_suffix('/') {
@@ -85,9 +119,38 @@ mod tests {
     fn builtin_recipe_parses_and_pins_every_archive() {
         let recipe = Recipe::parse(BUILTIN_RECIPE).unwrap();
         assert_eq!(recipe.workerd.version, "1.20261117.1");
-        for sha in std::iter::once(&recipe.workerd.sha256).chain(recipe.debs.iter().map(|d| &d.sha256)) {
+        for sha in
+            std::iter::once(&recipe.workerd.sha256).chain(recipe.runtime.debs.iter().map(|d| &d.sha256))
+        {
             assert_eq!(sha.len(), 64);
         }
+    }
+
+    /// The controller runs on the same glibc and CA certificates as workerd: a pin refreshed in
+    /// one recipe must be refreshed in the other (fetch.py --refresh-pins --recipe ...).
+    #[test]
+    fn controller_recipe_pins_the_packages_it_shares_with_the_base_the_same_way() {
+        let base = Recipe::parse(BUILTIN_RECIPE).unwrap();
+        let controller = ControllerRecipe::parse(BUILTIN_CONTROLLER_RECIPE).unwrap();
+        let mut shared = 0;
+        for deb in &controller.runtime.debs {
+            assert_eq!(deb.sha256.len(), 64, "{}", deb.package);
+            if let Some(same) = base.runtime.debs.iter().find(|b| b.package == deb.package) {
+                assert_eq!(
+                    (&same.version, &same.sha256),
+                    (&deb.version, &deb.sha256),
+                    "{} is pinned differently in the two recipes",
+                    deb.package
+                );
+                shared += 1;
+            }
+        }
+        assert_eq!(
+            shared,
+            base.runtime.debs.len(),
+            "the controller image lacks a package of the base runtime"
+        );
+        assert_eq!(controller.config.user.as_deref(), Some("65532:65532"));
     }
 
     #[test]
