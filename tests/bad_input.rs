@@ -112,3 +112,25 @@ fn an_output_directory_that_is_not_a_layout_is_refused() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not an OCI image layout"));
     assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
 }
+
+#[test]
+fn an_output_under_a_file_names_the_file() {
+    let work = tempdir();
+    let file = work.path().join("hostname");
+    fs::write(&file, "a file, not a directory").unwrap();
+    let reference = format!("oci:{}:t", file.join("out").display());
+    let mut args = vec!["build", "--base", base_layout(), "--output", &reference];
+    let workers = sample_worker_args();
+    args.extend(workers.iter().map(String::as_str));
+    let output = workerbundle(&args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let expected = format!(
+        "cannot create the OCI layout directory {}: {} is a file, not a directory",
+        file.join("out").display(),
+        file.display()
+    );
+    assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "a file, not a directory");
+    assert_eq!(fs::read_dir(work.path()).unwrap().count(), 1, "something was left beside the file");
+}
