@@ -144,6 +144,10 @@ pub fn build_base_image(
 ) -> Result<Digest, BaseImageError> {
     let created = rfc3339(source_date_epoch).ok_or(AssembleError::Epoch(source_date_epoch))?;
     let mtime = u64::try_from(source_date_epoch).map_err(|_| AssembleError::Epoch(source_date_epoch))?;
+    // The output is checked before the seconds of assembly, not after: an unusable path (a file
+    // in the way, a directory that is not a layout, no permission) fails at once. A new layout is
+    // staged beside the target and removed again if anything below fails.
+    let writer = LayoutWriter::begin(out_dir)?;
     let layers = collect_layers(recipe, archives)?;
 
     let mut blobs = Vec::new();
@@ -204,7 +208,6 @@ pub fn build_base_image(
     let manifest =
         Blob::from_bytes(MediaType::ImageManifest, to_canonical_json(&manifest).map_err(serialize)?);
 
-    let writer = LayoutWriter::begin(out_dir)?;
     for blob in blobs.iter().chain([&config, &manifest]) {
         writer.put_blob(&blob.digest, &blob.bytes)?;
     }
