@@ -112,3 +112,62 @@ fn an_output_directory_that_is_not_a_layout_is_refused() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not an OCI image layout"));
     assert_eq!(fs::read_dir(&out).unwrap().count(), 1);
 }
+
+#[test]
+fn an_output_under_a_file_names_the_file() {
+    let work = tempdir();
+    let file = work.path().join("hostname");
+    fs::write(&file, "a file, not a directory").unwrap();
+    let reference = format!("oci:{}:t", file.join("out").display());
+    let mut args = vec!["build", "--base", base_layout(), "--output", &reference];
+    let workers = sample_worker_args();
+    args.extend(workers.iter().map(String::as_str));
+    let output = workerbundle(&args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let expected = format!(
+        "cannot create the OCI layout directory {}: {} is a file, not a directory",
+        file.join("out").display(),
+        file.display()
+    );
+    assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "a file, not a directory");
+    assert_eq!(fs::read_dir(work.path()).unwrap().count(), 1, "something was left beside the file");
+}
+
+#[test]
+fn base_image_refuses_an_unusable_output_before_assembling() {
+    let work = tempdir();
+    let file = work.path().join("hostname");
+    fs::write(&file, "a file").unwrap();
+    let not_layout = work.path().join("not-a-layout");
+    fs::create_dir_all(&not_layout).unwrap();
+    fs::write(not_layout.join("precious.txt"), "keep me").unwrap();
+    let cases = [
+        (file.join("out"), format!("{} is a file, not a directory", file.display())),
+        (not_layout.clone(), "is not an OCI image layout".to_owned()),
+    ];
+    let info = [("RUST_LOG".to_owned(), "info".to_owned())];
+    for (dir, expected) in &cases {
+        let reference = format!("oci:{}:workerd", dir.display());
+        // With the real archives: no layer may be assembled before the output is refused.
+        let output = workerbundle_env(&["base-image", "--output", &reference], &info);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{reference} was accepted");
+        assert!(stderr.contains(expected.as_str()), "expected {expected:?} in:\n{stderr}");
+        assert!(!stderr.contains("base layer assembled"), "assembled before checking the output:\n{stderr}");
+        // With no archives at all, the output is still what is reported: it is checked first.
+        let empty = work.path().join("no-archives");
+        fs::create_dir_all(&empty).unwrap();
+        let archives = empty.display().to_string();
+        let output =
+            workerbundle_env(&["base-image", "--output", &reference, "--archives", &archives], &info);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(expected.as_str()), "expected {expected:?} in:\n{stderr}");
+    }
+    assert_eq!(fs::read_to_string(&file).unwrap(), "a file");
+    assert_eq!(fs::read_dir(&not_layout).unwrap().count(), 1, "the directory that is not a layout changed");
+    let left: Vec<_> = fs::read_dir(work.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 3, "staging left behind: {left:?}");
+}

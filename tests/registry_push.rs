@@ -323,3 +323,27 @@ fn a_blob_the_registry_lost_is_sent_again() {
         assert!(registry.blob_exists("acct/app", digest), "{digest} is missing");
     }
 }
+
+#[test]
+fn a_registry_that_refuses_connections_fails_at_once_and_says_so() {
+    // Bound and released: nothing listens on this port.
+    let port = registry::free_port();
+    let output = format!("docker://127.0.0.1:{port}/acct/app:v1");
+    let mut args = vec!["build", "--base", base_layout(), "--output", &output, "--insecure"];
+    let workers = sample_worker_args();
+    args.extend(workers.iter().map(String::as_str));
+    // Debug lines of the registry client show every request it sends.
+    let env = [("RUST_LOG".to_owned(), "warn,workerbundle::registry::client=debug".to_owned())];
+    let out = workerbundle_env(&args, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the push succeeded with no registry: {stderr}");
+    let sent = stderr.lines().filter(|l| l.contains("sending")).count();
+    let warnings = stderr.lines().filter(|l| l.contains("WARN")).count();
+    assert!((1..=2).contains(&sent), "{sent} attempts on a registry that never answered:\n{stderr}");
+    assert!(warnings <= 1, "{warnings} warnings:\n{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(
+        error.contains(&format!("registry 127.0.0.1:{port}: connection refused")),
+        "the error does not say the registry refused connections:\n{stderr}"
+    );
+}

@@ -144,6 +144,10 @@ pub fn build_base_image(
     tag: &str,
     source_date_epoch: i64,
 ) -> Result<Digest, BaseImageError> {
+    // The output is checked before the seconds of assembly, not after: an unusable path (a file
+    // in the way, a directory that is not a layout, no permission) fails at once. A new layout is
+    // staged beside the target and removed again if anything below fails.
+    let writer = LayoutWriter::begin(out_dir)?;
     let layers = collect_layers(recipe, archives)?;
     let packages: Vec<String> =
         std::iter::once(format!("{}@{}", recipe.workerd.npm_package, recipe.workerd.version))
@@ -170,6 +174,6 @@ pub fn build_base_image(
         },
         source_date_epoch,
     )?;
-    image.write_layout(LayoutWriter::begin(out_dir)?, tag)?;
+    image.write_layout(writer, tag)?;
     Ok(image.manifest.digest)
 }

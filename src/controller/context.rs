@@ -53,6 +53,9 @@ pub struct Context {
     /// By `namespace/secret`; replaced when the secret's content changes, kept otherwise so that
     /// the push memory of an account's registries lives as long as the process.
     account_registries: Mutex<HashMap<String, AccountRegistries>>,
+    /// The image this process last pushed for each bundle (by uid): a reconcile that runs on a
+    /// cached bundle older than our own status write must not push the same image again.
+    pushed: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -70,6 +73,7 @@ impl Context {
             backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
             bases: Bases::default(),
             account_registries: Mutex::default(),
+            pushed: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -102,6 +106,15 @@ impl Context {
         let registries = Arc::new(self.build.registries.with_docker_config(payload));
         cache.insert(key, (fingerprint, registries.clone()));
         Ok(registries)
+    }
+
+    /// Whether this process pushed `image` for the bundle `uid` last.
+    pub fn pushed_last(&self, uid: &str, image: &str) -> bool {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).is_some_and(|i| i == image)
+    }
+
+    pub fn record_push(&self, uid: &str, image: &str) {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), image.to_owned());
     }
 
     /// Publishes an Event about `object`; a failure to publish is logged, never fatal.

@@ -27,6 +27,8 @@ pub enum LayoutError {
     Write { dir: PathBuf, what: String, source: io::Error },
     #[error("OCI layout {dir}: {message}")]
     Invalid { dir: PathBuf, message: String },
+    #[error("cannot create the OCI layout directory {dir}: {file} is a file, not a directory")]
+    NotADirectory { dir: PathBuf, file: PathBuf },
 }
 
 /// A readable OCI image layout.
@@ -233,10 +235,17 @@ pub struct LayoutWriter {
 
 impl LayoutWriter {
     /// Prepares to write into `dir`: an existing OCI layout gains the image, a missing directory
-    /// is created at commit. An existing directory that is not a layout is refused.
+    /// is created at commit. An existing directory that is not a layout is refused, and so is a
+    /// path through a file. Every refusal comes from here, so callers that assemble for a while
+    /// call this first and learn of an unusable output at once.
     pub fn begin(dir: &Path) -> Result<Self, LayoutError> {
         let write_err =
             |what: &str, source| LayoutError::Write { dir: dir.to_path_buf(), what: what.into(), source };
+        // Creating a directory under a file fails with a bare "File exists" or "Not a directory"
+        // that names neither path; say which file is in the way.
+        if let Some(file) = file_in_the_way(dir) {
+            return Err(LayoutError::NotADirectory { dir: dir.to_path_buf(), file });
+        }
         if dir.exists() {
             let empty_dir = fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
             if !empty_dir {
@@ -254,10 +263,12 @@ impl LayoutWriter {
         }
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("layout");
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(|e| write_err("parent directory", e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| write_err(&format!("parent directory {}", parent.display()), e))?;
         let work = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(work.join("blobs/sha256")).map_err(|e| write_err("staging directory", e))?;
+        fs::create_dir_all(work.join("blobs/sha256"))
+            .map_err(|e| write_err(&format!("staging directory in {}", parent.display()), e))?;
         fs::write(work.join(OCI_LAYOUT_FILE), OCI_LAYOUT_CONTENT).map_err(|e| write_err("oci-layout", e))?;
         Ok(LayoutWriter { target: dir.into(), work, staged: true, committed: false })
     }
@@ -362,6 +373,17 @@ impl Drop for LayoutWriter {
     }
 }
 
+/// The nearest existing ancestor of `path` (itself included), when it is not a directory.
+fn file_in_the_way(path: &Path) -> Option<PathBuf> {
+    for ancestor in path.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        // A missing path, or one under a file (ENOTDIR), says nothing yet: look further up.
+        if let Ok(metadata) = fs::metadata(ancestor) {
+            return (!metadata.is_dir()).then(|| ancestor.to_path_buf());
+        }
+    }
+    None
+}
+
 fn temp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("blob");
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
@@ -380,4 +402,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_among_the_parents_is_named_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hostname");
+        fs::write(&file, "not a directory").unwrap();
+        for target in [file.join("out"), file.join("a/b/out"), file.clone()] {
+            let Err(error) = LayoutWriter::begin(&target) else { panic!("{target:?} was accepted") };
+            assert!(
+                matches!(&error, LayoutError::NotADirectory { file: f, .. } if *f == file),
+                "{target:?}: {error}"
+            );
+            let message = error.to_string();
+            assert!(message.contains(&format!("{} is a file, not a directory", file.display())), "{message}");
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "something was created beside the file");
+        assert!(LayoutWriter::begin(&dir.path().join("new/out")).is_ok());
+    }
 }

@@ -1,7 +1,7 @@
 //! One registry, spoken to over HTTP: authentication on demand, retries with backoff and jitter,
 //! and a count of every request sent (so pushes can be held to their round-trip budget).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,6 +20,13 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
+    /// Attempts, the first included, while no connection can be made to a registry that has not
+    /// answered once in this process. Such a registry is most likely not there at all (not
+    /// started, wrong host or port), and the full backoff would only delay saying so; one that
+    /// answered before is restarting or overloaded, and gets the full policy.
+    pub unanswered_attempts: u32,
+    /// The pause before the next of those attempts.
+    pub unanswered_delay: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -28,6 +35,8 @@ impl Default for RetryPolicy {
             attempts: 8,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(10),
+            unanswered_attempts: 2,
+            unanswered_delay: Duration::from_millis(500),
         }
     }
 }
@@ -89,6 +98,8 @@ pub struct RegistryClient {
     requests: AtomicU64,
     /// Request body bytes sent, retries included (what the registry link carried up).
     bytes_sent: AtomicU64,
+    /// Whether the registry has sent any HTTP response (whatever its status) in this process.
+    answered: AtomicBool,
 }
 
 impl RegistryClient {
@@ -125,6 +136,7 @@ impl RegistryClient {
             retry: options.retry,
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            answered: AtomicBool::new(false),
         })
     }
 
@@ -185,26 +197,44 @@ impl RegistryClient {
 
     /// Sends with retries on connection errors, 408, 429 and 5xx. Only for requests that are safe
     /// to repeat (GET, HEAD, PUT of a manifest, DELETE, starting an upload).
+    ///
+    /// The first retry of a request is a warning; later ones are debug lines, so a struggling
+    /// registry costs one line per request rather than one per attempt. A registry that has never
+    /// answered and takes no connections gets `unanswered_attempts` quick tries, not the backoff.
     pub async fn send(&self, req: &Req) -> Result<Response, RegistryError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let outcome = self.send_once(req).await;
-            let (retry_after, why) = match &outcome {
+            let (retry_after, why, no_connection) = match &outcome {
                 Ok(r) if is_transient(r.status()) => {
-                    (retry_after(r.headers()), format!("HTTP {}", r.status()))
+                    (retry_after(r.headers()), format!("HTTP {}", r.status()), false)
                 }
-                Err(RegistryError::Transport { message, .. }) => (None, message.clone()),
+                Err(RegistryError::Transport { message, .. }) => (None, message.clone(), false),
+                Err(RegistryError::Connect { registry, reason, .. }) => {
+                    (None, format!("registry {registry}: {reason}"), true)
+                }
                 _ => return outcome,
             };
-            if attempt >= self.retry.attempts {
+            let unanswered = no_connection && !self.answered.load(Ordering::Relaxed);
+            let attempts = if unanswered {
+                self.retry.attempts.min(self.retry.unanswered_attempts)
+            } else {
+                self.retry.attempts
+            };
+            if attempt >= attempts {
                 return match outcome {
                     Ok(response) => Err(self.status_error(req, response, attempt).await),
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.after_attempts(attempt)),
                 };
             }
-            let delay = self.retry.delay(attempt, retry_after);
-            warn!(request = %describe(req), attempt, ?delay, "{why}; retrying");
+            let delay =
+                if unanswered { self.retry.unanswered_delay } else { self.retry.delay(attempt, retry_after) };
+            if attempt == 1 {
+                warn!(request = %describe(req), ?delay, "{why}; retrying");
+            } else {
+                debug!(request = %describe(req), attempt, ?delay, "{why}; retrying");
+            }
             tokio::time::sleep(delay).await;
         }
     }
@@ -235,11 +265,27 @@ impl RegistryClient {
             builder = builder.header(reqwest::header::CONTENT_LENGTH, "0");
         }
         debug!(request = %describe(req), "sending");
-        builder.send().await.map_err(|e| RegistryError::Transport {
-            registry: self.registry.clone(),
-            request: describe(req),
-            message: error_chain(&e),
-        })
+        match builder.send().await {
+            Ok(response) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Ok(response)
+            }
+            Err(e) if e.is_connect() => {
+                let (reason, hint) = connect_failure(&e);
+                Err(RegistryError::Connect {
+                    registry: self.registry.clone(),
+                    request: describe(req),
+                    reason,
+                    hint: hint.into(),
+                    attempts: 1,
+                })
+            }
+            Err(e) => Err(RegistryError::Transport {
+                registry: self.registry.clone(),
+                request: describe(req),
+                message: error_chain(&e),
+            }),
+        }
     }
 
     async fn authenticate(&self, req: &Req, response: &Response) -> Result<(), RegistryError> {
@@ -318,6 +364,25 @@ impl RegistryClient {
     }
 }
 
+/// Why no connection could be made, and what to check, in words a user can act on. reqwest's
+/// own text repeats the URL and wraps the cause in three layers ("error sending request for url
+/// (...): client error (Connect): tcp connect error: Connection refused (os error 111)").
+fn connect_failure(error: &reqwest::Error) -> (String, &'static str) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return ("connection refused".into(), "is the registry running, at that host and port?");
+            }
+        }
+        source = cause.source();
+    }
+    if error.is_timeout() {
+        return ("no connection within 10 s".into(), "is the host reachable, and the port open?");
+    }
+    (format!("cannot connect: {}", error_chain(error)), "check the host name and the network")
+}
+
 pub fn is_transient(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -359,5 +424,55 @@ pub async fn registry_message(response: Response) -> String {
             .join("; "),
         _ if body.trim().is_empty() => format!("HTTP {status}"),
         _ => body.chars().take(300).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn client(port: u16) -> RegistryClient {
+        let retry = RetryPolicy {
+            attempts: 4,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            unanswered_attempts: 2,
+            unanswered_delay: Duration::from_millis(1),
+        };
+        let options = ClientOptions { insecure: true, retry, ..Default::default() };
+        RegistryClient::new(&format!("127.0.0.1:{port}"), true, options).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_never_answered_gets_the_quick_attempts_only() {
+        // Bound and released at once: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = client(port);
+        let error = client.send(&Req::new(Method::GET, "/v2/")).await.unwrap_err();
+        assert_eq!(client.request_count(), 2);
+        assert!(matches!(error, RegistryError::Connect { attempts: 2, .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.starts_with(&format!("registry 127.0.0.1:{port}: connection refused")), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_answered_before_gets_the_full_policy() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Answers one request, then goes away (the listener is dropped): a registry restarting.
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.read(&mut [0u8; 4096]);
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+        });
+        let client = client(port);
+        let response = client.send(&Req::new(Method::GET, "/v2/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        server.join().unwrap();
+        let error = client.send(&Req::new(Method::GET, "/v2/")).await.unwrap_err();
+        assert_eq!(client.request_count(), 1 + 4);
+        assert!(matches!(error, RegistryError::Connect { attempts: 4, .. }), "{error}");
     }
 }

@@ -24,6 +24,9 @@ pub use reference::RegistryRef;
 pub enum RegistryError {
     #[error("registry {registry}: {request} failed: {message}")]
     Transport { registry: String, request: String, message: String },
+    /// No connection could be made (refused, unresolvable host, connect timeout).
+    #[error("registry {registry}: {reason} ({request}, {attempts} attempt(s)); {hint}")]
+    Connect { registry: String, request: String, reason: String, hint: String, attempts: u32 },
     #[error("registry {registry}: {request} answered HTTP {status} after {attempts} attempt(s): {message}")]
     Status { registry: String, request: String, status: u16, message: String, attempts: u32 },
     #[error("registry {registry}: {request} answered 401 Unauthorized: {message}")]
@@ -45,10 +48,20 @@ impl RegistryError {
         matches!(self, RegistryError::Status { status: 400 | 404, message, .. } if message.contains("BLOB_UNKNOWN"))
     }
 
+    /// The same error, saying how many attempts it took (for errors that count them).
+    pub fn after_attempts(self, attempts: u32) -> Self {
+        match self {
+            RegistryError::Connect { registry, request, reason, hint, .. } => {
+                RegistryError::Connect { registry, request, reason, hint, attempts }
+            }
+            other => other,
+        }
+    }
+
     /// Whether trying again may help (connection trouble, 408, 429, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Transport { .. } => true,
+            RegistryError::Transport { .. } | RegistryError::Connect { .. } => true,
             RegistryError::Blob { source, .. } => source.is_transient(),
             RegistryError::Status { status, .. } => {
                 reqwest::StatusCode::from_u16(*status).is_ok_and(client::is_transient)

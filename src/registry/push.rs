@@ -349,7 +349,12 @@ async fn upload(
         match result {
             Ok(()) => return Ok(Outcome::Uploaded),
             Err(e) if e.is_transient() && attempt < policy.attempts => {
-                warn!(%digest, attempt, error = %e, "upload failed; starting again");
+                // One warning per blob; the attempts after it are detail.
+                if attempt == 1 {
+                    warn!(%digest, error = %e, "upload failed; starting again");
+                } else {
+                    debug!(%digest, attempt, error = %e, "upload failed; starting again");
+                }
                 tokio::time::sleep(policy.base_delay * attempt).await;
                 if exists(client, repo, digest).await? {
                     return Ok(Outcome::Uploaded);

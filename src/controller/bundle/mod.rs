@@ -146,7 +146,9 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     // Apply: the image, only when it is not the one the bundle already runs.
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
-    if status.and_then(|s| s.image.as_deref()) != Some(image_ref.as_str()) {
+    let uid = bundle.uid().unwrap_or_default();
+    let current = status.and_then(|s| s.image.as_deref()) == Some(image_ref.as_str());
+    if !current && !ctx.pushed_last(&uid, &image_ref) {
         let pushing = Instant::now();
         let tag = plan::image_tag(bundle);
         let requests = match &target {
@@ -159,6 +161,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
             }
         };
         ctx.metrics.observe_push(pushing.elapsed());
+        ctx.record_push(&uid, &image_ref);
         info!(image = %image_ref, requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
         ctx.event(
             bundle,
