@@ -234,7 +234,7 @@ pub enum ServeError {
 /// address actually bound (port 0 picks a free one).
 pub async fn serve(options: ApiOptions, listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
     let kube = kube::Client::try_default().await.map_err(ServeError::Connect)?;
-    serve_with(options, kube, shutdown_signal(), listening).await
+    serve_with(options, kube, crate::shutdown_signal(), listening).await
 }
 
 /// [`serve`] with a given Kubernetes client, until `shutdown` completes (`workerbundle dev`
@@ -270,21 +270,6 @@ pub async fn serve_with(
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(ServeError::Serve)?;
     info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ pub enum RunError {
 /// renew it returns `RunError::Leader` at once (the process must exit: it may no longer act).
 pub async fn run(options: RunOptions, build: BuildContext) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Connect)?;
-    run_with(client, options, build, shutdown_signal()).await
+    run_with(client, options, build, crate::shutdown_signal()).await
 }
 
 /// [`run`] with a given client, until `shutdown` completes (`workerbundle dev` runs the
@@ -281,24 +281,4 @@ async fn log_outcome<T: Debug, E: std::error::Error>(outcome: Result<T, E>) {
         Ok(done) => debug!(?done, "reconciled"),
         Err(e) => debug!(error = %crate::error_chain(&e), "reconcile did not run"),
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

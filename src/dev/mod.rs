@@ -157,7 +157,7 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let runner = runner::Runner::new(client.clone(), registries, data.join("run"));
     let runner = tokio::spawn(runner.run(stopped()));
 
-    shutdown_signal().await;
+    crate::shutdown_signal().await;
     info!("stopping");
     let _ = stop_tx.send(true);
     let (controllers, api, _) = tokio::join!(controllers, api, runner);
@@ -234,16 +234,4 @@ async fn install(client: &Client) -> Result<(), kube::Error> {
         serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}});
     namespaces.patch(NAMESPACE, &params, &Patch::Apply(&namespace)).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-        return;
-    }
-    let _ = ctrl_c.await;
 }
