@@ -140,6 +140,16 @@ impl Runner {
             .stdout(stderr_handle()?)
             .stderr(stderr_handle()?)
             .kill_on_drop(true);
+        // Also when dev itself is killed (SIGKILL runs no destructor): the kernel ends workerd.
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", workerd.display()))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in ports.values() {
