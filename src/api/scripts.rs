@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::envelope::{json_body, ok, ok_list, ApiError};
 use super::store::DEPLOYED_AT;
-use super::upload::{template_for, version_prefix};
+use super::upload::version_prefix;
 use super::versions::{bindings_json, created, receive};
 use super::Shared;
 use crate::crd::WorkerDeployment;
@@ -116,9 +116,7 @@ pub async fn upload(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let (version, upload) = receive(&api, &account, &script, &headers, multipart).await?;
-    let template = template_for(&api.store.bucket, &account, &script, &version, &upload.metadata)
-        .map_err(ApiError::Backend)?;
+    let (version, _, template) = receive(&api, &account, &script, &headers, multipart).await?;
     api.store.ensure_account(&account).await?;
     let deployment = api.store.apply_template(&account, &script, &template, None).await?;
     let mut result = script_json(&deployment);

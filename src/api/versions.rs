@@ -192,15 +192,15 @@ async fn version_info(
     }))
 }
 
-/// Reads, validates and stores an upload as a new version; returns its id. Refused uploads store
-/// nothing.
+/// Reads, validates and stores an upload as a new version; returns its id, the upload and the
+/// template that runs it. Refused uploads store nothing.
 pub async fn receive(
     api: &Shared,
     account: &str,
     script: &str,
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Result<(String, Upload), ApiError> {
+) -> Result<(String, Upload, WorkerTemplate), ApiError> {
     let limit = api.limits.max_upload_bytes;
     let length =
         headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -222,8 +222,10 @@ pub async fn receive(
         }
     }
     let version = uuid::Uuid::new_v4().to_string();
+    let template = template_for(&api.store.bucket, account, script, &version, &upload.metadata)
+        .map_err(ApiError::Backend)?;
     api.store.put_version(account, script, &version, &upload).await?;
-    Ok((version, upload))
+    Ok((version, upload, template))
 }
 
 /// `POST .../versions` (`wrangler deploy` of an existing worker, `wrangler versions upload`):
@@ -234,9 +236,7 @@ pub async fn upload(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let (version, upload) = receive(&api, &account, &script, &headers, multipart).await?;
-    let template = template_for(&api.store.bucket, &account, &script, &version, &upload.metadata)
-        .map_err(ApiError::Backend)?;
+    let (version, upload, template) = receive(&api, &account, &script, &headers, multipart).await?;
     let info = VersionInfo {
         id: version,
         created_on: k8s_openapi::jiff::Timestamp::now().to_string(),

@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -99,16 +98,7 @@ impl ApiServer {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(&self) -> std::process::ExitStatus {
-        let pid = self.child.lock().unwrap().id();
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the API did not stop on SIGTERM:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::terminate(&self.child, "the API", || self.log())
     }
 }
 

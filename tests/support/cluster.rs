@@ -225,16 +225,7 @@ impl Controller {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(&self) -> std::process::ExitStatus {
-        let pid = self.child.lock().unwrap().id();
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::terminate(&self.child, "the controller", || self.log())
     }
 }
 

@@ -25,6 +25,25 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("wb-test-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
+/// SIGTERM to a process the tests started, then its exit status; fails the test (with `log()`)
+/// when it does not stop within 20 s.
+pub fn terminate(
+    child: &std::sync::Mutex<std::process::Child>,
+    what: &str,
+    log: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    let pid = child.lock().unwrap().id();
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.lock().unwrap().try_wait() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} did not stop on SIGTERM:\n{}", log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Runs the CLI with `SOURCE_DATE_EPOCH` unset, so only the arguments decide the output.
 pub fn workerbundle(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env_remove("SOURCE_DATE_EPOCH").env("RUST_LOG", "warn").output().unwrap()
