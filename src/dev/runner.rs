@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 use super::unpack::unpack;
-use crate::controller::bundle::plan::WORKERS_ANNOTATION;
+use crate::controller::bundle::workload::WORKERS_ANNOTATION;
 use crate::crd::{ACCOUNT_LABEL, MANAGED_BY};
 use crate::registry::Registries;
 

@@ -8,6 +8,7 @@
 //! deletion waits; the annotation lets a bundle go without it.
 
 pub mod plan;
+pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -174,17 +175,19 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     }
 
     // Apply: the Deployment and Service, when they differ from what we applied last.
-    let deployment = plan::deployment(bundle, &image_ref, &inputs.workers, &plan::secrets_hash(&secrets));
-    let running = if plan::unchanged(existing_deployment.as_ref().map(|d| &d.metadata), &deployment.metadata)
-    {
+    let deployment = workload::deployment(bundle, &image_ref, &inputs.workers, &plan::secrets_hash(&secrets));
+    let running = if workload::unchanged(
+        existing_deployment.as_ref().map(|d| &d.metadata),
+        &deployment.metadata,
+    ) {
         existing_deployment
     } else {
         let applied = apply(&deployments, &deployment).await?;
         info!(deployment = %bundle.spec.deployment_name, image = %image_ref, elapsed_ms = started.elapsed().as_millis() as u64, "deployment applied");
         Some(applied)
     };
-    let service = plan::service(bundle, &inputs.workers);
-    if !plan::unchanged(existing_service.as_ref().map(|s| &s.metadata), &service.metadata) {
+    let service = workload::service(bundle, &inputs.workers);
+    if !workload::unchanged(existing_service.as_ref().map(|s| &s.metadata), &service.metadata) {
         apply(&services, &service).await?;
     }
 

@@ -1,6 +1,6 @@
 //! WorkerBundle, pure: from the bundle, its workers' releases and Secrets, to the image's inputs,
-//! the Deployment and Service that run it, the rollout's state, the images to purge and the
-//! bundle's status.
+//! the rollout's state, the images to purge and the bundle's status (the Deployment and Service
+//! that run the image are built in workload.rs).
 //!
 //! The image is a function of what the rebuild rule names and nothing else: each worker's layer
 //! (its release's), its resolved settings (date, flags, vars), its secret KEY names, its port,
@@ -9,14 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, LocalObjectReference,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretEnvSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest as _, Sha256};
@@ -26,26 +21,14 @@ use super::super::release::plan::{account_repository, worker_settings};
 use super::super::Error;
 use crate::build::bundle::BundleWorkerLayer;
 use crate::crd::{
-    condition, owned_by, set_condition, BaseImageStatus, ConditionStatus, ReleasePhase, RolloutStatus,
-    WorkerBundle, WorkerBundleStatus, WorkerRelease, ACCOUNT_LABEL, BUNDLE_LABEL, MANAGED_BY, READY,
-    SECRETS_HASH_ANNOTATION,
+    condition, set_condition, BaseImageStatus, ConditionStatus, ReleasePhase, RolloutStatus, WorkerBundle,
+    WorkerBundleStatus, WorkerRelease, ACCOUNT_LABEL, READY,
 };
 use crate::digest::Digest;
 use crate::image::assemble::{ImageWorker, LayerRef};
 use crate::image::reference::ImageRef;
 use crate::worker::names::{check_binding_name, check_secret_name};
 use crate::worker::ServedWorker;
-
-/// The container that runs workerd.
-pub const CONTAINER: &str = "workerd";
-/// On the Deployment and Service: a hash of what we applied, so an unchanged object is not
-/// applied again (no write at all on a resync or a restart).
-pub const APPLIED_HASH_ANNOTATION: &str = "workerbundle.dev/applied-hash";
-/// On the Deployment: `worker=port,...`.
-pub const WORKERS_ANNOTATION: &str = "workerbundle.dev/workers";
-const NAME_LABEL: &str = "app.kubernetes.io/name";
-const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
-const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// The Secrets a bundle's workers reference, by name; `None` for one that does not exist (yet).
 pub type Secrets = BTreeMap<String, Option<Secret>>;
@@ -206,209 +189,6 @@ pub fn image_tag(bundle: &WorkerBundle) -> String {
     bundle.name_any()
 }
 
-fn labels(bundle: &WorkerBundle) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(bundle);
-    labels.insert(NAME_LABEL.into(), "workerd".into());
-    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    labels.insert(ACCOUNT_LABEL.into(), account_name(bundle));
-    labels
-}
-
-fn selector_labels(bundle: &WorkerBundle) -> BTreeMap<String, String> {
-    [
-        (BUNDLE_LABEL.to_owned(), bundle.name_any()),
-        (INSTANCE_LABEL.to_owned(), bundle.spec.deployment_name.clone()),
-    ]
-    .into()
-}
-
-/// A port name for a worker: its own name where that is a valid port name (at most 15
-/// characters, a letter among them, no `--`), else a short form of it with a hash.
-pub fn port_name(worker: &str) -> String {
-    let valid = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 15
-            && n.bytes().any(|b| b.is_ascii_lowercase())
-            && !n.contains("--")
-            && !n.starts_with('-')
-            && !n.ends_with('-')
-    };
-    if valid(worker) {
-        return worker.to_owned();
-    }
-    let hash = hex::encode(Sha256::digest(worker.as_bytes()));
-    let mut short: String = worker.replace("--", "-").chars().take(8).collect();
-    short = short.trim_matches('-').to_owned();
-    let name = format!("{short}-{}", &hash[..5]);
-    if valid(&name) {
-        name
-    } else {
-        format!("w{}", &hash[..14])
-    }
-}
-
-/// The Deployment that runs the bundle's image: one container port per worker, the workers'
-/// Secrets as environment variables under their prefixes, non-root on a read-only root.
-pub fn deployment(
-    bundle: &WorkerBundle,
-    image: &str,
-    workers: &[BundleWorkerLayer],
-    secrets_hash: &str,
-) -> Deployment {
-    let pod = bundle.spec.pod_template.clone().unwrap_or_default();
-    let mut sorted: Vec<&ServedWorker> = workers.iter().map(|w| &w.worker.served).collect();
-    sorted.sort_by_key(|w| w.port);
-    let ports = sorted
-        .iter()
-        .map(|w| ContainerPort {
-            name: Some(port_name(&w.name)),
-            container_port: i32::from(w.port),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        })
-        .collect();
-    let env_from = bundle
-        .spec
-        .workers
-        .iter()
-        .filter_map(|w| {
-            let secret = w.secret_ref.clone()?;
-            let prefix =
-                sorted.iter().find(|s| s.name == w.worker_name).map(|s| s.settings.env_prefix.clone());
-            Some(EnvFromSource {
-                prefix,
-                secret_ref: Some(SecretEnvSource { name: secret, optional: Some(true) }),
-                ..EnvFromSource::default()
-            })
-        })
-        .collect::<Vec<_>>();
-    // workerd opens every socket of its config at start, or none: one listening port shows that
-    // all of them are.
-    let readiness = sorted.first().map(|w| Probe {
-        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(i32::from(w.port)), host: None }),
-        period_seconds: Some(5),
-        ..Probe::default()
-    });
-    let container = Container {
-        name: CONTAINER.into(),
-        image: Some(image.to_owned()),
-        ports: Some(ports),
-        env_from: (!env_from.is_empty()).then_some(env_from),
-        resources: pod.resources.clone(),
-        readiness_probe: readiness,
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        }]),
-        ..Container::default()
-    };
-    let pod_spec = PodSpec {
-        containers: vec![container],
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
-        image_pull_secrets: pod.image_pull_secret.clone().map(|name| vec![LocalObjectReference { name }]),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
-            ..PodSecurityContext::default()
-        }),
-        volumes: Some(vec![Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        }]),
-        ..PodSpec::default()
-    };
-    let mut metadata = meta(bundle);
-    // Which worker is on which port, for people and for `workerbundle dev`'s runner (a port's
-    // name is not always its worker's whole name).
-    let workers_annotation: Vec<String> = sorted.iter().map(|w| format!("{}={}", w.name, w.port)).collect();
-    metadata.annotations = Some([(WORKERS_ANNOTATION.to_owned(), workers_annotation.join(","))].into());
-    let mut object = Deployment {
-        metadata,
-        spec: Some(DeploymentSpec {
-            replicas: Some(pod.replicas.unwrap_or(1)),
-            selector: LabelSelector { match_labels: Some(selector_labels(bundle)), match_expressions: None },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(bundle)),
-                    annotations: Some([(SECRETS_HASH_ANNOTATION.to_owned(), secrets_hash.to_owned())].into()),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod_spec),
-            },
-            ..DeploymentSpec::default()
-        }),
-        status: None,
-    };
-    stamp(&mut object.metadata, &object.spec);
-    object
-}
-
-/// The Service in front of the Deployment: one port per worker, named as the container's.
-pub fn service(bundle: &WorkerBundle, workers: &[BundleWorkerLayer]) -> Service {
-    let mut ports: Vec<ServicePort> = workers
-        .iter()
-        .map(|w| ServicePort {
-            name: Some(port_name(&w.worker.served.name)),
-            port: i32::from(w.worker.served.port),
-            target_port: Some(IntOrString::String(port_name(&w.worker.served.name))),
-            protocol: Some("TCP".into()),
-            ..ServicePort::default()
-        })
-        .collect();
-    ports.sort_by_key(|p| p.port);
-    let mut object = Service {
-        metadata: meta(bundle),
-        spec: Some(ServiceSpec {
-            selector: Some(selector_labels(bundle)),
-            ports: Some(ports),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    };
-    stamp(&mut object.metadata, &object.spec);
-    object
-}
-
-fn meta(bundle: &WorkerBundle) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(bundle.spec.deployment_name.clone()),
-        namespace: bundle.namespace(),
-        labels: Some(labels(bundle)),
-        owner_references: owned_by(bundle),
-        ..ObjectMeta::default()
-    }
-}
-
-/// Records a hash of the object's desired spec and metadata in an annotation.
-fn stamp<S: serde::Serialize>(metadata: &mut ObjectMeta, spec: &S) {
-    let body = serde_json::to_vec(&(&*metadata, spec)).unwrap_or_default();
-    let hash = hex::encode(Sha256::digest(&body))[..32].to_owned();
-    metadata.annotations.get_or_insert_with(BTreeMap::new).insert(APPLIED_HASH_ANNOTATION.into(), hash);
-}
-
-/// Whether `existing` is what we would apply (same stamped hash): then nothing is written.
-pub fn unchanged(existing: Option<&ObjectMeta>, desired: &ObjectMeta) -> bool {
-    let hash = |m: &ObjectMeta| m.annotations.as_ref().and_then(|a| a.get(APPLIED_HASH_ANNOTATION)).cloned();
-    existing.is_some_and(|e| hash(e).is_some() && hash(e) == hash(desired))
-}
-
 /// How far the Deployment has rolled `image` out.
 pub fn rollout(deployment: Option<&Deployment>, image: &str) -> RolloutStatus {
     let Some(d) = deployment else { return RolloutStatus::default() };
@@ -554,7 +334,9 @@ mod tests {
     use k8s_openapi::api::apps::v1::DeploymentStatus;
     use k8s_openapi::ByteString;
 
+    use super::super::workload::{deployment, port_name, service, unchanged, WORKERS_ANNOTATION};
     use super::*;
+    use crate::crd::SECRETS_HASH_ANNOTATION;
     use crate::crd::{
         BundlePodTemplate, BundleWorker, LayerDescriptor, ResolvedSettings, WorkerBundleSpec,
         WorkerReleaseSpec, WorkerReleaseStatus, WorkerTemplate,
