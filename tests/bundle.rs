@@ -17,6 +17,7 @@ use serde_json::Value;
 use support::cluster::{Cluster, Controller};
 use support::registry::{Logged, Registry};
 use support::s3::{S3Server, SECRET_KEY};
+use support::workload::*;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -113,65 +114,6 @@ fn deployed_image(cluster: &Cluster, controller: &Controller, bundle: &str, not:
         let deployment = cluster.get("deployment", bundle)?;
         (container(&deployment)["image"].as_str() == Some(image)).then(|| image.to_owned())
     })
-}
-
-fn container(deployment: &Value) -> &Value {
-    &deployment["spec"]["template"]["spec"]["containers"][0]
-}
-
-fn secrets_hash(deployment: &Value) -> String {
-    deployment["spec"]["template"]["metadata"]["annotations"]["workerbundle.dev/secrets-hash"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// The environment the Deployment's container gets: its `env`, and each `envFrom` Secret's keys
-/// under the prefix, with the values as the API server holds them.
-fn container_environment(cluster: &Cluster, deployment: &Value) -> Vec<(String, String)> {
-    let container = container(deployment);
-    let mut env: Vec<(String, String)> = container["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap_or_default().to_owned()))
-        .collect();
-    for source in container["envFrom"].as_array().into_iter().flatten() {
-        let prefix = source["prefix"].as_str().unwrap_or_default();
-        let name = source["secretRef"]["name"].as_str().expect("only Secret sources are expected");
-        let secret = cluster.get("secret", name).unwrap_or_else(|| panic!("secret {name} is missing"));
-        for (key, value) in secret["data"].as_object().into_iter().flatten() {
-            let value = base64::engine::general_purpose::STANDARD.decode(value.as_str().unwrap()).unwrap();
-            env.push((format!("{prefix}{key}"), String::from_utf8(value).unwrap()));
-        }
-    }
-    env
-}
-
-/// Copies `image` out of the registry with skopeo, unpacks it with umoci and runs its workerd
-/// with `env`; returns what each port answered.
-fn serve(image: &str, env: &[(String, String)], ports: &[u16]) -> BTreeMap<u16, String> {
-    let dir = tempdir();
-    let layout = dir.path().join("layout");
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{image}")])
-        .arg(format!("oci:{}:bundle", layout.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr));
-    let bundle = umoci_unpack(&layout, "bundle", dir.path());
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    serve_from_bundle(&bundle, &env, ports).bodies
-}
-
-/// Marks the Deployment's current generation as fully rolled out, as the cluster would.
-fn mark_rolled_out(cluster: &Cluster, name: &str) {
-    let deployment = cluster.get("deployment", name).unwrap();
-    let generation = deployment["metadata"]["generation"].as_i64().unwrap();
-    let status = format!(
-        r#"{{"status":{{"observedGeneration":{generation},"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}}}"#
-    );
-    cluster.kubectl_ok(&["patch", "deployment", name, "--subresource=status", "--type=merge", "-p", &status]);
 }
 
 fn digest_of(image: &str) -> &str {

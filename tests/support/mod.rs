@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod fault_proxy;
 pub mod registry;
 pub mod s3;
+pub mod workload;
 pub mod wrangler;
 
 use std::collections::BTreeMap;
