@@ -317,7 +317,8 @@ enum Command {
     ///
     /// stdout carries, for scripts, three `export CLOUDFLARE_...=` lines for wrangler, then
     /// `serving ACCOUNT/SCRIPT on http://127.0.0.1:PORT` whenever a worker starts or changes.
-    /// Logs go to stderr. Ctrl-C stops everything, every workerd included.
+    /// Logs go to stderr. Ctrl-C stops everything, every workerd included. DATA/kubeconfig
+    /// lets kubectl look at the control plane while dev runs.
     ///
     /// Example:
     ///   workerbundle dev --data .workerbundle > dev.out &

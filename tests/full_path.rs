@@ -12,10 +12,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::Value;
 use support::api::ApiServer;
 use support::cluster::{Cluster, Controller};
-use support::registry::Registry;
+use support::registry::{scan_registry, Registry};
 use support::s3::{S3Server, SECRET_KEY};
 use support::workload::*;
 use support::wrangler::Wrangler;
@@ -31,7 +32,7 @@ struct Platform {
     registry: Registry,
     controller: Controller,
     api: ApiServer,
-    _s3: S3Server,
+    s3: S3Server,
 }
 
 impl Platform {
@@ -49,6 +50,9 @@ impl Platform {
         let cluster = Cluster::start("full-path");
         let prefix = format!("{}/workers", registry.host());
         let (base, endpoint) = (format!("docker://{base}"), s3.endpoint());
+        // Every log line at every level, so that the secret scan at the end covers them all.
+        let mut env = s3.env(SECRET_KEY);
+        env.push(("RUST_LOG".into(), "trace".into()));
         let controller = Controller::start(
             &cluster,
             &[
@@ -60,10 +64,10 @@ impl Platform {
                 "--s3-endpoint",
                 &endpoint,
             ],
-            &s3.env(SECRET_KEY),
+            &env,
         );
-        let api = ApiServer::start(&cluster, &s3, &[(ACCOUNT, TOKEN)], &[]);
-        Platform { cluster, registry, controller, api, _s3: s3 }
+        let api = ApiServer::start_logging(&cluster, &s3, &[(ACCOUNT, TOKEN)], &[], "trace");
+        Platform { cluster, registry, controller, api, s3 }
     }
 
     /// The Deployment once it runs the bundle's current image and `accept` takes it.
@@ -124,6 +128,36 @@ fn write_project(dir: &Path, name: &str, body: &str) {
         format!("export default {{ async fetch(request, env) {{ return new Response(`{body}`); }} }};\n"),
     )
     .unwrap();
+}
+
+/// Fails if a secret value (or its base64) is in S3 (which must hold at least `uploads` objects),
+/// the registry, a log line or an object other than the Secret.
+fn scan_for_secrets(platform: &Platform, values: &[&str], uploads: usize) {
+    let encoded: Vec<String> = values.iter().map(|v| base64_of(v)).collect();
+    let needles: Vec<&str> = values.iter().copied().chain(encoded.iter().map(String::as_str)).collect();
+    let objects = platform.s3.objects(support::api::BUCKET);
+    assert!(objects.len() >= uploads, "the bucket holds the uploads: {:?}", objects.keys());
+    for (key, bytes) in objects {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(needles.iter().all(|n| !text.contains(n)), "S3 object {key} holds a secret value");
+    }
+    scan_registry(&platform.registry.storage_dir(), &needles);
+    for (who, log) in [("controller", platform.controller.log()), ("api", platform.api.log())] {
+        assert!(log.lines().count() > 100, "the {who} logged at trace level");
+        for line in log.lines() {
+            assert!(needles.iter().all(|n| !line.contains(n)), "the {who} logged a secret value: {line}");
+        }
+    }
+    let kinds = "workerdeployments,workerreleases,workeraccounts,workerbundles,deployments,services,events,configmaps";
+    let all = platform.cluster.kubectl_ok(&["get", kinds, "-o", "json"]);
+    assert!(all.contains("\"WorkerRelease\"") && all.contains("\"Deployment\""), "{all}");
+    for needle in &needles {
+        assert!(!all.contains(needle), "an object other than the Secret holds a secret value:\n{all}");
+    }
+}
+
+fn base64_of(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -190,12 +224,22 @@ fn wrangler_deploy_through_every_process_to_a_served_image() {
     );
     assert_eq!(platform.builds(), builds, "the rollback built a release:\n{}", platform.controller.log());
 
+    // The secret values went everywhere a value can go (wrangler, the API, the Secret, the pods'
+    // environment): they are in no S3 object, registry blob, log line at any level, status,
+    // Event or other object.
+    scan_for_secrets(&platform, &["first-value", "second-value"], 6);
+    let secret = platform.cluster.kubectl_ok(&["get", "secret", "hello-secrets", "-o", "json"]);
+    assert!(secret.contains(&base64_of("second-value")), "the Secret holds the value: {secret}");
+
     // Deleting a script takes it out of the bundle, its port and its answer with it.
     wrangler.ok(&hello, &["delete", "--force"]);
     let deployment = platform.deployment("delete", |d| workers(d).len() == 1);
     assert_eq!(platform.answers(&deployment), pairs(&[("other", "other hi")]));
     let ports = container(&deployment)["ports"].as_array().unwrap().len();
     assert_eq!(ports, 1, "the deleted worker's port is still declared");
+
+    // The secret values went everywhere a value can go, the delete included: still nowhere else.
+    scan_for_secrets(&platform, &["first-value", "second-value"], 2);
 
     // Nothing failed along the way in either server.
     for (who, log) in [("controller", platform.controller.log()), ("api", platform.api.log())] {

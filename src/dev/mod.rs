@@ -102,6 +102,11 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     // The control plane and the store.
     let control_plane =
         start_control_plane(&data.join("control-plane.json"), stopped()).await.map_err(setup)?;
+    // So that kubectl (and benchmarks) can watch what the controllers do.
+    let kubeconfig = data.join("kubeconfig");
+    std::fs::write(&kubeconfig, memory_apiserver::render_kubeconfig(&control_plane.url, NAMESPACE))
+        .map_err(|e| setup(format!("cannot write {}: {e}", kubeconfig.display())))?;
+    info!("kubectl --kubeconfig {} get workerdeployments,workerbundles,deployments", kubeconfig.display());
     let client = control_plane.client.clone();
     install(&client).await?;
     let store = s3::start(&data.join("s3"), stopped()).await.map_err(setup)?;
@@ -197,6 +202,7 @@ fn ensure_base(data: &Path, options: &DevOptions) -> Result<ImageRef, String> {
 /// The in-memory API server, in this process, and a client of it.
 struct ControlPlane {
     client: Client,
+    url: String,
 }
 
 async fn start_control_plane(
@@ -214,11 +220,11 @@ async fn start_control_plane(
             tracing::error!(error = %e, "the control plane stopped");
         }
     });
-    let url = format!("http://{address}").parse().map_err(|e| format!("control plane URL: {e}"))?;
-    let config = kube::Config::new(url);
+    let url = format!("http://{address}");
+    let config = kube::Config::new(url.parse().map_err(|e| format!("control plane URL: {e}"))?);
     let client = Client::try_from(config).map_err(|e| format!("control plane client: {e}"))?;
     info!(%address, "control plane serving");
-    Ok(ControlPlane { client })
+    Ok(ControlPlane { client, url })
 }
 
 /// The CRDs and the accounts' namespace.

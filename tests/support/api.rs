@@ -31,6 +31,17 @@ impl ApiServer {
     /// Starts the API on a free port, its objects in the cluster's test namespace, with a token
     /// table of `(account, token)` pairs.
     pub fn start(cluster: &Cluster, s3: &S3Server, tokens: &[(&str, &str)], args: &[&str]) -> ApiServer {
+        Self::start_logging(cluster, s3, tokens, args, "info,kube=warn")
+    }
+
+    /// `start` with `RUST_LOG` set to `filter`.
+    pub fn start_logging(
+        cluster: &Cluster,
+        s3: &S3Server,
+        tokens: &[(&str, &str)],
+        args: &[&str],
+        filter: &str,
+    ) -> ApiServer {
         let dir = super::tempdir();
         let table = dir.path().join("tokens");
         let text: String = tokens.iter().map(|(account, token)| token_line(account, token)).collect();
@@ -38,14 +49,14 @@ impl ApiServer {
         let mut all = vec!["--namespace".to_owned(), cluster.namespace.clone(), "--tokens".to_owned()];
         all.push(table.display().to_string());
         all.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn(cluster, s3, &all, table, dir)
+        Self::spawn(cluster, s3, &all, table, dir, filter)
     }
 
     /// Starts the API with only `args` choosing the token source and the namespaces.
     pub fn start_bare(cluster: &Cluster, s3: &S3Server, args: &[&str]) -> ApiServer {
         let dir = super::tempdir();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(cluster, s3, &args, dir.path().join("no-token-file"), dir)
+        Self::spawn(cluster, s3, &args, dir.path().join("no-token-file"), dir, "info,kube=warn")
     }
 
     fn spawn(
@@ -54,6 +65,7 @@ impl ApiServer {
         args: &[String],
         tokens: PathBuf,
         dir: tempfile::TempDir,
+        filter: &str,
     ) -> ApiServer {
         s3.create_bucket(BUCKET);
         let log = dir.path().join("api.log");
@@ -63,7 +75,7 @@ impl ApiServer {
             .args(["--s3-endpoint", &s3.endpoint()])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());

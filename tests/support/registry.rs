@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -181,4 +181,22 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(String, String)]) -
         None => vec![],
     };
     (status, body)
+}
+
+/// Fails if any blob in the registry's storage (gzip layers unpacked) holds one of `values`.
+pub fn scan_registry(dir: &Path, values: &[&str]) {
+    let mut scanned = 0;
+    for (path, bytes) in super::tree(dir) {
+        let mut text = bytes.clone();
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            text.clear();
+            flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut text).unwrap();
+        }
+        let text = String::from_utf8_lossy(&text);
+        for value in values {
+            assert!(!text.contains(value), "registry file {path} holds a secret value");
+        }
+        scanned += 1;
+    }
+    assert!(scanned > 10, "the registry's storage was not found: {}", dir.display());
 }
