@@ -18,6 +18,8 @@ mod scripts;
 mod secrets;
 mod store;
 mod upload;
+#[cfg(test)]
+mod upload_hostile_tests;
 mod versions;
 
 pub use auth::{check_account_id, token_hash, TokenSource, TokenTable};

@@ -9,3 +9,6 @@ pub mod layer;
 pub mod layout;
 pub mod reference;
 pub mod workerd_config;
+
+#[cfg(test)]
+mod config_structure_tests;

@@ -12,6 +12,9 @@ mod module;
 pub mod names;
 pub mod ports;
 
+#[cfg(test)]
+mod hostile_input_tests;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
