@@ -108,6 +108,13 @@ impl ApiServer {
         matches!(self.child.lock().unwrap().try_wait(), Ok(None))
     }
 
+    /// SIGKILL (no chance to finish anything), then waits for the process to be gone.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(&self) -> std::process::ExitStatus {
         super::terminate(&self.child, "the API", || self.log())

@@ -1,0 +1,288 @@
+//! Crash safety: the controller SIGKILLed at random points (seeded; the seed is printed and
+//! `WB_CRASH_SEED` replays it) while 50 bundles build and push, restarted each time; then it must
+//! converge with nothing lost and nothing left over. The API SIGKILLed in the middle of uploads:
+//! no WorkerDeployment may point at a version whose objects are not all there.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::api::{form, ApiServer, BUCKET};
+use support::cluster::{Cluster, Controller};
+use support::registry::Registry;
+use support::s3::{S3Server, SECRET_KEY};
+use support::workload::container;
+use support::*;
+
+const ACCOUNTS: usize = 50;
+const CRASHES: usize = 4;
+const WAIT: Duration = Duration::from_secs(600);
+
+fn seed() -> u64 {
+    let seed =
+        std::env::var("WB_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("crash seed: {seed} (WB_CRASH_SEED={seed} replays it)");
+    seed
+}
+
+fn start_controller(cluster: &Cluster, registry: &Registry, s3: &S3Server) -> Controller {
+    let prefix = format!("{}/workers", registry.host());
+    let base = format!("docker://{}/workerd-base:1", registry.host());
+    let endpoint = s3.endpoint();
+    Controller::start(
+        cluster,
+        &[
+            "--repository-prefix",
+            &prefix,
+            "--base-image",
+            &base,
+            "--insecure",
+            "--s3-endpoint",
+            &endpoint,
+            // Takeovers are tested in tests/operations.rs; here each restart reconciles at once.
+            "--leader-election",
+            "false",
+        ],
+        &s3.env(SECRET_KEY),
+    )
+}
+
+/// All accounts and their WorkerDeployments, in one kubectl apply.
+fn objects_yaml() -> String {
+    let mut yaml = String::new();
+    for i in 0..ACCOUNTS {
+        let account = format!("a{i:03}");
+        yaml += &format!(
+            "---\napiVersion: workerbundle.dev/v1alpha1\nkind: WorkerAccount\nmetadata:\n  name: {account}\nspec:\n  workerBundleName: workers-{account}\n"
+        );
+        yaml += &format!(
+            "---\napiVersion: workerbundle.dev/v1alpha1\nkind: WorkerDeployment\nmetadata:\n  name: w-{account}\n  labels:\n    workerbundle.dev/account: {account}\nspec:\n  template:\n    scriptName: w-{account}\n    scriptUrls: [\"s3://workers/{account}/index.js\"]\n"
+        );
+    }
+    yaml
+}
+
+/// Bundles whose Deployment runs their current image.
+fn converged(cluster: &Cluster) -> BTreeMap<String, String> {
+    let deployments: BTreeMap<String, Value> = cluster
+        .list("deployments", None)
+        .into_iter()
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_owned(), d))
+        .collect();
+    cluster
+        .list("workerbundles", None)
+        .into_iter()
+        .filter_map(|b| {
+            let name = b["metadata"]["name"].as_str()?.to_owned();
+            let image = b["status"]["image"].as_str()?.to_owned();
+            let runs = deployments.get(&name).and_then(|d| container(d)["image"].as_str().map(str::to_owned));
+            (runs.as_deref() == Some(image.as_str())).then_some((name, image))
+        })
+        .collect()
+}
+
+/// Every manifest revision a repository in the registry's storage holds, by repository.
+fn stored_manifests(registry: &Registry) -> BTreeMap<String, BTreeSet<String>> {
+    let root = registry.storage_dir().join("docker/registry/v2/repositories");
+    let mut found = BTreeMap::new();
+    for (path, _) in tree(&root) {
+        // REPO/_manifests/revisions/sha256/HEX/link
+        if let Some((repo, rest)) = path.split_once("/_manifests/revisions/sha256/") {
+            if let Some(hex) = rest.strip_suffix("/link") {
+                found.entry(repo.to_owned()).or_insert_with(BTreeSet::new).insert(format!("sha256:{hex}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_controller_killed_at_random_points_converges_with_nothing_lost_or_left() {
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let registry = Registry::start(false);
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout()])
+        .arg(format!("docker://{}/workerd-base:1", registry.host()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s3 = S3Server::start();
+    for i in 0..ACCOUNTS {
+        let js = format!("export default {{ fetch() {{ return new Response('account {i}'); }} }};\n");
+        s3.put("workers", &format!("a{i:03}/index.js"), js.as_bytes());
+    }
+    let cluster = Cluster::start("crash");
+    let applied = cluster.apply_yaml(&objects_yaml());
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    // Kill it while it works: at a random moment of each run, SIGKILL.
+    for crash in 0..CRASHES {
+        let controller = start_controller(&cluster, &registry, &s3);
+        controller.wait_for_log("controllers started", Duration::from_secs(30));
+        let delay = Duration::from_millis(rng.u64(200..5000));
+        std::thread::sleep(delay);
+        let done = converged(&cluster).len();
+        controller.kill();
+        let pushed = controller.log().matches("image pushed").count();
+        eprintln!(
+            "crash {crash}: SIGKILL {} ms into leading ({pushed} images pushed in that run; {done}/{ACCOUNTS} bundles running)",
+            delay.as_millis()
+        );
+    }
+
+    // Then it converges.
+    let controller = start_controller(&cluster, &registry, &s3);
+    let started = Instant::now();
+    let images = loop {
+        let images = converged(&cluster);
+        if images.len() == ACCOUNTS {
+            break images;
+        }
+        assert!(controller.is_running(), "the controller stopped:\n{}", controller.log());
+        assert!(
+            started.elapsed() < WAIT,
+            "{} of {ACCOUNTS} bundles converged:\n{}",
+            images.len(),
+            controller.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("converged {} ms after the last restart", started.elapsed().as_millis());
+
+    // One release per WorkerDeployment: none duplicated by a repeated reconcile.
+    let releases = cluster.list("workerreleases", None);
+    let names: Vec<&str> = releases.iter().filter_map(|r| r["metadata"]["name"].as_str()).collect();
+    assert_eq!(names.len(), ACCOUNTS, "releases: {names:?}");
+
+    // Every image and every tag is whole: each blob of its manifest is in the repository.
+    for (bundle, image) in &images {
+        let (repo_and_host, digest) = image.rsplit_once('@').unwrap();
+        let repo = repo_and_host.split_once('/').unwrap().1;
+        for reference in [digest, bundle.as_str()] {
+            let (status, body) = registry.manifest(repo, reference);
+            assert_eq!(status, 200, "{repo}:{reference} has no manifest");
+            let manifest: Value = serde_json::from_slice(&body).unwrap();
+            let blobs = std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().unwrap());
+            for blob in blobs {
+                let blob = blob["digest"].as_str().unwrap();
+                assert!(registry.blob_exists(repo, blob), "{repo}:{reference} names the missing blob {blob}");
+            }
+        }
+    }
+
+    // No image that no bundle references: every manifest is some bundle's image, last image or
+    // a stale image waiting for its rollout (the documented retention).
+    let mut referenced = BTreeSet::new();
+    for bundle in cluster.list("workerbundles", None) {
+        let status = &bundle["status"];
+        let names = [&status["image"], &status["lastImage"]]
+            .into_iter()
+            .chain(status["staleImages"].as_array().into_iter().flatten());
+        for image in names.filter_map(Value::as_str) {
+            referenced.insert(image.rsplit_once('@').unwrap().1.to_owned());
+        }
+    }
+    let base_repo = "workerd-base";
+    for (repo, manifests) in stored_manifests(&registry) {
+        if repo == base_repo {
+            continue;
+        }
+        for digest in manifests {
+            assert!(referenced.contains(&digest), "{repo}@{digest} is referenced by no bundle");
+        }
+    }
+}
+
+#[test]
+fn the_api_killed_mid_upload_leaves_no_deployment_on_a_partial_version() {
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let s3 = S3Server::start();
+    let cluster = Cluster::start("api-crash");
+    let token = "token-of-account-1234-crash-4b1d";
+    let files = tempdir();
+    // Many modules of some size, so that a kill lands between the first object and the apply.
+    let big = "x".repeat(200 << 10);
+    let mut modules: Vec<(String, Vec<u8>)> = vec![(
+        "index.js".into(),
+        b"import './m0.txt'; export default { fetch() { return new Response('ok'); } };".to_vec(),
+    )];
+    for i in 0..12 {
+        modules.push((format!("m{i}.txt"), format!("{i}{big}").into_bytes()));
+    }
+    let meta = r#"{"main_module":"index.js","compatibility_date":"2024-09-23"}"#;
+    let parts: Vec<(&str, &str, &[u8])> = modules
+        .iter()
+        .map(|(n, b)| {
+            (
+                n.as_str(),
+                if n.ends_with(".js") { "application/javascript+module" } else { "text/plain" },
+                b.as_slice(),
+            )
+        })
+        .collect();
+    let body = form(files.path(), meta, &parts);
+
+    // How long three uploads take here, so that the kills land before, during and after them.
+    let kill_within = {
+        let api = ApiServer::start(&cluster, &s3, &[("1234", token)], &[]);
+        let started = Instant::now();
+        let (code, reply) = support::api::curl(
+            "PUT",
+            &format!("{}/accounts/1234/workers/scripts/warm", api.url),
+            Some(token),
+            support::api::Body::Form(body.clone()),
+        );
+        assert_eq!(code, 200, "{reply}");
+        (started.elapsed().as_millis() as u64 * 3).max(100)
+    };
+    let (mut completed, mut cut) = (0, 0);
+    for round in 0..10 {
+        let api = ApiServer::start(&cluster, &s3, &[("1234", token)], &[]);
+        let script = format!("{}/accounts/1234/workers/scripts/w{}", api.url, round % 3);
+        let uploads: Vec<_> = (0..3)
+            .map(|_| {
+                Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H"])
+                    .arg(format!("Authorization: Bearer {token}"))
+                    .args(body.iter().flat_map(|field| ["-F", field.as_str()]))
+                    .arg(&script)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..=kill_within)));
+        api.kill();
+        for upload in uploads {
+            let out = upload.wait_with_output().unwrap();
+            match String::from_utf8_lossy(&out.stdout).as_ref() {
+                "200" => completed += 1,
+                _ => cut += 1,
+            }
+        }
+    }
+    eprintln!("10 kills: {completed} uploads completed before them, {cut} cut off");
+    // Both must have happened, or the kills tested nothing.
+    assert!(completed > 0 && cut > 0, "completed {completed}, cut {cut}: change the delays");
+
+    // Whatever the API managed to apply points at a version with its metadata and every module
+    // that metadata and the upload named.
+    let objects = s3.objects(BUCKET);
+    let deployments = cluster.list("workerdeployments", None);
+    let versions: BTreeSet<&str> =
+        objects.keys().filter_map(|k| k.rsplit_once('/').map(|(prefix, _)| prefix)).collect();
+    let whole = versions.iter().filter(|v| objects.contains_key(&format!("{v}/metadata.json"))).count();
+    eprintln!("S3: {} versions begun, {whole} with their metadata", versions.len());
+    for deployment in &deployments {
+        let url = deployment["spec"]["template"]["scriptUrls"][0].as_str().unwrap();
+        let prefix = url.strip_prefix(&format!("s3://{BUCKET}/")).unwrap();
+        for (name, _) in &modules {
+            assert!(objects.contains_key(&format!("{prefix}{name}")), "{url} lacks {name}");
+        }
+        assert!(objects.contains_key(&format!("{prefix}metadata.json")), "{url} lacks its metadata");
+    }
+    eprintln!("{} WorkerDeployments, all on whole versions", deployments.len());
+}
