@@ -13,7 +13,9 @@ pub struct Cluster {
     pub namespace: String,
     kubeconfig: PathBuf,
     cache: tempfile::TempDir,
-    _server: Option<MemoryApiServer>,
+    server: Option<MemoryApiServer>,
+    /// How to start the in-memory server again, on the same address with the same objects.
+    restart: Option<memory_apiserver::Options>,
     _dir: tempfile::TempDir,
 }
 
@@ -21,19 +23,36 @@ impl Cluster {
     /// Connects to KUBECONFIG's cluster, else starts an in-memory API server; creates a fresh
     /// namespace named after the test and installs the CRDs.
     pub fn start(test: &str) -> Cluster {
+        Self::start_with(test, false)
+    }
+
+    /// `start`, with an in-memory server that keeps its objects in a file, so that
+    /// [`Cluster::restart_server`] can stop it and start it again. Not for KUBECONFIG's cluster:
+    /// `None` then.
+    pub fn start_restartable(test: &str) -> Option<Cluster> {
+        let in_memory = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()).is_none();
+        in_memory.then(|| Self::start_with(test, true))
+    }
+
+    fn start_with(test: &str, restartable: bool) -> Cluster {
         let dir = super::tempdir();
         let cache = super::tempdir();
         let namespace = format!("wb-{test}-{:x}", fastrand::u32(..));
-        let (kubeconfig, server) = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
-            Some(path) => (PathBuf::from(path), None),
+        let (kubeconfig, server, restart) = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+            Some(path) => (PathBuf::from(path), None, None),
             None => {
-                let server = MemoryApiServer::start().expect("in-memory API server");
+                let mut options = memory_apiserver::Options::default();
+                if restartable {
+                    options.data_file = Some(dir.path().join("objects.json"));
+                }
+                let server = MemoryApiServer::start_with(options.clone()).expect("in-memory API server");
                 let path = dir.path().join("kubeconfig");
                 server.write_kubeconfig(&path, &namespace).unwrap();
-                (path, Some(server))
+                options.listen = server.url().trim_start_matches("http://").parse().unwrap();
+                (path, Some(server), restartable.then_some(options))
             }
         };
-        let cluster = Cluster { namespace, kubeconfig, cache, _server: server, _dir: dir };
+        let cluster = Cluster { namespace, kubeconfig, cache, server, restart, _dir: dir };
         // From YAML rather than `kubectl create namespace`, which sends protobuf: the in-memory
         // server speaks JSON only.
         let namespace =
@@ -46,6 +65,16 @@ impl Cluster {
         );
         cluster.kubectl_ok(&["apply", "-f", &super::repo_path("deploy/crds.yaml").to_string_lossy()]);
         cluster
+    }
+
+    /// Stops the in-memory server (every connection and watch drops), runs `while_down`, then
+    /// starts it again on the same address with the objects it had.
+    pub fn restart_server<T>(&mut self, while_down: impl FnOnce() -> T) -> T {
+        let options = self.restart.clone().expect("started with start_restartable");
+        drop(self.server.take());
+        let result = while_down();
+        self.server = Some(MemoryApiServer::start_with(options).expect("the in-memory API server again"));
+        result
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -131,7 +160,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if self._server.is_none() {
+        if self.server.is_none() && self.restart.is_none() {
             let _ = self.kubectl(&["delete", "namespace", &self.namespace.clone(), "--wait=false"]);
         }
     }
