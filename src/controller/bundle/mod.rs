@@ -7,6 +7,7 @@
 //! is annotated `workerbundle.dev/keep-images: "true"`. While the registry cannot be reached the
 //! deletion waits; the annotation lets a bundle go without it.
 
+pub mod network_policy;
 pub mod plan;
 pub mod workload;
 

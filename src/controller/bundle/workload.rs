@@ -40,7 +40,7 @@ fn labels(bundle: &WorkerBundle) -> BTreeMap<String, String> {
     labels
 }
 
-fn selector_labels(bundle: &WorkerBundle) -> BTreeMap<String, String> {
+pub(super) fn selector_labels(bundle: &WorkerBundle) -> BTreeMap<String, String> {
     [
         (BUNDLE_LABEL.to_owned(), bundle.name_any()),
         (INSTANCE_LABEL.to_owned(), bundle.spec.deployment_name.clone()),
@@ -212,7 +212,7 @@ pub fn service(bundle: &WorkerBundle, workers: &[BundleWorkerLayer]) -> Service 
     object
 }
 
-fn meta(bundle: &WorkerBundle) -> ObjectMeta {
+pub(super) fn meta(bundle: &WorkerBundle) -> ObjectMeta {
     ObjectMeta {
         name: Some(bundle.spec.deployment_name.clone()),
         namespace: bundle.namespace(),
@@ -223,7 +223,7 @@ fn meta(bundle: &WorkerBundle) -> ObjectMeta {
 }
 
 /// Records a hash of the object's desired spec and metadata in an annotation.
-fn stamp<S: serde::Serialize>(metadata: &mut ObjectMeta, spec: &S) {
+pub(super) fn stamp<S: serde::Serialize>(metadata: &mut ObjectMeta, spec: &S) {
     let body = serde_json::to_vec(&(&*metadata, spec)).unwrap_or_default();
     let hash = hex::encode(Sha256::digest(&body))[..32].to_owned();
     metadata.annotations.get_or_insert_with(BTreeMap::new).insert(APPLIED_HASH_ANNOTATION.into(), hash);
