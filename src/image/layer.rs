@@ -142,7 +142,18 @@ impl LayerBuilder {
 
     /// The layer in memory, for small layers and for pushing.
     pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Bytes)> {
-        let (digests, bytes) = self.write(Vec::new(), mtime)?;
+        // Room for the worst case (stored, not shrunk) up front: growing by doubling would copy
+        // the blob again and again; capacity never written to costs no memory.
+        let files: u64 = self
+            .entries
+            .values()
+            .map(|e| match e {
+                Entry::File { content, .. } => content.len() as u64 + 1024,
+                _ => 1024,
+            })
+            .sum();
+        let capacity = usize::try_from(files + files / 64 + 4096).unwrap_or(0);
+        let (digests, bytes) = self.write(Vec::with_capacity(capacity), mtime)?;
         Ok((digests, Bytes::from(bytes)))
     }
 }

@@ -59,16 +59,15 @@ struct Job {
 struct Compressed {
     output: Vec<u8>,
     crc: crc32fast::Hasher,
+    /// The block's input buffer, handed back for the next block (fresh pages cost page faults).
+    input: Vec<u8>,
 }
 
-/// Deflates one block with a reused compressor (reset first, so nothing carries over).
-fn compress_block(
-    compressor: &mut Compress,
-    input: &[u8],
-    dictionary: &[u8],
-    last: bool,
-) -> io::Result<Compressed> {
-    compressor.reset();
+/// Deflates one block with a fresh compressor. Not a reused one: a reset compressor can carry
+/// state from the block it did before, and which blocks a thread gets depends on timing, so the
+/// bytes would depend on timing too (a test caught it).
+fn compress_block(level: u32, input: &[u8], dictionary: &[u8], last: bool) -> io::Result<Compressed> {
+    let compressor = &mut new_compressor(level);
     if !dictionary.is_empty() {
         compressor.set_dictionary(dictionary).map_err(io::Error::other)?;
     }
@@ -93,7 +92,7 @@ fn compress_block(
     }
     let mut crc = crc32fast::Hasher::new();
     crc.update(input);
-    Ok(Compressed { output, crc })
+    Ok(Compressed { output, crc, input: Vec::new() })
 }
 
 fn new_compressor(level: u32) -> Compress {
@@ -101,7 +100,7 @@ fn new_compressor(level: u32) -> Compress {
     Compress::new(Compression::new(level), false)
 }
 
-/// Worker threads, each with its own compressor, taking jobs from one queue.
+/// Worker threads taking jobs from one queue.
 struct Pool {
     jobs: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
@@ -115,14 +114,14 @@ impl Pool {
         for i in 0..threads {
             let queue = queue.clone();
             let handle = std::thread::Builder::new().name(format!("gzip-{i}")).spawn(move || {
-                let mut compressor = new_compressor(level);
                 loop {
                     let job = match queue.lock() {
                         Ok(queue) => queue.recv(),
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
-                    let result = compress_block(&mut compressor, &job.input, &job.dictionary, job.last);
+                    let result = compress_block(level, &job.input, &job.dictionary, job.last)
+                        .map(|c| Compressed { input: job.input, ..c });
                     // The writer may have given up (an error elsewhere): nothing to tell it then.
                     let _ = job.done.send(result);
                 }
@@ -155,9 +154,9 @@ pub struct ParallelGzip<W: Write> {
     /// Results of the blocks handed out, oldest first.
     pending: VecDeque<Receiver<io::Result<Compressed>>>,
     pool: Option<Pool>,
-    /// The caller-thread compressor (one-thread mode, and a stream of one block).
-    local: Option<Compress>,
     crc: crc32fast::Hasher,
+    /// Input buffers of blocks already written, for the next blocks.
+    spare: Vec<Vec<u8>>,
     /// Uncompressed bytes so far (the trailer's ISIZE is this modulo 2^32).
     total_in: u64,
     header_written: bool,
@@ -175,8 +174,8 @@ impl<W: Write> ParallelGzip<W> {
             dictionary: Arc::new(Vec::new()),
             pending: VecDeque::new(),
             pool: None,
-            local: None,
             crc: crc32fast::Hasher::new(),
+            spare: Vec::new(),
             total_in: 0,
             header_written: false,
         }
@@ -212,9 +211,8 @@ impl<W: Write> ParallelGzip<W> {
         let dictionary = std::mem::replace(&mut self.dictionary, Arc::new(tail(&input)));
         let one_block_stream = last && self.pending.is_empty() && self.pool.is_none();
         if self.threads == 1 || one_block_stream {
-            let level = self.level;
-            let compressor = self.local.get_or_insert_with(|| new_compressor(level));
-            let result = compress_block(compressor, &input, &dictionary, last);
+            let result =
+                compress_block(self.level, &input, &dictionary, last).map(|c| Compressed { input, ..c });
             // Keep the order: blocks handed out before this one go first.
             while let Some(earlier) = self.pending.pop_front() {
                 self.emit(earlier)?;
@@ -247,6 +245,11 @@ impl<W: Write> ParallelGzip<W> {
         self.write_header()?;
         self.sink.write_all(&compressed.output)?;
         self.crc.combine(&compressed.crc);
+        if compressed.input.capacity() >= BLOCK && self.spare.len() < self.threads * IN_FLIGHT_PER_THREAD {
+            let mut input = compressed.input;
+            input.clear();
+            self.spare.push(input);
+        }
         Ok(())
     }
 }
@@ -261,7 +264,8 @@ impl<W: Write> Write for ParallelGzip<W> {
         let take = buf.len().min(BLOCK - self.block.len());
         self.block.extend_from_slice(&buf[..take]);
         if self.block.len() == BLOCK {
-            let block = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
+            let next = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(BLOCK));
+            let block = std::mem::replace(&mut self.block, next);
             self.submit(block, false)?;
         }
         Ok(take)
