@@ -20,7 +20,7 @@ pub const GZIP_LEVEL: u32 = 1;
 
 /// The version of the layer byte format: tar entry rules + gzip framing. Bump it (and say so in
 /// the changelog) whenever the same entries would give different blob bytes, and so different
-/// digests. 2: deflate in independent 128 KiB blocks compressed in parallel ([`pgzip`]); 1 was
+/// digests. 2: deflate in independent 512 KiB blocks compressed in parallel ([`pgzip`]); 1 was
 /// one deflate stream fed in 256 KiB blocks.
 pub const LAYER_FORMAT_VERSION: u32 = 2;
 

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use flate2::{Compress, Compression, FlushCompress, Status};
 
 /// Bytes of uncompressed input per block. Fixed: a different size gives different bytes.
-pub const BLOCK: usize = 128 * 1024;
+pub const BLOCK: usize = 512 * 1024;
 /// Deflate's window: how much of the previous block primes the next one.
 const DICTIONARY: usize = 32 * 1024;
 /// Blocks queued or being compressed per worker thread before `write` waits for the oldest.
