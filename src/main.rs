@@ -662,8 +662,17 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal: never escape codes in a log file or collector.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // WORKERBUNDLE_SPAN_TIMES=1: a line with the busy and idle time of every span as it closes
+    // (where a build's milliseconds go: reading, assembly, each registry step).
+    let span_events = match std::env::var_os("WORKERBUNDLE_SPAN_TIMES") {
+        Some(_) => tracing_subscriber::fmt::format::FmtSpan::CLOSE,
+        None => tracing_subscriber::fmt::format::FmtSpan::NONE,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_span_events(span_events);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -25,6 +25,22 @@ pub fn for_each_tar_entry(
     Ok(())
 }
 
+/// The position of `member`'s data in the (decompressed) tar stream and its size, found without
+/// reading the data into memory.
+pub fn locate_tar_member(reader: impl Read, member: &str) -> Result<Option<(u64, u64)>, String> {
+    let mut found = None;
+    for_each_tar_entry(reader, |path, entry| {
+        if path == member && found.is_none() {
+            if entry.header().entry_type() != tar::EntryType::Regular {
+                return Err(format!("{path} is not a regular file"));
+            }
+            found = Some((entry.raw_file_position(), entry.size()));
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// The `data.tar.*` member of a Debian package, decompressed.
 pub fn deb_data(deb: &[u8]) -> Result<Vec<u8>, String> {
     let mut archive = ar::Archive::new(deb);

@@ -10,15 +10,16 @@ mod archive;
 pub mod package;
 pub mod recipe;
 
-use std::fs;
-use std::io::Read;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, HashingWriter};
 use crate::image::assemble::AssembleError;
+use crate::image::file_source::FileSource;
 use crate::image::layer::{Entry, LayerBuilder};
 use crate::image::layout::{LayoutError, LayoutWriter};
-pub use package::{package_image, ImageLabels, PackagedImage, PackagedLayer};
+pub use package::{package_image, package_image_into, ImageLabels, PackagedImage, PackagedLayer};
 pub use recipe::{ControllerRecipe, Recipe, RuntimeRecipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum BaseImageError {
     Assemble(#[from] AssembleError),
     #[error("output: {0}")]
     Output(#[from] LayoutError),
+    #[error(transparent)]
+    Package(#[from] package::PackageError),
 }
 
 /// The archive cache: `$WORKERBUNDLE_ARCHIVES`, else `$XDG_CACHE_HOME/workerbundle/archives`, else
@@ -56,17 +59,38 @@ pub struct BaseLayers {
     pub workerd: LayerBuilder,
 }
 
-fn read_pinned(dir: &Path, archive: &str, sha256: &str) -> Result<Vec<u8>, BaseImageError> {
-    let bytes = fs::read(dir.join(archive)).map_err(|source| BaseImageError::MissingArchive {
-        archive: archive.into(),
-        dir: dir.into(),
-        source,
-    })?;
-    let actual = Digest::of(&bytes).hex().to_owned();
-    if actual != sha256 {
-        return Err(BaseImageError::PinMismatch { archive: archive.into(), actual, pinned: sha256.into() });
+fn missing(dir: &Path, archive: &str) -> impl FnOnce(io::Error) -> BaseImageError {
+    let (archive, dir) = (archive.to_owned(), dir.to_owned());
+    move |source| BaseImageError::MissingArchive { archive, dir, source }
+}
+
+fn check_pin(archive: &str, actual: &Digest, sha256: &str) -> Result<(), BaseImageError> {
+    if actual.hex() != sha256 {
+        return Err(BaseImageError::PinMismatch {
+            archive: archive.into(),
+            actual: actual.hex().to_owned(),
+            pinned: sha256.into(),
+        });
     }
+    Ok(())
+}
+
+/// A small archive (a Debian package), read whole and checked against its pin.
+fn read_pinned(dir: &Path, archive: &str, sha256: &str) -> Result<Vec<u8>, BaseImageError> {
+    let bytes = fs::read(dir.join(archive)).map_err(missing(dir, archive))?;
+    check_pin(archive, &Digest::of(&bytes), sha256)?;
     Ok(bytes)
+}
+
+/// A big archive (workerd's npm tarball), checked against its pin by streaming it through
+/// sha256; returns its path, to be read again as the layer is written.
+fn check_pinned_file(dir: &Path, archive: &str, sha256: &str) -> Result<PathBuf, BaseImageError> {
+    let path = dir.join(archive);
+    let mut file = BufReader::with_capacity(1 << 20, File::open(&path).map_err(missing(dir, archive))?);
+    let mut hashing = HashingWriter::new(io::sink());
+    io::copy(&mut file, &mut hashing).map_err(missing(dir, archive))?;
+    check_pin(archive, &hashing.finish().0, sha256)?;
+    Ok(path)
 }
 
 /// Reads the pinned Debian archives and lays out the runtime layer: the files the recipe takes
@@ -100,23 +124,25 @@ pub fn runtime_layer(recipe: &RuntimeRecipe, archives: &Path) -> Result<LayerBui
 pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, BaseImageError> {
     let runtime = runtime_layer(&recipe.runtime, archives)?;
     let npm = &recipe.workerd;
-    let tgz = read_pinned(archives, &npm.archive, &npm.sha256)?;
-    let mut binary = None;
-    archive::for_each_tar_entry(flate2::read::GzDecoder::new(tgz.as_slice()), |path, entry| {
-        if path == npm.binary {
-            let mut content = Vec::new();
-            entry.read_to_end(&mut content).map_err(|e| format!("{path}: {e}"))?;
-            binary = Some(content);
-        }
-        Ok(())
-    })
-    .map_err(|message| BaseImageError::Archive { archive: npm.archive.clone(), message })?;
-    let binary = binary.ok_or_else(|| BaseImageError::Archive {
-        archive: npm.archive.clone(),
-        message: format!("has no {}", npm.binary),
-    })?;
+    let tgz = check_pinned_file(archives, &npm.archive, &npm.sha256)?;
+    let fail = |message| BaseImageError::Archive { archive: npm.archive.clone(), message };
+    let gunzip = |path: &Path| -> io::Result<flate2::read::GzDecoder<BufReader<File>>> {
+        Ok(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, File::open(path)?)))
+    };
+    // Where the binary's bytes are in the decompressed tarball: the layer writer decompresses up
+    // to there again and streams them, so the binary is never held whole (workerd is 155 MB).
+    let (offset, size) =
+        archive::locate_tar_member(gunzip(&tgz).map_err(|e| fail(e.to_string()))?, &npm.binary)
+            .map_err(fail)?
+            .ok_or_else(|| fail(format!("has no {}", npm.binary)))?;
+    let what = format!("{} in {}", npm.binary, npm.archive);
+    let binary = FileSource::new(what, size, move || {
+        let mut reader = gunzip(&tgz)?;
+        io::copy(&mut (&mut reader).take(offset), &mut io::sink())?;
+        Ok(Box::new(reader) as Box<dyn Read + Send>)
+    });
     let mut workerd = LayerBuilder::new();
-    workerd.file(&npm.install_as, binary, 0o755);
+    workerd.stream_file(&npm.install_as, binary, 0o755);
     Ok(BaseLayers { runtime, workerd })
 }
 
@@ -153,7 +179,8 @@ pub fn build_base_image(
         std::iter::once(format!("{}@{}", recipe.workerd.npm_package, recipe.workerd.version))
             .chain(recipe.runtime.debs.iter().map(|d| format!("{}={}", d.package, d.version)))
             .collect();
-    let image = package_image(
+    let image = package_image_into(
+        &writer,
         &[
             PackagedLayer {
                 role: "runtime",
@@ -174,6 +201,6 @@ pub fn build_base_image(
         },
         source_date_epoch,
     )?;
-    image.write_layout(writer, tag)?;
-    Ok(image.manifest.digest)
+    writer.commit(tag, &image.descriptor()?)?;
+    Ok(image.digest)
 }

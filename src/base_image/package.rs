@@ -12,9 +12,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::recipe::ImageSettings;
+use crate::digest::Digest;
 use crate::image::assemble::{AssembleError, Blob};
 use crate::image::canonical::{rfc3339, to_canonical_json};
-use crate::image::layer::{LayerBuilder, MEDIA_TYPE_LAYER_GZIP};
+use crate::image::layer::{LayerBuilder, LayerDigests, MEDIA_TYPE_LAYER_GZIP};
 use crate::image::layout::{LayoutError, LayoutWriter};
 use crate::registry::{BlobSource, PushBlob};
 
@@ -41,30 +42,85 @@ pub struct PackagedImage {
     manifest_descriptor: Descriptor,
 }
 
-/// Writes the layers, builds the config (the recipe's process settings, `created` and every
-/// history entry from `source_date_epoch`) and the manifest.
+/// Writes the layers into memory, builds the config (the recipe's process settings, `created` and
+/// every history entry from `source_date_epoch`) and the manifest.
 pub fn package_image(
     layers: &[PackagedLayer<'_>],
     settings: &ImageSettings,
     labels: &ImageLabels,
     source_date_epoch: i64,
 ) -> Result<PackagedImage, AssembleError> {
-    let created = rfc3339(source_date_epoch).ok_or(AssembleError::Epoch(source_date_epoch))?;
     let mtime = u64::try_from(source_date_epoch).map_err(|_| AssembleError::Epoch(source_date_epoch))?;
-
     let mut blobs = Vec::with_capacity(layers.len());
-    let mut diff_ids = Vec::with_capacity(layers.len());
+    let mut written = Vec::with_capacity(layers.len());
     for packaged in layers {
         let (digests, bytes) = packaged.layer.to_blob(mtime).map_err(AssembleError::Layer)?;
         info!(layer = packaged.role, digest = %digests.digest, size = digests.size, "layer assembled");
-        diff_ids.push(digests.diff_id.to_string());
+        written.push(digests.clone());
         blobs.push(Blob {
             media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()),
             digest: digests.digest,
             bytes,
         });
     }
+    let (config, manifest) = config_and_manifest(layers, &written, settings, labels, source_date_epoch)?;
+    let manifest_descriptor = manifest.descriptor()?;
+    Ok(PackagedImage { layers: blobs, config, manifest, manifest_descriptor })
+}
 
+/// An image written into a layout as it was packaged: only the small blobs stay in memory.
+pub struct WrittenImage {
+    pub digest: Digest,
+    manifest: Blob,
+}
+
+impl WrittenImage {
+    pub fn descriptor(&self) -> Result<Descriptor, AssembleError> {
+        self.manifest.descriptor()
+    }
+}
+
+/// [`package_image`], streaming each layer straight into the layout being written: memory stays
+/// bounded whatever the size of the layers' files. The caller commits the tag.
+pub fn package_image_into(
+    writer: &LayoutWriter,
+    layers: &[PackagedLayer<'_>],
+    settings: &ImageSettings,
+    labels: &ImageLabels,
+    source_date_epoch: i64,
+) -> Result<WrittenImage, PackageError> {
+    let mtime = u64::try_from(source_date_epoch).map_err(|_| AssembleError::Epoch(source_date_epoch))?;
+    let mut written = Vec::with_capacity(layers.len());
+    for packaged in layers {
+        let digests = writer.write_layer(packaged.layer, mtime)?;
+        info!(layer = packaged.role, digest = %digests.digest, size = digests.size, "layer written");
+        written.push(digests);
+    }
+    let (config, manifest) = config_and_manifest(layers, &written, settings, labels, source_date_epoch)?;
+    for blob in [&config, &manifest] {
+        writer.put_blob(&blob.digest, &blob.bytes)?;
+    }
+    Ok(WrittenImage { digest: manifest.digest.clone(), manifest })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    #[error(transparent)]
+    Output(#[from] LayoutError),
+}
+
+/// The image config and manifest for layers already written.
+fn config_and_manifest(
+    layers: &[PackagedLayer<'_>],
+    written: &[LayerDigests],
+    settings: &ImageSettings,
+    labels: &ImageLabels,
+    source_date_epoch: i64,
+) -> Result<(Blob, Blob), AssembleError> {
+    let created = rfc3339(source_date_epoch).ok_or(AssembleError::Epoch(source_date_epoch))?;
+    let diff_ids: Vec<String> = written.iter().map(|d| d.diff_id.to_string()).collect();
     let mut process = json!({ "Entrypoint": settings.entrypoint, "Env": settings.env });
     if let Some(user) = &settings.user {
         process["User"] = json!(user);
@@ -93,18 +149,21 @@ pub fn package_image(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    let layer_descriptors = written
+        .iter()
+        .map(|d| Blob::descriptor_of(MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()), &d.digest, d.size))
+        .collect::<Result<Vec<_>, _>>()?;
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .config(config.descriptor()?)
-        .layers(blobs.iter().map(Blob::descriptor).collect::<Result<Vec<_>, _>>()?)
+        .layers(layer_descriptors)
         .annotations(annotations)
         .build()
         .map_err(|e| AssembleError::Serialize(e.to_string()))?;
     let manifest =
         Blob::from_bytes(MediaType::ImageManifest, to_canonical_json(&manifest).map_err(serialize)?);
-    let manifest_descriptor = manifest.descriptor()?;
-    Ok(PackagedImage { layers: blobs, config, manifest, manifest_descriptor })
+    Ok((config, manifest))
 }
 
 impl PackagedImage {

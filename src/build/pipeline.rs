@@ -1,7 +1,7 @@
 //! The CLI's build: read every worker and the base, check everything, then assemble and write.
 //! Nothing is written until every input has been read and validated.
 
-use tracing::info;
+use tracing::{info, info_span, Instrument};
 
 use super::base::{read_base, ResolvedBase};
 use super::{BuildContext, BuildError};
@@ -50,18 +50,33 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     let output_tag = output_tag.ok_or_else(|| {
         BuildError::Invalid(format!("--output {} needs a tag (and no digest)", request.output))
     })?;
+    // What the repository holds is learned (one GET of the tag's manifest, and the connection it
+    // opens) on its own task from the very start, while the workers and the base are read and the
+    // image is assembled: that round trip then costs no wall-clock time.
+    let learning = match &request.output {
+        ImageRef::Registry(out) => {
+            let (registries, out, tag) = (registries.clone(), out.clone(), output_tag.clone());
+            Some(tokio::spawn(
+                async move {
+                    let client = registries.client(&out.registry)?;
+                    let requests_before = client.request_count();
+                    let memory = registries.memory(&out.registry);
+                    learn_repository(&client, &memory, &out.repository, &tag).await?;
+                    Ok::<u64, crate::registry::RegistryError>(requests_before)
+                }
+                .in_current_span(),
+            ))
+        }
+        ImageRef::Layout { .. } => None,
+    };
     let workers = load_workers(&request.workers, &context.sources).await?;
     let base = read_base(&request.base, registries).await?;
     let base_name = request.base_name.clone().unwrap_or_else(|| base.name.clone());
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
-    // Assembly is CPU work: run it off the async threads and, when pushing, learn what the
-    // repository holds at the same time, so that round trip costs no wall-clock time.
-    let requests_before = match &request.output {
-        ImageRef::Registry(out) => registries.client(&out.registry)?.request_count(),
-        ImageRef::Layout { .. } => 0,
-    };
+    // Assembly is CPU work: off the async threads.
     let base_image = base.image.clone();
     let assembling = tokio::task::spawn_blocking(move || -> Result<Built, BuildError> {
+        let _span = info_span!("assemble").entered();
         let mtime = options.mtime()?;
         let mut worker_layers = Vec::with_capacity(workers.len());
         let mut entries = Vec::with_capacity(workers.len());
@@ -74,19 +89,14 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
         let image = assemble(&base_image, &entries, &options)?;
         Ok(Built { image, worker_layers })
     });
-    let learning = async {
-        match &request.output {
-            ImageRef::Registry(out) => {
-                let client = registries.client(&out.registry)?;
-                learn_repository(&client, &registries.memory(&out.registry), &out.repository, &output_tag)
-                    .await
-            }
-            ImageRef::Layout { .. } => Ok(()),
-        }
+    let built =
+        assembling.await.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
+    let requests_before = match learning {
+        Some(learning) => learning
+            .await
+            .map_err(|e| BuildError::Internal(format!("learning the repository stopped: {e}")))??,
+        None => 0,
     };
-    let (assembled, learned) = tokio::join!(assembling, learning);
-    learned?;
-    let built = assembled.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
 
     let push = match &request.output {
         ImageRef::Layout { dir, .. } => {

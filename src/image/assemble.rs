@@ -71,6 +71,15 @@ impl Blob {
     pub fn descriptor(&self) -> Result<Descriptor, AssembleError> {
         descriptor(self.media_type.clone(), &self.digest, self.bytes.len() as u64)
     }
+
+    /// The descriptor of a blob that is not in memory.
+    pub fn descriptor_of(
+        media_type: MediaType,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Descriptor, AssembleError> {
+        descriptor(media_type, digest, size)
+    }
 }
 
 fn descriptor(media_type: MediaType, digest: &Digest, size: u64) -> Result<Descriptor, AssembleError> {

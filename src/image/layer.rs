@@ -9,18 +9,20 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use bytes::Bytes;
-use flate2::{Compression, GzBuilder};
 
+use super::file_source::FileSource;
+use super::pgzip::{self, ParallelGzip};
 use crate::digest::{Digest, HashingWriter};
 
 /// Fixed for reproducibility: a different level gives different bytes. Level 1 because layer
 /// assembly must outpace `gzip -1`; workerd's deflate quick mode still shrinks code ~3-4x.
 pub const GZIP_LEVEL: u32 = 1;
-/// The gzip header's OS byte, fixed to "unknown" so the host's OS never shows in a digest.
-const GZIP_OS_UNKNOWN: u8 = 255;
 
-/// How much of the tar stream deflate is handed at once (see [`FixedBlocks`]).
-const DEFLATE_BLOCK: usize = 256 * 1024;
+/// The version of the layer byte format: tar entry rules + gzip framing. Bump it (and say so in
+/// the changelog) whenever the same entries would give different blob bytes, and so different
+/// digests. 2: deflate in independent 512 KiB blocks compressed in parallel ([`pgzip`]); 1 was
+/// one deflate stream fed in 256 KiB blocks.
+pub const LAYER_FORMAT_VERSION: u32 = 2;
 
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
@@ -29,6 +31,11 @@ pub enum Entry {
     /// Shared, not copied: a module's bytes go from the download to the tar stream as they are.
     File {
         content: Bytes,
+        mode: u32,
+    },
+    /// Read from its source while the layer is written, never held whole (big files).
+    Stream {
+        source: FileSource,
         mode: u32,
     },
     Dir {
@@ -70,6 +77,13 @@ impl LayerBuilder {
         self
     }
 
+    /// Adds a file whose bytes are streamed from `source` when the layer is written.
+    pub fn stream_file(&mut self, path: &str, source: FileSource, mode: u32) -> &mut Self {
+        self.parents(path);
+        self.entries.insert(path.to_owned(), Entry::Stream { source, mode });
+        self
+    }
+
     /// Adds (or re-modes) a directory and its missing parents.
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
         let path = path.trim_end_matches('/');
@@ -104,66 +118,43 @@ impl LayerBuilder {
     /// Writes the layer as a gzipped tar into `sink`, returning its digests and the sink.
     /// `mtime` is the modification time of every entry (seconds since the epoch).
     pub fn write<W: Write>(&self, sink: W, mtime: u64) -> io::Result<(LayerDigests, W)> {
+        self.write_with_threads(sink, mtime, pgzip::default_threads())
+    }
+
+    /// [`write`](Self::write) with `threads` compression threads: the bytes are the same for any.
+    pub fn write_with_threads<W: Write>(
+        &self,
+        sink: W,
+        mtime: u64,
+        threads: usize,
+    ) -> io::Result<(LayerDigests, W)> {
         let compressed = HashingWriter::new(sink);
-        let gzip = GzBuilder::new()
-            .operating_system(GZIP_OS_UNKNOWN)
-            .mtime(0)
-            .write(compressed, Compression::new(GZIP_LEVEL));
-        let uncompressed = HashingWriter::new(FixedBlocks::new(gzip));
+        let gzip = ParallelGzip::new(compressed, GZIP_LEVEL, threads);
+        let uncompressed = HashingWriter::new(gzip);
         let mut tar = tar::Builder::new(uncompressed);
         for (path, entry) in &self.entries {
             append(&mut tar, path, entry, mtime)?;
         }
         let (diff_id, tar_size, gzip) = tar.into_inner()?.finish();
-        let (digest, size, sink) = gzip.finish()?.finish()?.finish();
+        let (digest, size, sink) = gzip.finish()?.finish();
         Ok((LayerDigests { digest, diff_id, size, tar_size }, sink))
     }
 
     /// The layer in memory, for small layers and for pushing.
     pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Bytes)> {
-        let (digests, bytes) = self.write(Vec::new(), mtime)?;
+        // Room for the worst case (stored, not shrunk) up front: growing by doubling would copy
+        // the blob again and again; capacity never written to costs no memory.
+        let files: u64 = self
+            .entries
+            .values()
+            .map(|e| match e {
+                Entry::File { content, .. } => content.len() as u64 + 1024,
+                _ => 1024,
+            })
+            .sum();
+        let capacity = usize::try_from(files + files / 64 + 4096).unwrap_or(0);
+        let (digests, bytes) = self.write(Vec::with_capacity(capacity), mtime)?;
         Ok((digests, Bytes::from(bytes)))
-    }
-}
-
-/// Hands the inner writer the stream in blocks of exactly [`DEFLATE_BLOCK`] bytes (the last one
-/// shorter). Deflate's output depends on how its input is split into calls, so without this the
-/// compressed bytes, and the layer digest, would depend on the write pattern of the tar crate
-/// and of `std::io::copy`, which may change between versions. Large blocks are also faster.
-struct FixedBlocks<W> {
-    inner: W,
-    block: Vec<u8>,
-}
-
-impl<W: Write> FixedBlocks<W> {
-    fn new(inner: W) -> Self {
-        FixedBlocks { inner, block: Vec::with_capacity(DEFLATE_BLOCK) }
-    }
-
-    /// Writes what is left and returns the inner writer.
-    fn finish(mut self) -> io::Result<W> {
-        if !self.block.is_empty() {
-            self.inner.write_all(&self.block)?;
-        }
-        Ok(self.inner)
-    }
-}
-
-impl<W: Write> Write for FixedBlocks<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let take = buf.len().min(DEFLATE_BLOCK - self.block.len());
-        self.block.extend_from_slice(&buf[..take]);
-        if self.block.len() == DEFLATE_BLOCK {
-            self.inner.write_all(&self.block)?;
-            self.block.clear();
-        }
-        Ok(take)
-    }
-
-    /// Buffered bytes stay until a block is full or the stream ends: flushing early would change
-    /// the block boundaries.
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -178,6 +169,12 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, entry: &Entry, mtime:
             header.set_mode(*mode);
             header.set_size(content.len() as u64);
             tar.append_data(&mut header, path, &content[..])
+        }
+        Entry::Stream { source, mode } => {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(*mode);
+            header.set_size(source.size());
+            tar.append_data(&mut header, path, source.open()?)
         }
         Entry::Dir { mode } => {
             header.set_entry_type(tar::EntryType::Directory);
@@ -252,30 +249,16 @@ mod tests {
         assert_eq!(sample().to_blob(0).unwrap(), reversed.to_blob(0).unwrap());
     }
 
-    /// Records the size of every write it gets.
-    struct Calls(Vec<usize>);
-    impl Write for Calls {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.push(buf.len());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
-    fn deflate_sees_the_same_blocks_however_the_stream_is_written() {
-        let data = vec![7u8; DEFLATE_BLOCK * 2 + 100];
-        let mut pieces = Vec::new();
-        for chunk in [1, 512, 8192, 100_000, data.len()] {
-            let mut w = FixedBlocks::new(Calls(Vec::new()));
-            for piece in data.chunks(chunk) {
-                w.write_all(piece).unwrap();
-            }
-            pieces.push(w.finish().unwrap().0);
+    fn the_blob_is_the_same_for_any_thread_count() {
+        let mut layer = sample();
+        let big: Vec<u8> =
+            (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 % 40 + 48).collect();
+        layer.file("big.js", big, 0o644);
+        let one = layer.write_with_threads(Vec::new(), 0, 1).unwrap();
+        for threads in [2, 8] {
+            assert_eq!(layer.write_with_threads(Vec::new(), 0, threads).unwrap(), one, "{threads} threads");
         }
-        assert!(pieces.iter().all(|p| *p == [DEFLATE_BLOCK, DEFLATE_BLOCK, 100]), "{pieces:?}");
     }
 
     #[test]
@@ -284,6 +267,6 @@ mod tests {
         // magic, deflate, no flags, mtime 0, xfl, OS "unknown"
         assert_eq!(&blob[..4], [0x1f, 0x8b, 8, 0]);
         assert_eq!(&blob[4..8], [0, 0, 0, 0]);
-        assert_eq!(blob[9], GZIP_OS_UNKNOWN);
+        assert_eq!(blob[9], 255);
     }
 }

@@ -7,10 +7,12 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType, ANNOTATION_REF_NAME};
 
 use super::canonical::to_canonical_json;
+use super::layer::{LayerBuilder, LayerDigests};
 use crate::digest::{Digest, HashingWriter};
 use crate::oci::{descriptor_digest, linux_amd64, ImageMetadata};
 
@@ -288,6 +290,31 @@ impl LayoutWriter {
             return Ok(());
         }
         write_atomically(&path, bytes).map_err(|e| self.write_err(format!("blob {digest}"), e))
+    }
+
+    /// Writes a layer straight into the layout as it is compressed (a temporary file renamed to
+    /// its digest at the end): the blob is never held in memory, whatever its size.
+    pub fn write_layer(&self, layer: &LayerBuilder, mtime: u64) -> Result<LayerDigests, LayoutError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = self.work.join("blobs/sha256");
+        let tmp =
+            dir.join(format!(".layer-{}-{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let written = (|| {
+            let file = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            let (digests, file) = layer.write(file, mtime)?;
+            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let dest = self.blob_path(&digests.digest);
+            if dest.exists() {
+                fs::remove_file(&tmp)?;
+            } else {
+                fs::rename(&tmp, &dest)?;
+            }
+            Ok::<_, io::Error>(digests)
+        })();
+        written.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.write_err("a layer".into(), e)
+        })
     }
 
     /// Copies a blob from another layout, checking its digest on the way; a hard link is used when

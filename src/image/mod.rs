@@ -5,8 +5,10 @@
 pub mod assemble;
 pub mod canonical;
 pub mod capnp;
+pub mod file_source;
 pub mod layer;
 pub mod layout;
+pub mod pgzip;
 pub mod reference;
 pub mod workerd_config;
 

@@ -6,11 +6,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use tracing::{debug, warn};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
+use super::record::Recorder;
 use super::RegistryError;
 use crate::error_chain;
 
@@ -100,6 +101,8 @@ pub struct RegistryClient {
     bytes_sent: AtomicU64,
     /// Whether the registry has sent any HTTP response (whatever its status) in this process.
     answered: AtomicBool,
+    /// Benchmarks only: every request written down (see [`super::record`]).
+    recorder: Option<Recorder>,
 }
 
 impl RegistryClient {
@@ -137,6 +140,7 @@ impl RegistryClient {
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             answered: AtomicBool::new(false),
+            recorder: Recorder::from_env(),
         })
     }
 
@@ -268,6 +272,17 @@ impl RegistryClient {
         match builder.send().await {
             Ok(response) => {
                 self.answered.store(true, Ordering::Relaxed);
+                if let Some(recorder) = &self.recorder {
+                    let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok());
+                    let body = req.body.as_deref().unwrap_or_default();
+                    recorder.record(
+                        req.method.as_str(),
+                        &self.url(&req.target),
+                        &req.headers,
+                        body,
+                        location,
+                    );
+                }
                 Ok(response)
             }
             Err(e) if e.is_connect() => {

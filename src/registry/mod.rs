@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod pull;
 pub mod push;
+pub mod record;
 pub mod reference;
 
 use crate::digest::Digest;
