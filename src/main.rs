@@ -43,6 +43,11 @@ struct RegistryArgs {
     /// any other host.
     #[arg(long)]
     insecure: bool,
+    /// Pace the requests to each registry to at most N per second, evenly spaced (retries and
+    /// token requests count). 0: as fast as the registry answers. Example:
+    /// --registry-requests-per-second 50
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    registry_requests_per_second: u32,
 }
 
 /// Where S3 worker sources are read from.
@@ -88,6 +93,7 @@ impl RegistryArgs {
             creds: self.creds.clone(),
             authfile: self.authfile.clone(),
             insecure: self.insecure,
+            requests_per_second: self.registry_requests_per_second,
             ..Default::default()
         })
     }

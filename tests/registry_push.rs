@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use support::fault_proxy::FaultProxy;
 use support::registry::{self as registry, Logged, Registry, PASSWORD, USER};
@@ -346,4 +347,24 @@ fn a_registry_that_refuses_connections_fails_at_once_and_says_so() {
         error.contains(&format!("registry 127.0.0.1:{port}: connection refused")),
         "the error does not say the registry refused connections:\n{stderr}"
     );
+}
+
+#[test]
+fn requests_are_paced_to_the_configured_rate() {
+    let registry = Registry::start(false);
+    let started = Instant::now();
+    let out = push_cli(
+        &registry.host(),
+        &["--registry-requests-per-second".into(), "20".into()],
+        &sample_worker_args(),
+        "acct/paced:v1",
+    );
+    let elapsed = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let requests = registry.requests().len();
+    assert!(requests > 10, "a cold push makes many requests ({requests})");
+    // Evenly spaced at 20 per second: the first at once, each next one 50 ms after the last.
+    let floor = Duration::from_millis(50 * (requests as u64 - 1));
+    assert!(elapsed >= floor, "{requests} requests in {elapsed:?}, under the paced {floor:?}");
+    eprintln!("{requests} requests paced at 20/s took {elapsed:?}");
 }

@@ -57,6 +57,9 @@ pub struct ClientOptions {
     /// Allow plain HTTP; only ever honoured for loopback registries.
     pub insecure: bool,
     pub retry: RetryPolicy,
+    /// Most requests per second to this registry (retries and token requests included); 0: no
+    /// limit.
+    pub requests_per_second: u32,
 }
 
 /// A request that can be sent again: its body is reference-counted bytes.
@@ -103,6 +106,7 @@ pub struct RegistryClient {
     answered: AtomicBool,
     /// Benchmarks only: every request written down (see [`super::record`]).
     recorder: Option<Recorder>,
+    pacer: Option<super::pacer::Pacer>,
 }
 
 impl RegistryClient {
@@ -141,6 +145,7 @@ impl RegistryClient {
             bytes_sent: AtomicU64::new(0),
             answered: AtomicBool::new(false),
             recorder: Recorder::from_env(),
+            pacer: super::pacer::Pacer::new(options.requests_per_second),
         })
     }
 
@@ -256,6 +261,9 @@ impl RegistryClient {
     }
 
     async fn raw(&self, req: &Req) -> Result<Response, RegistryError> {
+        if let Some(pacer) = &self.pacer {
+            pacer.turn().await;
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut builder =
             self.http.request(req.method.clone(), self.url(&req.target)).headers(req.headers.clone());

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod auth;
 pub mod client;
+mod pacer;
 pub mod pull;
 pub mod push;
 pub mod record;
@@ -102,6 +103,8 @@ pub struct RegistryOptions {
     /// Plain HTTP for loopback registries.
     pub insecure: bool,
     pub retry: RetryPolicy,
+    /// Most requests per second to each registry; 0: no limit.
+    pub requests_per_second: u32,
 }
 
 impl Registries {
@@ -140,8 +143,12 @@ impl Registries {
         let loopback =
             RegistryRef { registry: registry.into(), repository: String::new(), tag: None, digest: None }
                 .is_loopback();
-        let options =
-            ClientOptions { credentials, insecure: self.options.insecure, retry: self.options.retry.clone() };
+        let options = ClientOptions {
+            credentials,
+            insecure: self.options.insecure,
+            retry: self.options.retry.clone(),
+            requests_per_second: self.options.requests_per_second,
+        };
         let entry =
             (std::sync::Arc::new(RegistryClient::new(registry, loopback, options)?), Default::default());
         clients.insert(registry.to_owned(), entry.clone());
