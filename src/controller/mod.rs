@@ -46,6 +46,14 @@ use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, M
 use health::Phase;
 use instrument::instrumented;
 
+/// An account is woken by every status change of each of its deployments and releases; while
+/// they settle (several releases turning Ready one after another) it waits for a quiet moment, so
+/// that its bundle (and so its image) changes once rather than once per release.
+const ACCOUNT_DEBOUNCE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A bundle is woken by its spec, its own status writes and its Deployment's and Service's
+/// changes: the same quiet moment collapses those bursts into one reconcile.
+const BUNDLE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Watch one namespace only; all namespaces when `None`.
@@ -185,7 +193,7 @@ pub async fn run_with(
             account::accounts_of(&of_deployment, &*d)
         })
         .watches_shared_stream(watches.releases.subscribe(), move |r| account::accounts_of(&of_release, &*r))
-        .with_config(config(concurrency.accounts))
+        .with_config(config(concurrency.accounts).debounce(ACCOUNT_DEBOUNCE))
         .graceful_shutdown_on(stopped())
         .run(instrumented(account::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
@@ -199,7 +207,7 @@ pub async fn run_with(
         .watches_shared_stream(watches.secrets.subscribe(), move |s| {
             bundle::bundles_of_secret(&bundle_cache, &s)
         })
-        .with_config(config(concurrency.bundles))
+        .with_config(config(concurrency.bundles).debounce(BUNDLE_DEBOUNCE))
         .graceful_shutdown_on(stopped())
         .run(instrumented(bundle::reconcile), error_policy, ctx)
         .for_each(log_outcome);
