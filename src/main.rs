@@ -283,9 +283,14 @@ enum Command {
         /// the first time it is built. Example: --base-image docker://registry.example.com/workerd-base:1
         #[arg(long, value_name = "REF", value_parser = ImageRef::parse)]
         base_image: Option<ImageRef>,
-        /// Objects of one kind reconciled at once.
-        #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+        /// WorkerDeployments, and WorkerAccounts, reconciled at once (each only reads caches and
+        /// writes to the Kubernetes API).
+        #[arg(long, value_name = "N", default_value_t = controller::Concurrency::default().accounts, value_parser = clap::value_parser!(u16).range(1..=256))]
         concurrency: u16,
+        /// WorkerReleases, and WorkerBundles, reconciled at once (each reads S3 or pushes to the
+        /// registry).
+        #[arg(long, value_name = "N", default_value_t = controller::Concurrency::default().bundles, value_parser = clap::value_parser!(u16).range(1..=256))]
+        build_concurrency: u16,
         /// Timestamp for every file of the layers built, in seconds since the epoch.
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
@@ -570,6 +575,7 @@ async fn run(command: Command) -> Result<String, String> {
             repository_prefix,
             base_image,
             concurrency,
+            build_concurrency,
             source_date_epoch,
             registry,
             s3,
@@ -580,7 +586,7 @@ async fn run(command: Command) -> Result<String, String> {
             }
             let options = RunOptions {
                 namespace,
-                concurrency,
+                concurrency: controller::Concurrency::new(concurrency, build_concurrency),
                 settings: Settings { repository_prefix, source_date_epoch, base_image },
                 health_listen: operations.health_listen,
                 leader_election: operations.lease(),

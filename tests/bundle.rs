@@ -456,3 +456,154 @@ fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// The controller's API requests, by (verb, resource), between two counts of the in-memory
+/// server, without the Lease it renews on a timer and the watches it holds open.
+fn controller_requests(
+    before: &memory_apiserver::RequestCounts,
+    after: &memory_apiserver::RequestCounts,
+    ours: &BTreeMap<(String, String), u64>,
+) -> BTreeMap<(String, String), u64> {
+    after
+        .iter()
+        .map(|(key, n)| {
+            let n = n - before.get(key).copied().unwrap_or(0) - ours.get(key).copied().unwrap_or(0);
+            (key.clone(), n)
+        })
+        .filter(|((verb, resource), n)| *n > 0 && verb != "watch" && resource != "leases")
+        .collect()
+}
+
+/// Creates `accounts` accounts of three workers each in the test's namespace over plain HTTP
+/// (so that the test knows every request it made), then waits until each bundle's Deployment runs
+/// its image. The requests the test made, by (verb, resource).
+fn create_accounts(
+    setup: &Setup,
+    controller: &Controller,
+    names: &[String],
+) -> BTreeMap<(String, String), u64> {
+    let Setup { cluster, s3, .. } = setup;
+    let api = cluster.url().expect("the in-memory API server");
+    let ns = &cluster.namespace;
+    let mut ours: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut post = |resource: &str, body: Value| {
+        let path = format!("/apis/workerbundle.dev/v1alpha1/namespaces/{ns}/{resource}");
+        let (status, text) = http_request(&api, "POST", &path, Some(&body.to_string())).unwrap();
+        assert_eq!(status, 201, "{text}");
+        *ours.entry(("create".into(), resource.into())).or_default() += 1;
+    };
+    for account in names {
+        for w in 0..3 {
+            let script =
+                format!("export default {{ fetch() {{ return new Response(\"{account} w{w}\"); }} }};\n");
+            s3.put("workers", &format!("{account}/w{w}/v1/index.js"), script.as_bytes());
+        }
+        post(
+            "workeraccounts",
+            serde_json::json!({"apiVersion": "workerbundle.dev/v1alpha1", "kind": "WorkerAccount",
+                "metadata": {"name": account}, "spec": {"workerBundleName": format!("workers-{account}")}}),
+        );
+        for w in 0..3 {
+            post(
+                "workerdeployments",
+                serde_json::json!({"apiVersion": "workerbundle.dev/v1alpha1", "kind": "WorkerDeployment",
+                    "metadata": {"name": format!("{account}-w{w}"), "labels": {"workerbundle.dev/account": account}},
+                    "spec": {"template": {"scriptName": format!("w{w}"),
+                        "scriptUrls": [format!("s3://workers/{account}/w{w}/v1/")]}}}),
+            );
+        }
+    }
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let mut get = |resource: &str, group: &str| -> Vec<Value> {
+            let (_, text) =
+                http_request(&api, "GET", &format!("/{group}/namespaces/{ns}/{resource}"), None).unwrap();
+            *ours.entry(("list".into(), resource.into())).or_default() += 1;
+            serde_json::from_str::<Value>(&text).unwrap()["items"].as_array().cloned().unwrap_or_default()
+        };
+        let bundles = get("workerbundles", "apis/workerbundle.dev/v1alpha1");
+        let deployments = get("deployments", "apis/apps/v1");
+        let running = |bundle: &Value| {
+            let image = bundle["status"]["image"].as_str();
+            image.is_some()
+                && bundle["spec"]["workers"].as_array().map(Vec::len) == Some(3)
+                && deployments.iter().any(|d| {
+                    d["metadata"]["name"] == bundle["metadata"]["name"]
+                        && container(d)["image"].as_str() == image
+                })
+        };
+        let done = names
+            .iter()
+            .filter(|a| bundles.iter().any(|b| b["metadata"]["name"] == format!("workers-{a}") && running(b)))
+            .count();
+        if done == names.len() {
+            return ours;
+        }
+        assert!(
+            Instant::now() < deadline && controller.is_running(),
+            "{done} of {} bundles run their image:\n{}",
+            names.len(),
+            controller.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The sum of a /metrics counter over its label sets.
+fn metric_total(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn api_requests_per_reconcile_do_not_grow_with_accounts() {
+    let setup = setup("scale");
+    if setup.cluster.requests().is_none() {
+        eprintln!("a real cluster: its API server's requests cannot be counted here");
+        return;
+    }
+    let controller = start_controller(&setup);
+    let health = controller.health_url();
+    let deadline = Instant::now() + WAIT;
+    while http_request(&health, "GET", "/readyz", None).map(|(s, _)| s).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the controller never got ready:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reconciles = || {
+        let (_, metrics) = http_request(&health, "GET", "/metrics", None).unwrap();
+        metric_total(&metrics, "workerbundle_reconciles_total")
+    };
+
+    // Two rounds on the same controller: 10 accounts, then 50 more.
+    let mut per_account = Vec::new();
+    for (round, count) in [("a", 10), ("b", 50)] {
+        let names: Vec<String> = (0..count).map(|i| format!("{round}{i}")).collect();
+        let before = setup.cluster.requests().unwrap();
+        let reconciled = reconciles();
+        let ours = create_accounts(&setup, &controller, &names);
+        let after = setup.cluster.requests().unwrap();
+        let reconciled = reconciles() - reconciled;
+        let made = controller_requests(&before, &after, &ours);
+        let total: u64 = made.values().sum();
+        eprintln!(
+            "{count} accounts: {total} API requests ({:.1} per account, {:.2} per reconcile over {reconciled} reconciles): {made:?}",
+            total as f64 / count as f64,
+            total as f64 / reconciled
+        );
+        // Everything related is read from the watch caches: no LIST and no GET after start-up.
+        let reads: Vec<_> = made.iter().filter(|((verb, _), _)| verb == "list" || verb == "get").collect();
+        assert!(reads.is_empty(), "the controller read from the API instead of its caches: {reads:?}");
+        per_account.push(total as f64 / count as f64);
+    }
+    // Each account costs the same writes (its releases, bundle, Deployment, Service, statuses,
+    // Events) however many others there are.
+    assert!(
+        per_account[1] <= per_account[0] * 1.2,
+        "API requests per account grew from {:.1} (10 accounts) to {:.1} (60)",
+        per_account[0],
+        per_account[1]
+    );
+}

@@ -6,14 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client, Resource};
+use kube::{Client, Resource};
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use super::backoff::Backoff;
 use super::bases::Bases;
+use super::cache::Caches;
 use super::metrics::Metrics;
 use super::Error;
 use crate::build::BuildContext;
@@ -42,8 +42,8 @@ pub struct Context {
     pub client: Client,
     pub build: BuildContext,
     pub settings: Settings,
-    /// The namespace the controller watches; every namespace when `None`.
-    pub namespace: Option<String>,
+    /// What reconciles read related objects from (kept current by one watch per kind).
+    pub caches: Caches,
     pub backoff: Backoff,
     /// Base images resolved so far, by reference.
     pub bases: Bases,
@@ -59,7 +59,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, build: BuildContext, settings: Settings, namespace: Option<String>) -> Self {
+    pub fn new(client: Client, build: BuildContext, settings: Settings, caches: Caches) -> Self {
         let reporter = Reporter {
             controller: "workerbundle-controller".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -69,7 +69,7 @@ impl Context {
             client,
             build,
             settings,
-            namespace,
+            caches,
             backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(300)),
             bases: Bases::default(),
             account_registries: Mutex::default(),
@@ -86,8 +86,7 @@ impl Context {
         pull_secret: Option<&str>,
     ) -> Result<Arc<Registries>, Error> {
         let Some(name) = pull_secret else { return Ok(self.build.registries.clone()) };
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = secrets.get_opt(name).await?.ok_or_else(|| {
+        let secret = self.caches.secrets.get(namespace, name).ok_or_else(|| {
             Error::Invalid(format!("the image pull secret {namespace}/{name} does not exist"))
         })?;
         let payload = secret.data.as_ref().and_then(|d| d.get(DOCKER_CONFIG_KEY)).map(|b| b.0.clone()).ok_or_else(|| {

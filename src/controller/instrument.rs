@@ -1,6 +1,7 @@
 //! What wraps every reconcile, whatever its kind: a span naming the object, which every log line
 //! of the reconcile carries (`kind`, `namespace`, `object`; not `name`, which the JSON log format
 //! uses for the span's own name), the reconcile count, and the running part of the queue depth.
+//! No reconcile starts before every watch cache holds its first complete list.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ where
         );
         let work = reconcile(object, ctx.clone());
         async move {
+            // Reconciles read related objects from the caches: none runs on a partial view.
+            ctx.caches.synced().await;
             let _running = ctx.metrics.running(&kind);
             let outcome = work.await;
             ctx.metrics.reconciled(&kind);

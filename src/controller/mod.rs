@@ -14,6 +14,7 @@ mod apply;
 mod backoff;
 mod bases;
 pub mod bundle;
+pub mod cache;
 mod context;
 pub mod deployment;
 mod error;
@@ -32,35 +33,62 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
-
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
 
 use crate::build::BuildContext;
 use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, MANAGED_BY};
 use health::Phase;
 use instrument::instrumented;
 
+/// An account is woken by every status change of each of its deployments and releases; while
+/// they settle (several releases turning Ready one after another) it waits for a quiet moment, so
+/// that its bundle (and so its image) changes once rather than once per release.
+const ACCOUNT_DEBOUNCE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A bundle is woken by its spec, its own status writes and its Deployment's and Service's
+/// changes: the same quiet moment collapses those bursts into one reconcile.
+const BUNDLE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Watch one namespace only; all namespaces when `None`.
     pub namespace: Option<String>,
-    /// Reconciles of one kind running at once.
-    pub concurrency: u16,
+    /// Reconciles of each kind running at once.
+    pub concurrency: Concurrency,
     pub settings: Settings,
     /// `/healthz`, `/readyz` and `/metrics`.
     pub health_listen: SocketAddr,
     /// Act only while holding this Lease; `None`: act at once (one replica only).
     pub leader_election: Option<LeaseOptions>,
+}
+
+/// Reconciles of each kind running at once. WorkerDeployment and WorkerAccount reconciles only
+/// read caches and write to the API server; WorkerRelease and WorkerBundle reconciles also read
+/// S3, build (CPU) and push to the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Concurrency {
+    pub deployments: u16,
+    pub releases: u16,
+    pub accounts: u16,
+    pub bundles: u16,
+}
+
+impl Concurrency {
+    /// `api` for the kinds that only talk to the API server, `build` for those that build and push.
+    pub fn new(api: u16, build: u16) -> Self {
+        Concurrency { deployments: api, releases: build, accounts: api, bundles: build }
+    }
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency::new(16, 8)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +131,12 @@ pub async fn run_with(
     check_crd(apis.get::<WorkerAccount>()).await?;
     check_crd(apis.get::<WorkerBundle>()).await?;
 
-    let ctx =
-        Arc::new(Context::new(client.clone(), build, options.settings.clone(), options.namespace.clone()));
+    // One watch per kind: its cache is what reconciles read, its changes are the triggers.
+    let (mut watches, caches) = watches(&apis);
+    let ctx = Arc::new(Context::new(client.clone(), build, options.settings.clone(), caches.clone()));
     let address = options.health_listen;
     let (health, _) =
         health::serve(address, ctx.clone()).await.map_err(|source| RunError::Health { address, source })?;
-    let config = ControllerConfig::default().concurrency(options.concurrency);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -138,60 +166,66 @@ pub async fn run_with(
     };
     health.set(Phase::Syncing);
 
-    // Ready once every controller's cache of its own kind has been filled.
-    let mut caches: Vec<BoxFuture<'static, ()>> = Vec::new();
-    let deployments = Controller::new(apis.get::<WorkerDeployment>(), watcher::Config::default());
-    caches.push(cache_synced(deployments.store()));
-    let deployments = deployments
-        .owns(apis.get::<WorkerRelease>(), watcher::Config::default())
-        .with_config(config.clone())
+    let concurrency = options.concurrency;
+    let config = |n: u16| ControllerConfig::default().concurrency(n);
+
+    let trigger = watches.deployments.subscribe();
+    let owned = watches.releases.subscribe();
+    let deployments = Controller::for_shared_stream(trigger, caches.deployments.store())
+        .owns_shared_stream(owned)
+        .with_config(config(concurrency.deployments))
         .graceful_shutdown_on(stopped())
         .run(instrumented(deployment::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
-    let releases = Controller::new(apis.get::<WorkerRelease>(), watcher::Config::default());
-    caches.push(cache_synced(releases.store()));
-    let releases = releases
-        .with_config(config.clone())
+    let trigger = watches.releases.subscribe();
+    let releases = Controller::for_shared_stream(trigger, caches.releases.store())
+        .with_config(config(concurrency.releases))
         .graceful_shutdown_on(stopped())
         .run(instrumented(release::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
-    let accounts = Controller::new(apis.get::<WorkerAccount>(), watcher::Config::default());
-    let store = accounts.store();
-    let store2 = store.clone();
-    caches.push(cache_synced(store.clone()));
-    // Any change to a deployment or release may change the bundles of its namespace's accounts.
-    let accounts = accounts
-        .owns(apis.get::<WorkerBundle>(), watcher::Config::default())
-        .watches(apis.get::<WorkerDeployment>(), watcher::Config::default(), move |d| accounts_of(&store, &d))
-        .watches(apis.get::<WorkerRelease>(), watcher::Config::default(), move |r| accounts_of(&store2, &r))
-        .with_config(config)
+    // A change to a deployment or release may change the bundle of the accounts that select it.
+    let trigger = watches.accounts.subscribe();
+    let owned = watches.bundles.subscribe();
+    let (of_deployment, of_release) = (caches.accounts.clone(), caches.accounts.clone());
+    let accounts = Controller::for_shared_stream(trigger, caches.accounts.store())
+        .owns_shared_stream(owned)
+        .watches_shared_stream(watches.deployments.subscribe(), move |d| {
+            account::accounts_of(&of_deployment, &*d)
+        })
+        .watches_shared_stream(watches.releases.subscribe(), move |r| account::accounts_of(&of_release, &*r))
+        .with_config(config(concurrency.accounts).debounce(ACCOUNT_DEBOUNCE))
         .graceful_shutdown_on(stopped())
         .run(instrumented(account::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
 
-    let bundles = Controller::new(apis.get::<WorkerBundle>(), watcher::Config::default());
-    let bundle_store = bundles.store();
-    caches.push(cache_synced(bundle_store.clone()));
-    let bundles = bundles
-        .owns(apis.get::<Deployment>(), managed_by_us())
-        .owns(apis.get::<Service>(), managed_by_us())
+    let trigger = watches.bundles.subscribe();
+    let bundle_cache = caches.bundles.clone();
+    let bundles = Controller::for_shared_stream(trigger, caches.bundles.store())
+        .owns_shared_stream(watches.workloads.subscribe())
+        .owns_shared_stream(watches.services.subscribe())
         // A Secret's keys change a bundle's image, its values the pods: either wakes the bundle.
-        .watches(apis.get::<Secret>(), watcher::Config::default(), move |s| {
-            bundle::bundles_of_secret(&bundle_store, &s)
+        .watches_shared_stream(watches.secrets.subscribe(), move |s| {
+            bundle::bundles_of_secret(&bundle_cache, &s)
         })
-        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .with_config(config(concurrency.bundles).debounce(BUNDLE_DEBOUNCE))
         .graceful_shutdown_on(stopped())
         .run(instrumented(bundle::reconcile), error_policy, ctx)
         .for_each(log_outcome);
 
+    // Ready once every cache has been filled.
     let synced = async move {
-        futures::future::join_all(caches).await;
+        caches.synced().await;
         info!("watch caches synced");
         health.set(Phase::Acting);
     };
     info!(namespace = options.namespace.as_deref().unwrap_or("(all)"), "controllers started");
     let controllers = async {
-        tokio::join!(deployments, releases, accounts, bundles, synced);
+        // The watches serve the controllers: they stop when every controller has stopped.
+        let controllers = async { tokio::join!(deployments, releases, accounts, bundles, synced) };
+        tokio::select! {
+            _ = controllers => {}
+            () = watches.run() => {}
+        }
     };
     match leadership {
         None => controllers.await,
@@ -199,18 +233,6 @@ pub async fn run_with(
     }
     info!("stopped");
     Ok(())
-}
-
-/// Completes once `store` holds its first complete list (or its controller stopped).
-fn cache_synced<K>(store: Store<K>) -> BoxFuture<'static, ()>
-where
-    K: kube::runtime::reflector::Lookup + Clone + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    async move {
-        let _ = store.wait_until_ready().await;
-    }
-    .boxed()
 }
 
 struct Apis {
@@ -246,17 +268,36 @@ where
     }
 }
 
-/// Only the Deployments and Services we made are watched.
+/// Only the Services we made are watched. Every Deployment is, for the images it runs (an image
+/// another Deployment runs is never purged); those that are not ours are cached trimmed to that.
 fn managed_by_us() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
-fn accounts_of<K: Resource>(
-    store: &kube::runtime::reflector::Store<WorkerAccount>,
-    object: &K,
-) -> Vec<ObjectRef<WorkerAccount>> {
-    let namespace = object.meta().namespace.clone();
-    store.state().iter().filter(|a| a.namespace() == namespace).map(|a| ObjectRef::from_obj(&**a)).collect()
+/// The watches of every kind the controllers read, and their caches.
+fn watches(apis: &Apis) -> (cache::Watches, cache::Caches) {
+    use cache::*;
+    let all = watcher::Config::default;
+    let (deployments, deployments_cache) = Watch::new(apis.get(), all(), deployment_keys);
+    let (releases, releases_cache) = Watch::new(apis.get(), all(), release_keys);
+    let (accounts, accounts_cache) = Watch::new(apis.get(), all(), account_keys);
+    let (bundles, bundles_cache) = Watch::new(apis.get(), all(), bundle_keys);
+    let (workloads, workloads_cache) = Watch::new(apis.get(), all(), workload_keys);
+    let workloads = workloads.trimmed(foreign_deployment_trimmed);
+    let (services, services_cache) = Watch::new(apis.get(), managed_by_us(), no_keys);
+    let (secrets, secrets_cache) = Watch::new(apis.get(), all(), no_keys);
+    (
+        Watches { deployments, releases, accounts, bundles, workloads, services, secrets },
+        Caches {
+            deployments: deployments_cache,
+            releases: releases_cache,
+            accounts: accounts_cache,
+            bundles: bundles_cache,
+            workloads: workloads_cache,
+            services: services_cache,
+            secrets: secrets_cache,
+        },
+    )
 }
 
 /// `Kind/namespace/name`: the key of an object's retry state.

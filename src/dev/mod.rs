@@ -125,7 +125,7 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let registries = Arc::new(registries);
     let run_options = RunOptions {
         namespace: None,
-        concurrency: 4,
+        concurrency: controller::Concurrency::default(),
         settings: Settings {
             repository_prefix: Some(repository_prefix),
             source_date_epoch: options.source_date_epoch,

@@ -77,6 +77,17 @@ impl Cluster {
         result
     }
 
+    /// Requests the in-memory API server has served, by (verb, resource); `None` against a real
+    /// cluster.
+    pub fn requests(&self) -> Option<memory_apiserver::RequestCounts> {
+        self.server.as_ref().map(MemoryApiServer::requests)
+    }
+
+    /// `http://127.0.0.1:PORT` of the in-memory API server; `None` against a real cluster.
+    pub fn url(&self) -> Option<String> {
+        self.server.as_ref().map(MemoryApiServer::url)
+    }
+
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }

@@ -138,49 +138,68 @@ pub fn remove_now(store: &mut Store, key: &StorageKey, namespace: &str, name: &s
 }
 
 /// Runs until nothing changes: deletes dependents whose owners are all gone or are being deleted in
-/// the foreground, and releases foreground deletions whose dependents are gone.
+/// the foreground, and releases foreground deletions whose dependents are gone. Each round reads
+/// the objects in place and clones only the one it changes.
 pub fn collect(store: &mut Store) {
     loop {
-        let all = store.all();
-        let by_uid: HashMap<String, &Value> = all
-            .iter()
-            .filter_map(|(_, o)| o["metadata"]["uid"].as_str().map(|u| (u.to_string(), o)))
-            .collect();
-        let owned: HashSet<String> = all.iter().flat_map(|(_, o)| owner_uids(o)).collect();
-        let mut changed = false;
-        for (key, object) in &all {
-            let owners = owner_uids(object);
-            let (ns, name) = names(object);
-            if !owners.is_empty() && !is_deleting(object) {
-                let live: Vec<&&Value> = owners.iter().filter_map(|u| by_uid.get(u)).collect();
-                let owner_in_foreground =
-                    live.iter().any(|o| is_deleting(o) && finalizers(o).iter().any(|f| f == FOREGROUND));
-                if live.is_empty() || owner_in_foreground {
-                    tracing::debug!(kind = %key.plural, %ns, %name, "garbage collecting dependent");
-                    delete_object_no_collect(store, key, &ns, &name);
-                    changed = true;
-                    break;
-                }
+        let Some(action) = next_collection(store) else { return };
+        match action {
+            Collection::Dependent(key, ns, name) => {
+                tracing::debug!(kind = %key.plural, %ns, %name, "garbage collecting dependent");
+                delete_object_no_collect(store, &key, &ns, &name);
             }
-            let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
-            let fins = finalizers(object);
-            if is_deleting(object) && fins.iter().any(|f| f == FOREGROUND) && !owned.contains(uid) {
-                let rest: Vec<String> = fins.into_iter().filter(|f| f != FOREGROUND).collect();
+            Collection::Release(key, ns, name, rest) => {
                 if rest.is_empty() {
-                    remove_now(store, key, &ns, &name);
-                } else {
-                    let mut updated = (*object).clone();
+                    remove_now(store, &key, &ns, &name);
+                } else if let Some(mut updated) = store.get(&key, &ns, &name).cloned() {
                     updated["metadata"]["finalizers"] = Value::from(rest);
-                    store.put(key, updated);
+                    store.put(&key, updated);
                 }
-                changed = true;
-                break;
             }
-        }
-        if !changed {
-            return;
         }
     }
+}
+
+enum Collection {
+    /// A dependent to delete.
+    Dependent(StorageKey, String, String),
+    /// A foreground deletion whose dependents are gone, with its other finalizers.
+    Release(StorageKey, String, String, Vec<String>),
+}
+
+/// The first thing the garbage collector has to do, if any.
+fn next_collection(store: &Store) -> Option<Collection> {
+    let by_uid: HashMap<&str, &Value> =
+        store.iter_all().filter_map(|(_, o)| o["metadata"]["uid"].as_str().map(|u| (u, o))).collect();
+    let owned: HashSet<String> = store.iter_all().flat_map(|(_, o)| owner_uids(o)).collect();
+    for (key, object) in store.iter_all() {
+        let owners = owner_uids(object);
+        if !owners.is_empty() && !is_deleting(object) {
+            let live: Vec<&&Value> = owners.iter().filter_map(|u| by_uid.get(u.as_str())).collect();
+            let owner_in_foreground =
+                live.iter().any(|o| is_deleting(o) && finalizers(o).iter().any(|f| f == FOREGROUND));
+            if live.is_empty() || owner_in_foreground {
+                let (ns, name) = names(object);
+                return Some(Collection::Dependent(key.clone(), ns, name));
+            }
+        }
+        let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+        let fins = finalizers(object);
+        if is_deleting(object) && fins.iter().any(|f| f == FOREGROUND) && !owned.contains(uid) {
+            let rest: Vec<String> = fins.into_iter().filter(|f| f != FOREGROUND).collect();
+            let (ns, name) = names(object);
+            return Some(Collection::Release(key.clone(), ns, name, rest));
+        }
+    }
+    None
+}
+
+/// Whether an update from `old` to `new` can give the garbage collector work: only a change of
+/// owners, of deletion state or of finalizers can (writes of spec or status never do).
+pub fn concerns_collector(old: &Value, new: &Value) -> bool {
+    owner_uids(old) != owner_uids(new)
+        || is_deleting(old) != is_deleting(new)
+        || finalizers(old) != finalizers(new)
 }
 
 fn delete_object_no_collect(store: &mut Store, key: &StorageKey, namespace: &str, name: &str) {

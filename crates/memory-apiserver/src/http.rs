@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::error::{ApiError, ApiResult};
 use crate::objects::{self, Ctx, DeleteOptions, FieldValidation};
 use crate::patch::PatchKind;
+use crate::requests::{self, Requests};
 use crate::resource::ResourceDef;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::Store;
@@ -29,6 +30,7 @@ pub struct App {
     /// host:port the server listens on, for /api's serverAddressByClientCIDRs.
     pub address: String,
     pub bookmark_interval: Duration,
+    pub requests: Arc<Requests>,
 }
 
 impl App {
@@ -102,6 +104,10 @@ fn route(
             ok(&discovery::version())
         }
         ["healthz"] | ["readyz"] | ["livez"] => Ok((StatusCode::OK, "ok").into_response()),
+        ["debug", "requests"] => {
+            get_only()?;
+            ok(&app.requests.to_json())
+        }
         ["api"] => {
             get_only()?;
             ok(&discovery::core_versions(&app.address))
@@ -239,6 +245,7 @@ fn resource(
 ) -> ApiResult<Response> {
     let target = resolve(&*app.lock()?, group, version, rest)?;
     let def = &target.def;
+    app.requests.record(requests::verb(method, target.name.is_some(), is_true(query, "watch")), &def.plural);
     let namespace = target.namespace.clone().unwrap_or_default();
     let accept = header(headers, header::ACCEPT);
     let include = query.get("includeObject").cloned().unwrap_or_else(|| "Metadata".to_string());
@@ -278,9 +285,9 @@ fn resource(
         (Method::GET, None) => {
             let store = app.lock()?;
             let items: Vec<Value> = store
-                .list(&def.storage_key(), target.namespace.as_deref())
+                .select(&def.storage_key(), target.namespace.as_deref(), &labels)
                 .into_iter()
-                .filter(|o| labels.matches(o) && fields.matches(o))
+                .filter(|o| fields.matches(o))
                 .map(|o| objects::served(def, o))
                 .collect();
             let rv = store.current_rv();
@@ -337,9 +344,9 @@ fn resource(
                 DeleteOptions::parse(&body, query.get("propagationPolicy").map(String::as_str), dry_run)?;
             let mut store = app.lock()?;
             let matching: Vec<Value> = store
-                .list(&def.storage_key(), target.namespace.as_deref())
+                .select(&def.storage_key(), target.namespace.as_deref(), &labels)
                 .into_iter()
-                .filter(|o| labels.matches(o) && fields.matches(o))
+                .filter(|o| fields.matches(o))
                 .collect();
             let mut deleted = Vec::new();
             for object in matching {

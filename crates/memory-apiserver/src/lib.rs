@@ -45,6 +45,11 @@
 //!   server validates fields, so `kubectl apply` sends fieldValidation=Strict.
 //! - `x-kubernetes-validations` CEL rules with `self`, transition rules with `oldSelf` (on update
 //!   only), message, messageExpression, reason and fieldPath.
+//! - Requests are counted by verb and resource (`GET /debug/requests`, `MemoryApiServer::requests`),
+//!   as the real server's `apiserver_request_total` counts them.
+//! - LIST and watch start take time in proportion to what they return: objects are kept sorted by
+//!   namespace (one range each) and indexed by label (a selector with an equality reads only the
+//!   objects carrying it).
 //! - Tables for `kubectl get` (also on watch): NAME plus the CRD's printer columns, or NAME and
 //!   AGE where a CRD declares none and for built-ins.
 //!
@@ -87,6 +92,7 @@ mod kubeconfig;
 mod objects;
 mod openapi;
 mod patch;
+mod requests;
 mod resource;
 mod schema;
 mod selector;
@@ -132,14 +138,27 @@ impl Default for Options {
 /// `#[tokio::test]` tests can use it. Dropping it stops the server.
 pub struct MemoryApiServer {
     address: SocketAddr,
+    requests: Arc<requests::Requests>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 type SharedStore = Arc<Mutex<store::Store>>;
 
-fn router(address: SocketAddr, options: &Options, store: SharedStore) -> axum::Router {
-    let app = http::App { store, address: address.to_string(), bookmark_interval: options.bookmark_interval };
+pub use requests::Counts as RequestCounts;
+
+fn router(
+    address: SocketAddr,
+    options: &Options,
+    store: SharedStore,
+    requests: Arc<requests::Requests>,
+) -> axum::Router {
+    let app = http::App {
+        store,
+        address: address.to_string(),
+        bookmark_interval: options.bookmark_interval,
+        requests,
+    };
     axum::Router::new().fallback(http::handle).with_state(app)
 }
 
@@ -210,8 +229,9 @@ pub async fn serve(
     let store = open_store(&options)?;
     let (stop_saving, stopped) = tokio::sync::watch::channel(false);
     let saver = options.data_file.clone().map(|path| tokio::spawn(keep_saved(store.clone(), path, stopped)));
-    let served =
-        axum::serve(listener, router(address, &options, store)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, router(address, &options, store, Arc::default()))
+        .with_graceful_shutdown(shutdown)
+        .await;
     let _ = stop_saving.send(true);
     if let Some(saver) = saver {
         let _ = saver.await;
@@ -235,6 +255,8 @@ impl MemoryApiServer {
             .enable_all()
             .build()?;
         let (shutdown, stop) = oneshot::channel::<()>();
+        let requests = Arc::new(requests::Requests::default());
+        let served = requests.clone();
         let thread = std::thread::Builder::new().name("memory-apiserver".to_string()).spawn(move || {
             runtime.block_on(async move {
                 let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -244,7 +266,7 @@ impl MemoryApiServer {
                         return;
                     }
                 };
-                let app = router(address, &options, store.clone());
+                let app = router(address, &options, store.clone(), served);
                 let (stop_saving, stopped) = tokio::sync::watch::channel(false);
                 let saver =
                     options.data_file.clone().map(|path| tokio::spawn(keep_saved(store, path, stopped)));
@@ -264,7 +286,12 @@ impl MemoryApiServer {
             });
             runtime.shutdown_timeout(Duration::from_millis(100));
         })?;
-        Ok(MemoryApiServer { address, shutdown: Some(shutdown), thread: Some(thread) })
+        Ok(MemoryApiServer { address, requests, shutdown: Some(shutdown), thread: Some(thread) })
+    }
+
+    /// Requests served so far, by (verb, resource); also served as JSON on `GET /debug/requests`.
+    pub fn requests(&self) -> RequestCounts {
+        self.requests.counts()
     }
 
     /// `http://127.0.0.1:PORT`

@@ -401,11 +401,14 @@ fn commit_update(
     let key = def.storage_key();
     let finalized =
         gc::is_deleting(&new) && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+    let collect = gc::concerns_collector(old, &new);
     let stored = store.put(&key, new);
     if finalized {
         gc::remove_now(store, &key, &ctx.namespace, &name);
-        gc::collect(store);
-    } else {
+    }
+    // Most writes (spec, status) leave owners and deletion alone: the collector, which looks at
+    // every object, runs only for those that do not.
+    if finalized || collect {
         gc::collect(store);
     }
     Ok(Written { object: served(def, stored), warnings, created: false })

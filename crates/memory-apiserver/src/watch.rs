@@ -86,7 +86,8 @@ pub fn start(store: &Arc<Mutex<Store>>, request: WatchRequest) -> Result<Body, A
         let mut lines = Vec::new();
         let from_now = matches!(request.resource_version.as_deref(), None | Some("") | Some("0"));
         if request.send_initial_events || from_now {
-            for object in guard.list(&request.def.storage_key(), request.namespace.as_deref()) {
+            let key = request.def.storage_key();
+            for object in guard.select(&key, request.namespace.as_deref(), &request.labels) {
                 if request.matches(&object) {
                     lines.push(request.line("ADDED", served(&request.def, object)));
                 }

@@ -1,5 +1,5 @@
-//! WorkerAccount reconcile: observe (the account, the deployments and releases of its namespace,
-//! its bundle) → plan (pure) → apply the bundle → status.
+//! WorkerAccount reconcile: observe (the account, the deployments and releases it selects, its
+//! bundle, all from the caches) → plan (pure) → apply the bundle → status.
 
 pub mod plan;
 
@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::apply::{apply, apply_status};
+use super::cache::{account_key, custom_selector_key, Cache};
 use super::{object_key, Context, Error};
-use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease};
+use crate::crd::{WorkerAccount, WorkerBundle, ACCOUNT_LABEL};
 use plan::BundlePlan;
 
 const RESYNC: Duration = Duration::from_secs(600);
@@ -28,19 +29,19 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
     let accounts: Api<WorkerAccount> = Api::namespaced(client.clone(), &namespace);
     let bundles: Api<WorkerBundle> = Api::namespaced(client.clone(), &namespace);
 
-    // Observe.
-    let deployments = Api::<WorkerDeployment>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let releases = Api::<WorkerRelease>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let existing = bundles.get_opt(&plan::bundle_name(&account)).await?;
+    // Observe, from the caches: with the default selector only the objects labelled with the
+    // account can be selected; a selector of its own may select any of the namespace.
+    let caches = &ctx.caches;
+    let (deployments, releases) = if account.spec.worker_release_selector.is_none() {
+        let key = account_key(&namespace, &account.name_any());
+        (caches.deployments.find(&key), caches.releases.find(&key))
+    } else {
+        (caches.deployments.in_namespace(&namespace), caches.releases.in_namespace(&namespace))
+    };
+    let existing = caches.bundles.get(&namespace, &plan::bundle_name(&account));
 
     // Plan.
-    let plan = plan::plan(&account, &deployments, &releases, existing.as_ref(), Timestamp::now());
+    let plan = plan::plan(&account, &deployments, &releases, existing.as_deref(), Timestamp::now());
 
     // Apply.
     match &plan.bundle {
@@ -83,4 +84,22 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
     apply_status(&accounts, &*account, account.status.as_ref(), &plan.status).await?;
     ctx.backoff.succeeded(&object_key(&*account));
     Ok(Action::requeue(RESYNC))
+}
+
+/// The accounts whose bundle a change of `object` (a WorkerDeployment or WorkerRelease) may change:
+/// the account its label names, and those of its namespace with a selector of their own.
+///
+/// An object relabelled from one account to another wakes the new account at once and the old
+/// one at its next resync.
+pub fn accounts_of<K: Resource>(
+    accounts: &Cache<WorkerAccount>,
+    object: &K,
+) -> Vec<ObjectRef<WorkerAccount>> {
+    let namespace = object.meta().namespace.clone().unwrap_or_default();
+    let labelled = object.labels().get(ACCOUNT_LABEL).map(|a| accounts.find(&account_key(&namespace, a)));
+    let custom = accounts
+        .find(&custom_selector_key(&namespace))
+        .into_iter()
+        .filter(|a| plan::selects(&plan::selector(a), object.labels()));
+    labelled.into_iter().flatten().chain(custom).map(|a| ObjectRef::from_obj(&*a)).collect()
 }

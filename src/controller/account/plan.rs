@@ -6,6 +6,7 @@
 //! stable: a worker keeps its port across releases; a new worker takes the lowest free port from
 //! 8080.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -62,11 +63,13 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
 
 pub fn plan(
     account: &WorkerAccount,
-    deployments: &[WorkerDeployment],
-    releases: &[WorkerRelease],
+    deployments: &[impl Borrow<WorkerDeployment>],
+    releases: &[impl Borrow<WorkerRelease>],
     existing: Option<&WorkerBundle>,
     now: Timestamp,
 ) -> AccountPlan {
+    let deployments: Vec<&WorkerDeployment> = deployments.iter().map(Borrow::borrow).collect();
+    let releases: Vec<&WorkerRelease> = releases.iter().map(Borrow::borrow).collect();
     let name = bundle_name(account);
     let generation = account.metadata.generation;
     let previous_conditions = account.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -91,6 +94,7 @@ pub fn plan(
     let mut selected: Vec<&WorkerDeployment> = deployments
         .iter()
         .filter(|d| selects(&selector, d.labels()) && d.metadata.deletion_timestamp.is_none())
+        .copied()
         .collect();
     // Two deployments of one script: the older one wins, the other is reported.
     selected.sort_by(|a, b| {
@@ -258,7 +262,11 @@ mod tests {
     }
 
     fn bundle_with(workers: &[(&str, u16, &str)]) -> WorkerBundle {
-        let BundlePlan::Apply(mut bundle) = plan(&account(), &[], &[], None, now()).bundle else { panic!() };
+        let BundlePlan::Apply(mut bundle) =
+            plan(&account(), &[] as &[WorkerDeployment], &[] as &[WorkerRelease], None, now()).bundle
+        else {
+            panic!()
+        };
         bundle.spec.workers = workers
             .iter()
             .map(|(name, port, release)| BundleWorker {
@@ -420,7 +428,8 @@ mod tests {
     fn a_bundle_owned_by_someone_else_is_not_touched() {
         let mut foreign = bundle_with(&[]);
         foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "someone-else".into();
-        let plan = plan(&account(), &[], &[], Some(&foreign), now());
+        let plan =
+            plan(&account(), &[] as &[WorkerDeployment], &[] as &[WorkerRelease], Some(&foreign), now());
         assert!(matches!(plan.bundle, BundlePlan::Conflict(_)));
         assert_eq!(plan.status.conditions[0].reason, "BundleNameTaken");
     }

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::apply::{apply, apply_status};
+use super::cache::{image_key, secret_key, Cache};
 use super::{object_key, Context, Error};
 use crate::build::bundle::{assemble_bundle, push_bundle};
 use crate::build::Target;
@@ -118,11 +118,11 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
 
-    // Observe.
-    let releases = observe_releases(bundle, ctx).await?;
-    let secrets = observe_secrets(bundle, ctx).await?;
-    let existing_deployment = deployments.get_opt(&bundle.spec.deployment_name).await?;
-    let existing_service = services.get_opt(&bundle.spec.deployment_name).await?;
+    // Observe, from the caches.
+    let releases = observe_releases(bundle, ctx);
+    let secrets = observe_secrets(bundle, ctx);
+    let existing_deployment = ctx.caches.workloads.get(&namespace, &bundle.spec.deployment_name);
+    let existing_service = ctx.caches.services.get(&namespace, &bundle.spec.deployment_name);
 
     // No workers left (the last script was deleted): nothing to run, nothing to keep.
     if bundle.spec.workers.is_empty() {
@@ -185,7 +185,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     } else {
         let applied = apply(&deployments, &deployment).await?;
         info!(deployment = %bundle.spec.deployment_name, image = %image_ref, elapsed_ms = started.elapsed().as_millis() as u64, "deployment applied");
-        Some(applied)
+        Some(Arc::new(applied))
     };
     let service = workload::service(bundle, &inputs.workers);
     if !workload::unchanged(existing_service.as_ref().map(|s| &s.metadata), &service.metadata) {
@@ -193,10 +193,10 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     }
 
     // Purge: once the new image runs everywhere, the old ones nothing else uses.
-    let rollout = plan::rollout(running.as_ref(), &image_ref);
+    let rollout = plan::rollout(running.as_deref(), &image_ref);
     let mut stale_images = stale_images;
     if rollout.complete && !stale_images.is_empty() {
-        let referenced = referenced_images(ctx, bundle).await?;
+        let referenced = referenced_images(ctx, bundle, &stale_images);
         for stale in plan::purgeable(&stale_images, &image_ref, true, &referenced) {
             delete(&stale, &registries).await?;
             info!(image = %stale, "previous image deleted");
@@ -255,7 +255,7 @@ async fn stop_running(
     if !stale.is_empty() {
         let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
         let registries = ctx.registries(&namespace, pull_secret).await?;
-        let referenced = referenced_images(ctx, bundle).await?;
+        let referenced = referenced_images(ctx, bundle, &stale);
         for image in plan::purgeable(&stale, "", true, &referenced) {
             delete(&image, &registries).await?;
             info!(%image, "image of a bundle without workers deleted");
@@ -268,62 +268,56 @@ async fn stop_running(
     Ok(Action::requeue(RESYNC))
 }
 
-async fn observe_releases(
-    bundle: &WorkerBundle,
-    ctx: &Context,
-) -> Result<BTreeMap<String, WorkerRelease>, Error> {
-    let releases: Api<WorkerRelease> =
-        Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
-    let mut found = BTreeMap::new();
-    for worker in &bundle.spec.workers {
-        if let Some(release) = releases.get_opt(&worker.release).await? {
-            found.insert(worker.release.clone(), release);
-        }
-    }
-    Ok(found)
+fn observe_releases(bundle: &WorkerBundle, ctx: &Context) -> BTreeMap<String, WorkerRelease> {
+    let namespace = bundle.namespace().unwrap_or_default();
+    bundle
+        .spec
+        .workers
+        .iter()
+        .filter_map(|w| {
+            Some((w.release.clone(), (*ctx.caches.releases.get(&namespace, &w.release)?).clone()))
+        })
+        .collect()
 }
 
-async fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> Result<plan::Secrets, Error> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &bundle.namespace().unwrap_or_default());
-    let mut found = BTreeMap::new();
-    for name in plan::referenced_secrets(bundle) {
-        let secret = secrets.get_opt(&name).await?;
-        found.insert(name, secret);
-    }
-    Ok(found)
+fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> plan::Secrets {
+    let namespace = bundle.namespace().unwrap_or_default();
+    plan::referenced_secrets(bundle)
+        .into_iter()
+        .map(|name| {
+            let secret = ctx.caches.secrets.get(&namespace, &name).map(|s| (*s).clone());
+            (name, secret)
+        })
+        .collect()
 }
 
-/// Images some object other than `bundle` still uses: other bundles' current images (and, while
-/// they roll out, their older ones), and the images of Deployments it does not own.
-async fn referenced_images(ctx: &Context, bundle: &WorkerBundle) -> Result<BTreeSet<String>, Error> {
-    let (bundles, deployments): (Api<WorkerBundle>, Api<Deployment>) = match &ctx.namespace {
-        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
+/// The images a bundle runs, or may still run in some pods while it rolls out: none of them may
+/// be deleted by another bundle.
+pub fn in_use(bundle: &WorkerBundle) -> Vec<String> {
+    let Some(status) = &bundle.status else { return Vec::new() };
+    let mut images: Vec<String> = status.image.iter().cloned().collect();
+    if !status.rollout.as_ref().is_some_and(|r| r.complete) {
+        images.extend(status.last_image.iter().cloned());
+        images.extend(status.stale_images.iter().cloned());
+    }
+    images
+}
+
+/// Which of `candidates` some object other than `bundle` still uses (from the caches, by image):
+/// other bundles' images (see [`in_use`]), and the images of Deployments it does not own.
+fn referenced_images(ctx: &Context, bundle: &WorkerBundle, candidates: &[String]) -> BTreeSet<String> {
     let uid = bundle.uid().unwrap_or_default();
-    let mut referenced = BTreeSet::new();
-    for other in bundles.list(&ListParams::default()).await?.items {
-        if other.uid().unwrap_or_default() == uid {
-            continue;
-        }
-        if let Some(status) = &other.status {
-            referenced.extend(status.image.iter().cloned());
-            // While it rolls out, its older images may still run in some of its pods.
-            if !status.rollout.as_ref().is_some_and(|r| r.complete) {
-                referenced.extend(status.last_image.iter().cloned());
-                referenced.extend(status.stale_images.iter().cloned());
-            }
-        }
-    }
-    for deployment in deployments.list(&ListParams::default()).await?.items {
-        if deployment.owner_references().iter().any(|o| o.uid == uid) {
-            continue;
-        }
-        let containers =
-            deployment.spec.and_then(|s| s.template.spec).map(|p| p.containers).unwrap_or_default();
-        referenced.extend(containers.into_iter().filter_map(|c| c.image));
-    }
-    Ok(referenced)
+    let used_elsewhere = |image: &&String| {
+        let key = image_key(image);
+        ctx.caches.bundles.find(&key).iter().any(|b| b.uid().unwrap_or_default() != uid)
+            || ctx
+                .caches
+                .workloads
+                .find(&key)
+                .iter()
+                .any(|d| !d.owner_references().iter().any(|o| o.uid == uid))
+    };
+    candidates.iter().filter(used_elsewhere).cloned().collect()
 }
 
 /// Deletes `image` (`registry/repository@sha256:...`) from its registry.
@@ -354,7 +348,8 @@ async fn cleanup(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action,
             ctx.build.registries.clone()
         }
     };
-    let referenced = referenced_images(&ctx, &bundle).await?;
+    let images: Vec<String> = images.into_iter().collect();
+    let referenced = referenced_images(&ctx, &bundle, &images);
     for image in images.iter().filter(|i| !referenced.contains(*i)) {
         delete(image, &registries).await?;
         info!(%image, "image of a deleted bundle deleted");
@@ -365,22 +360,11 @@ async fn cleanup(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action,
 /// The bundles (from the controller's store) that a Secret concerns: those whose workers read it
 /// or that push with it.
 pub fn bundles_of_secret(
-    store: &kube::runtime::reflector::Store<WorkerBundle>,
+    bundles: &Cache<WorkerBundle>,
     secret: &Secret,
 ) -> Vec<kube::runtime::reflector::ObjectRef<WorkerBundle>> {
-    let name = secret.name_any();
-    let namespace = secret.namespace();
-    store
-        .state()
-        .iter()
-        .filter(|b| b.namespace() == namespace)
-        .filter(|b| {
-            b.spec.workers.iter().any(|w| w.secret_ref.as_deref() == Some(name.as_str()))
-                || b.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref())
-                    == Some(name.as_str())
-        })
-        .map(|b| kube::runtime::reflector::ObjectRef::from_obj(&**b))
-        .collect()
+    let key = secret_key(&secret.namespace().unwrap_or_default(), &secret.name_any());
+    bundles.find(&key).iter().map(|b| kube::runtime::reflector::ObjectRef::from_obj(&**b)).collect()
 }
 
 /// The bundle a Deployment belongs to (by owner reference).

@@ -1,4 +1,4 @@
-//! WorkerDeployment reconcile: observe (the deployment, the releases it owns) → plan (pure) →
+//! WorkerDeployment reconcile: observe (the deployment, the releases it owns, from the cache) → plan (pure) →
 //! apply (the current release; delete releases past the history) → status.
 
 pub mod plan;
@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
 use super::apply::{apply, apply_status};
+use super::cache::deployment_key;
 use super::{object_key, Context, Error};
-use crate::crd::{WorkerDeployment, WorkerRelease, DEPLOYMENT_LABEL};
+use crate::crd::{WorkerDeployment, WorkerRelease};
 
 /// How often a settled deployment is looked at again even without a change.
 const RESYNC: Duration = Duration::from_secs(600);
@@ -28,13 +29,12 @@ pub async fn reconcile(deployment: Arc<WorkerDeployment>, ctx: Arc<Context>) -> 
     let releases: Api<WorkerRelease> = Api::namespaced(ctx.client.clone(), &namespace);
     let deployments: Api<WorkerDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    // Observe.
-    let selector = format!("{DEPLOYMENT_LABEL}={}", deployment.name_any());
+    // Observe (from the cache: its releases by their deployment label, then by owner).
     let uid = deployment.uid().unwrap_or_default();
-    let owned: Vec<WorkerRelease> = releases
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
+    let owned: Vec<Arc<WorkerRelease>> = ctx
+        .caches
+        .releases
+        .find(&deployment_key(&namespace, &deployment.name_any()))
         .into_iter()
         .filter(|r| r.owner_references().iter().any(|o| o.uid == uid))
         .collect();

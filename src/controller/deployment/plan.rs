@@ -1,6 +1,7 @@
 //! WorkerDeployment, pure: from the deployment and the releases it owns to the release its
 //! template needs, the releases past the history limit, and its status.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -47,9 +48,10 @@ pub fn release_name(deployment: &str, hash: &str) -> String {
 
 pub fn plan(
     deployment: &WorkerDeployment,
-    owned: &[WorkerRelease],
+    owned: &[impl Borrow<WorkerRelease>],
     now: Timestamp,
 ) -> Result<DeploymentPlan, serde_json::Error> {
+    let owned: Vec<&WorkerRelease> = owned.iter().map(Borrow::borrow).collect();
     let template = &deployment.spec.template;
     let name = release_name(&deployment.name_any(), &template_hash(template)?);
     let release = desired_release(deployment, &name);
@@ -57,7 +59,7 @@ pub fn plan(
     // Most recently current first: the current release, then the previous history, then any
     // other owned release (status lost or written by an older controller), newest first.
     let previous = deployment.status.as_ref().map(|s| s.release_history.clone()).unwrap_or_default();
-    let mut others: Vec<&WorkerRelease> = owned.iter().collect();
+    let mut others: Vec<&WorkerRelease> = owned.clone();
     others.sort_by(|a, b| {
         b.creation_timestamp()
             .map(|t| t.0)
@@ -91,7 +93,7 @@ pub fn plan(
         }
     }
 
-    let current = owned.iter().find(|r| r.name_any() == name);
+    let current = owned.iter().find(|r| r.name_any() == name).copied();
     let wanted = ready_condition(current, deployment.metadata.generation);
     let conditions = set_condition(
         deployment.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default(),
@@ -200,7 +202,7 @@ mod tests {
     #[test]
     fn one_release_per_template_named_by_its_hash_owned_and_labelled() {
         let d = deployment(template("index.js"), 10, &[]);
-        let plan = plan(&d, &[], now()).unwrap();
+        let plan = plan(&d, &[] as &[WorkerRelease], now()).unwrap();
         let name = plan.release.metadata.name.clone().unwrap();
         assert!(name.starts_with("api-") && name.len() == 4 + HASH_LEN, "{name}");
         assert_eq!(plan.release.spec.template, d.spec.template);
@@ -290,7 +292,7 @@ mod tests {
     fn ready_follows_the_current_release() {
         let name = release_name("api", &template_hash(&template("index.js")).unwrap());
         let d = deployment(template("index.js"), 10, &[]);
-        let building = plan(&d, &[], now()).unwrap();
+        let building = plan(&d, &[] as &[WorkerRelease], now()).unwrap();
         assert_eq!(building.status.conditions[0].status, "Unknown");
         let mut failed = release(&name, 1, ReleasePhase::Failed);
         failed.status.as_mut().unwrap().conditions = vec![condition(

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
 use crate::build::Target;
-use crate::crd::{WorkerAccount, WorkerRelease, ACCOUNT_LABEL};
+use crate::crd::{WorkerRelease, ACCOUNT_LABEL};
 use crate::image::assemble::build_worker_layer;
 
 pub async fn reconcile(release: Arc<WorkerRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -61,16 +61,11 @@ async fn build_and_push(
     let template = &release.spec.template;
     let urls = plan::script_urls(template)?;
 
-    // Observe: the account (for its repository) and the scripts.
-    let account = match release.labels().get(ACCOUNT_LABEL) {
-        Some(name) => {
-            let accounts: Api<WorkerAccount> =
-                Api::namespaced(ctx.client.clone(), &release.namespace().unwrap_or_default());
-            accounts.get_opt(name).await?
-        }
-        None => None,
-    };
-    let repository = plan::repository(release, account.as_ref(), &ctx.settings)?;
+    // Observe: the account (for its repository, from the cache) and the scripts.
+    let namespace = release.namespace().unwrap_or_default();
+    let account =
+        release.labels().get(ACCOUNT_LABEL).and_then(|name| ctx.caches.accounts.get(&namespace, name));
+    let repository = plan::repository(release, account.as_deref(), &ctx.settings)?;
     let target = Target::parse(&repository).map_err(Error::Invalid)?;
     let s3 = ctx.build.sources.s3().await;
     let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
@@ -92,7 +87,7 @@ async fn build_and_push(
         .as_ref()
         .and_then(|a| a.spec.pod_template.as_ref())
         .and_then(|p| p.image_pull_secret.as_deref());
-    let registries = ctx.registries(&release.namespace().unwrap_or_default(), pull_secret).await?;
+    let registries = ctx.registries(&namespace, pull_secret).await?;
     let started = Instant::now();
     target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone()).await?;
     ctx.metrics.observe_push(started.elapsed());
