@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
@@ -167,7 +168,7 @@ where
         rx
     }
 
-    /// Runs the watch (with kube's default backoff on errors) until dropped.
+    /// Runs the watch (with [`WatchBackoff`] on errors) until dropped.
     pub async fn run(self) {
         let Watch { api, config, writer, index, trim, subscribers } = self;
         let kind = K::kind(&()).into_owned();
@@ -176,7 +177,7 @@ where
                 without_managed_fields(object);
                 trim(object);
             })
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .reflect(writer);
         futures::pin_mut!(events);
         let mut initial: Option<Vec<K>> = None;
@@ -345,6 +346,43 @@ pub fn workload_keys(deployment: &Deployment) -> Vec<String> {
 
 pub fn no_keys<K>(_: &K) -> Vec<String> {
     Vec::new()
+}
+
+/// Delays between failed watch attempts: 0.5 s doubling to 10 s, with jitter, back to 0.5 s as
+/// soon as the watch delivers anything. kube's default (client-go's: up to 30 s, and no reset
+/// until 120 s after the last error) kept each cache blind for up to a minute after an API server
+/// restart, because the 410 that a restarted server answers to an old resourceVersion counts as
+/// one more failure (tests/faults.rs). 10 s between attempts per kind is still far from a hot
+/// loop while the server is down.
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay.mul_f64(0.8 + fastrand::f64() * 0.4))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Every kind the controllers read, one cache each.
