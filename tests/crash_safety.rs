@@ -13,7 +13,7 @@ use serde_json::Value;
 use support::api::{form, ApiServer, BUCKET};
 use support::cluster::{Cluster, Controller};
 use support::registry::Registry;
-use support::s3::{S3Server, SECRET_KEY};
+use support::s3::S3Server;
 use support::workload::container;
 use support::*;
 
@@ -29,25 +29,9 @@ fn seed() -> u64 {
 }
 
 fn start_controller(cluster: &Cluster, registry: &Registry, s3: &S3Server) -> Controller {
-    let prefix = format!("{}/workers", registry.host());
     let base = format!("docker://{}/workerd-base:1", registry.host());
-    let endpoint = s3.endpoint();
-    Controller::start(
-        cluster,
-        &[
-            "--repository-prefix",
-            &prefix,
-            "--base-image",
-            &base,
-            "--insecure",
-            "--s3-endpoint",
-            &endpoint,
-            // Takeovers are tested in tests/operations.rs; here each restart reconciles at once.
-            "--leader-election",
-            "false",
-        ],
-        &s3.env(SECRET_KEY),
-    )
+    // Takeovers are tested in tests/operations.rs; here each restart reconciles at once.
+    Controller::start_pushing(cluster, &registry.host(), &base, s3, &["--leader-election", "false"], &[])
 }
 
 /// All accounts and their WorkerDeployments, in one kubectl apply.

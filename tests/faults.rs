@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use support::cluster::{Cluster, Controller};
 use support::registry::Registry;
-use support::s3::{S3Server, SECRET_KEY};
+use support::s3::S3Server;
 use support::workload::container;
 use support::*;
 
@@ -75,25 +75,11 @@ fn the_api_server_restarting_breaks_every_watch_and_the_controller_converges_wit
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s3 = S3Server::start();
     s3.put_dir("workers", "hello/", &repo_path("testdata/workers/hello"));
-    let (prefix, base, endpoint) =
-        (format!("{}/workers", registry.host()), format!("docker://{base}"), s3.endpoint());
-    let controller = Controller::start(
-        &cluster,
-        &[
-            "--repository-prefix",
-            &prefix,
-            "--base-image",
-            &base,
-            "--insecure",
-            "--s3-endpoint",
-            &endpoint,
-            // A leader that cannot renew for two thirds of its lease stops by design (see
-            // tests/operations.rs); here the outage is shorter than that.
-            "--lease-duration",
-            "60",
-        ],
-        &s3.env(SECRET_KEY),
-    );
+    // A leader that cannot renew for two thirds of its lease stops by design (see
+    // tests/operations.rs); here the outage is shorter than that.
+    let base = format!("docker://{base}");
+    let controller =
+        Controller::start_pushing(&cluster, &registry.host(), &base, &s3, &["--lease-duration", "60"], &[]);
     let applied = cluster.apply_yaml(&account_and_worker("1111"));
     assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
     running_image(&cluster, &controller, "workers-1111");

@@ -17,7 +17,7 @@ use serde_json::Value;
 use support::api::ApiServer;
 use support::cluster::{Cluster, Controller};
 use support::registry::{scan_registry, Registry};
-use support::s3::{S3Server, SECRET_KEY};
+use support::s3::S3Server;
 use support::workload::*;
 use support::wrangler::Wrangler;
 use support::*;
@@ -48,24 +48,10 @@ impl Platform {
         assert!(out.status.success(), "skopeo copy of the base: {}", String::from_utf8_lossy(&out.stderr));
         let s3 = S3Server::start();
         let cluster = Cluster::start("full-path");
-        let prefix = format!("{}/workers", registry.host());
-        let (base, endpoint) = (format!("docker://{base}"), s3.endpoint());
         // Every log line at every level, so that the secret scan at the end covers them all.
-        let mut env = s3.env(SECRET_KEY);
-        env.push(("RUST_LOG".into(), "trace".into()));
-        let controller = Controller::start(
-            &cluster,
-            &[
-                "--repository-prefix",
-                &prefix,
-                "--base-image",
-                &base,
-                "--insecure",
-                "--s3-endpoint",
-                &endpoint,
-            ],
-            &env,
-        );
+        let trace = [("RUST_LOG".to_owned(), "trace".to_owned())];
+        let base = format!("docker://{base}");
+        let controller = Controller::start_pushing(&cluster, &registry.host(), &base, &s3, &[], &trace);
         let api = ApiServer::start_logging(&cluster, &s3, &[(ACCOUNT, TOKEN)], &[], "trace");
         Platform { cluster, registry, controller, api, s3 }
     }

@@ -206,6 +206,32 @@ impl Controller {
         Controller { child: std::sync::Mutex::new(command.spawn().unwrap()), log, _dir: dir }
     }
 
+    /// The controller pushing to `registry` (plain HTTP, on this machine) over the base image
+    /// `base` (`docker://...`), reading scripts from `s3`, with `extra` flags and environment.
+    pub fn start_pushing(
+        cluster: &Cluster,
+        registry: &str,
+        base: &str,
+        s3: &super::s3::S3Server,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Controller {
+        let (prefix, endpoint) = (format!("{registry}/workers"), s3.endpoint());
+        let mut args = vec![
+            "--repository-prefix",
+            &prefix,
+            "--base-image",
+            base,
+            "--insecure",
+            "--s3-endpoint",
+            &endpoint,
+        ];
+        args.extend_from_slice(extra);
+        let mut all_env = s3.env(super::s3::SECRET_KEY);
+        all_env.extend_from_slice(env);
+        Controller::start(cluster, &args, &all_env)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
