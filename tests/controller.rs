@@ -231,6 +231,31 @@ fn sorted(names: &[&String]) -> Vec<String> {
     names
 }
 
+/// A controller that starts (or restarts) while objects already exist must pick all of them up
+/// from its first list, not only the ones that change afterwards.
+#[test]
+fn objects_made_before_the_controller_starts_are_built() {
+    let registry = Registry::start(false);
+    let s3 = S3Server::start();
+    s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
+    s3.put_dir("workers", "1234/second/v1/", &repo_path("testdata/workers/secret"));
+    let cluster = Cluster::start("existing");
+    apply_ok(&cluster, ACCOUNT);
+    apply_ok(&cluster, &deployment_yaml("hello", "hello", "s3://workers/1234/hello/v1/", 5));
+    apply_ok(&cluster, &deployment_yaml("second", "second", "s3://workers/1234/second/v1/", 5));
+
+    let controller = start_controller(&cluster, &registry.host(), &s3);
+    let workers = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        Some(bundle_workers(b)).filter(|w| w.len() == 2)
+    });
+    let names: Vec<&str> = workers.iter().map(|(name, _, _)| name.as_str()).collect();
+    assert_eq!(names, ["hello", "second"]);
+    for (_, _, release) in &workers {
+        let layer = cluster.wait_for("workerrelease", release, WAIT, &controller, ready_layer);
+        assert!(registry.blob_exists("workers/1234", &layer));
+    }
+}
+
 #[test]
 fn a_missing_key_fails_that_release_and_the_controller_serves_the_rest() {
     let Setup { cluster, registry, s3: _s3, controller } = setup("missing");

@@ -7,6 +7,16 @@
 //! WorkerDeployment must still wake its account. So each kind's watch is driven here, once, and
 //! every change (applied or deleted) is handed to each subscriber as an `Arc` (the
 //! `*_shared_stream` inputs of `Controller`).
+//!
+//! Two things kube-runtime's `Store` does not do well enough here, done here instead:
+//! - readiness: `Store::wait_until_ready` keeps one waker, so of many reconciles waiting on one
+//!   store at start-up only the last one polled is ever woken (the others hang for good). Each
+//!   cache has its own `tokio::sync::watch` flag, which wakes every waiter, and it is raised only
+//!   once the index, not just the store, holds the complete list;
+//! - the objects of a (re-)list are passed on only once the list is complete and in the store: a
+//!   trigger for an object the store does not hold yet is dropped by the controller
+//!   (`ObjectNotFound`), and nothing would bring it back. Objects that vanished while the watch was
+//!   down (deleted meanwhile) are passed on too, so that whatever depended on them is looked at.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
@@ -91,11 +101,12 @@ where
 pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     index: Arc<RwLock<Index<K>>>,
+    synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for Cache<K> {
     fn clone(&self) -> Self {
-        Cache { store: self.store.clone(), index: self.index.clone() }
+        Cache { store: self.store.clone(), index: self.index.clone(), synced: self.synced.clone() }
     }
 }
 
@@ -126,9 +137,11 @@ where
         self.find(&namespace_key(namespace))
     }
 
-    /// Completes once the first complete list is in (at once afterwards).
+    /// Completes once the first complete list is in the store and the index (at once
+    /// afterwards). Any number of tasks may wait here at once.
     pub async fn synced(&self) {
-        let _ = self.store.wait_until_ready().await;
+        // Err: the watch is gone (shutting down); nothing more will come, so do not wait.
+        let _ = self.synced.clone().wait_for(|synced| *synced).await;
     }
 }
 
@@ -140,6 +153,7 @@ pub struct Watch<K: Resource<DynamicType = ()> + Clone + 'static> {
     index: Arc<RwLock<Index<K>>>,
     trim: Trim<K>,
     subscribers: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl<K> Watch<K>
@@ -149,8 +163,18 @@ where
     pub fn new(api: Api<K>, config: watcher::Config, keys_of: KeysOf<K>) -> (Watch<K>, Cache<K>) {
         let (store, writer) = reflector::store();
         let index = Arc::new(RwLock::new(Index::new(keys_of)));
-        let cache = Cache { store, index: index.clone() };
-        (Watch { api, config, writer, index, trim: without_managed_fields, subscribers: Vec::new() }, cache)
+        let (synced, synced_rx) = tokio::sync::watch::channel(false);
+        let cache = Cache { store, index: index.clone(), synced: synced_rx };
+        let watch = Watch {
+            api,
+            config,
+            writer,
+            index,
+            trim: without_managed_fields,
+            subscribers: Vec::new(),
+            synced,
+        };
+        (watch, cache)
     }
 
     /// Caches objects as `trim` leaves them (managedFields are always dropped).
@@ -170,8 +194,9 @@ where
 
     /// Runs the watch (with [`WatchBackoff`] on errors) until dropped.
     pub async fn run(self) {
-        let Watch { api, config, writer, index, trim, subscribers } = self;
+        let Watch { api, config, writer, index, trim, subscribers, synced } = self;
         let kind = K::kind(&()).into_owned();
+        let store = writer.as_reader();
         let events = watcher(api, config)
             .modify(move |object| {
                 without_managed_fields(object);
@@ -180,7 +205,7 @@ where
             .backoff(WatchBackoff::default())
             .reflect(writer);
         futures::pin_mut!(events);
-        let mut initial: Option<Vec<K>> = None;
+        let mut relist = Relist::default();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -189,40 +214,78 @@ where
                     continue;
                 }
             };
-            let touched = {
+            let (touched, list_done) = {
                 let mut index = index.write().unwrap_or_else(|p| p.into_inner());
-                match event {
-                    watcher::Event::Apply(object) => {
-                        index.insert(&object);
-                        Some(object)
-                    }
-                    watcher::Event::Delete(object) => {
-                        index.remove(&ObjectRef::from_obj(&object));
-                        Some(object)
-                    }
-                    watcher::Event::Init => {
-                        initial = Some(Vec::new());
-                        None
-                    }
-                    watcher::Event::InitApply(object) => {
-                        initial.get_or_insert_with(Vec::new).push(object.clone());
-                        Some(object)
-                    }
-                    watcher::Event::InitDone => {
-                        index.clear();
-                        for object in initial.take().unwrap_or_default() {
-                            index.insert(&object);
-                        }
-                        None
-                    }
-                }
+                relist.absorb(&mut index, event, || store.state())
             };
-            if let Some(object) = touched {
-                let object = Arc::new(object);
+            if list_done {
+                // Only the first time changes anything; waiters are woken once.
+                synced.send_if_modified(|synced| !std::mem::replace(synced, true));
+            }
+            for object in touched {
                 for subscriber in &subscribers {
                     // A controller that stopped no longer needs its triggers.
                     let _ = subscriber.unbounded_send(object.clone());
                 }
+            }
+        }
+    }
+}
+
+/// A list in progress: what the store held before it, and what it has brought so far.
+struct Relist<K> {
+    before: Vec<Arc<K>>,
+    listed: Vec<Arc<K>>,
+}
+
+impl<K> Default for Relist<K> {
+    fn default() -> Self {
+        Relist { before: Vec::new(), listed: Vec::new() }
+    }
+}
+
+impl<K> Relist<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    /// Files one watch event in the index (the store has already taken it) and returns the
+    /// objects to pass on to subscribers, and whether a complete list has just come in.
+    /// `stored` is what the store holds, read when a list starts (before it replaces them).
+    fn absorb(
+        &mut self,
+        index: &mut Index<K>,
+        event: watcher::Event<K>,
+        stored: impl FnOnce() -> Vec<Arc<K>>,
+    ) -> (Vec<Arc<K>>, bool) {
+        match event {
+            watcher::Event::Apply(object) => {
+                index.insert(&object);
+                (vec![Arc::new(object)], false)
+            }
+            watcher::Event::Delete(object) => {
+                index.remove(&ObjectRef::from_obj(&object));
+                (vec![Arc::new(object)], false)
+            }
+            watcher::Event::Init => {
+                *self = Relist { before: stored(), listed: Vec::new() };
+                (Vec::new(), false)
+            }
+            watcher::Event::InitApply(object) => {
+                self.listed.push(Arc::new(object));
+                (Vec::new(), false)
+            }
+            watcher::Event::InitDone => {
+                let Relist { before, listed } = std::mem::take(self);
+                index.clear();
+                for object in &listed {
+                    index.insert(object);
+                }
+                let present: HashSet<ObjectRef<K>> =
+                    listed.iter().map(|o| ObjectRef::from_obj(&**o)).collect();
+                let vanished = before.into_iter().filter(|o| !present.contains(&ObjectRef::from_obj(&**o)));
+                let mut touched = listed;
+                touched.extend(vanished);
+                (touched, true)
             }
         }
     }
@@ -455,6 +518,46 @@ mod tests {
             "spec": {"template": {"scriptName": deployment, "scriptUrls": ["s3://b/k"]}},
         }))
         .expect("a valid WorkerRelease")
+    }
+
+    fn names(objects: &[Arc<WorkerRelease>]) -> Vec<String> {
+        objects.iter().map(|o| o.name_any()).collect()
+    }
+
+    #[test]
+    fn a_list_is_passed_on_only_once_complete_with_what_vanished_meanwhile() {
+        use watcher::Event::*;
+        let mut index = Index::new(release_keys as KeysOf<WorkerRelease>);
+        let mut relist = Relist::default();
+        let mut absorb = |event, stored: Vec<Arc<WorkerRelease>>| relist.absorb(&mut index, event, || stored);
+
+        // The first list: nothing passed on until it is complete (the store does not hold it yet).
+        let (touched, done) = absorb(Init, vec![]);
+        assert!(touched.is_empty() && !done);
+        let (touched, done) = absorb(InitApply(release("a", "r1", "1", "hello")), vec![]);
+        assert!(touched.is_empty() && !done);
+        let (touched, done) = absorb(InitApply(release("a", "r2", "1", "other")), vec![]);
+        assert!(touched.is_empty() && !done);
+        let (touched, done) = absorb(InitDone, vec![]);
+        assert_eq!((names(&touched), done), (vec!["r1".to_owned(), "r2".to_owned()], true));
+
+        // Changes pass on at once.
+        let (touched, done) = absorb(Apply(release("a", "r3", "1", "third")), vec![]);
+        assert_eq!((names(&touched), done), (vec!["r3".to_owned()], false));
+
+        // A re-list after the watch was down: r2 was deleted meanwhile, and is passed on too.
+        let stored = vec![
+            Arc::new(release("a", "r1", "1", "hello")),
+            Arc::new(release("a", "r2", "1", "other")),
+            Arc::new(release("a", "r3", "1", "third")),
+        ];
+        absorb(Init, stored);
+        absorb(InitApply(release("a", "r1", "1", "hello")), vec![]);
+        absorb(InitApply(release("a", "r3", "1", "third")), vec![]);
+        let (touched, done) = absorb(InitDone, vec![]);
+        assert_eq!((names(&touched), done), (vec!["r1".to_owned(), "r3".to_owned(), "r2".to_owned()], true));
+        let filed: Vec<String> = index.get(&account_key("a", "1")).into_iter().map(|r| r.name).collect();
+        assert_eq!(filed, ["r1", "r3"]);
     }
 
     #[test]
