@@ -257,7 +257,8 @@ fn faults_on_thirty_percent_of_requests_never_expose_a_broken_tag() {
     done.store(true, Ordering::Relaxed);
     let (checks, broken) = watcher.join().unwrap();
     assert!(out.status.success(), "push through faults failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(proxy.faults.load(Ordering::Relaxed) >= 5, "the proxy injected too few faults to mean anything");
+    eprintln!("faults injected into the push: {}", proxy.summary());
+    assert!(proxy.missing_kinds().is_empty(), "not every kind of fault was met: {}", proxy.summary());
     assert!(checks > 0);
     assert!(broken.is_empty(), "the tag pointed at missing blobs: {broken:?}");
     let digest = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_owned();

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use aws_config::environment::{EnvironmentVariableCredentialsProvider, EnvironmentVariableRegionProvider};
 use aws_config::meta::credentials::CredentialsProviderChain;
@@ -19,9 +20,10 @@ use aws_config::web_identity_token::WebIdentityTokenCredentialsProvider;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::Region;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime::client::retries::classifiers::HttpStatusCodeClassifier;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::SourceError;
 use crate::error_chain;
@@ -119,6 +121,9 @@ struct Listed {
     version: String,
 }
 
+/// Attempts at a download whose body breaks off (see `S3Source::fetch`).
+const BODY_ATTEMPTS: u32 = 3;
+
 /// An S3 client with its download cache; keep one per process.
 pub struct S3Source {
     client: aws_sdk_s3::Client,
@@ -155,6 +160,8 @@ impl S3Source {
         let shared = defaults.load().await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared)
             .retry_config(RetryConfig::standard().with_max_attempts(5))
+            // A 429 without an error code in its body is retried too (with backoff like the rest).
+            .retry_classifier(HttpStatusCodeClassifier::new_from_codes(&[429][..]))
             .force_path_style(true);
         if let Some(endpoint) = &options.endpoint {
             config = config.endpoint_url(endpoint);
@@ -275,30 +282,48 @@ impl S3Source {
         })
     }
 
+    /// The SDK retries a request until its response starts; a body that breaks off afterwards
+    /// (a reset, a proxy cutting it) is fetched again here, this many times in all.
     async fn fetch(&self, url: &S3Url, object: &Listed) -> Result<Bytes, SourceError> {
         let cache_key =
             CacheKey { bucket: url.bucket.clone(), key: object.key.clone(), version: object.version.clone() };
         if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&cache_key).cloned()) {
             return Ok(hit);
         }
-        let response = self.client.get_object().bucket(&url.bucket).key(&object.key).send().await;
-        let response = response.map_err(|e| self.error(url, Some(&object.key), e))?;
+        let mut attempt = 1;
+        let bytes = loop {
+            let response = self.client.get_object().bucket(&url.bucket).key(&object.key).send().await;
+            let response = response.map_err(|e| self.error(url, Some(&object.key), e))?;
+            let length = response.content_length().unwrap_or(0).max(0) as u64;
+            if length > self.options.limits.max_object_bytes {
+                return Err(invalid(
+                    url,
+                    format!(
+                        "object {} is {length} bytes, over the per-object limit of {} bytes",
+                        object.key, self.options.limits.max_object_bytes
+                    ),
+                ));
+            }
+            match response.body.collect().await {
+                Ok(body) => break body.into_bytes(),
+                Err(e) if attempt < BODY_ATTEMPTS => {
+                    let wait = Duration::from_millis(200 << attempt).mul_f64(0.5 + fastrand::f64() / 2.0);
+                    warn!(key = %object.key, error = %e, retry_in = ?wait, "download broke off; fetching it again");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(SourceError::S3 {
+                        url: format!("s3://{}/{}", url.bucket, object.key),
+                        message: format!(
+                            "download from {} broke off ({attempt} attempts): {e}",
+                            self.endpoint
+                        ),
+                    })
+                }
+            }
+        };
         self.downloads.fetch_add(1, Ordering::Relaxed);
-        let length = response.content_length().unwrap_or(0).max(0) as u64;
-        if length > self.options.limits.max_object_bytes {
-            return Err(invalid(
-                url,
-                format!(
-                    "object {} is {length} bytes, over the per-object limit of {} bytes",
-                    object.key, self.options.limits.max_object_bytes
-                ),
-            ));
-        }
-        let body = response.body.collect().await.map_err(|e| SourceError::S3 {
-            url: format!("s3://{}/{}", url.bucket, object.key),
-            message: format!("download from {} broke off: {e}", self.endpoint),
-        })?;
-        let bytes = body.into_bytes();
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(cache_key, bytes.clone());
         }

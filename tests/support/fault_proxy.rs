@@ -1,11 +1,28 @@
 //! A fault-injecting HTTP proxy on 127.0.0.1, for tests only: one request per connection; about
-//! `fault_percent` of requests get a connection reset, a 500 or a 429 instead of reaching the
-//! registry. Faults are decided before forwarding, from a fixed seed, so runs are repeatable.
+//! `fault_percent` of requests meet a fault instead of a plain answer. The faults take turns, so
+//! that a run with a handful of them meets each kind:
+//! - `reset`: the connection is closed before the request reaches upstream;
+//! - `500`, `503`: an error status, the request never reaching upstream;
+//! - `429`: too many requests, with `Retry-After: 1`;
+//! - `slow`: the request reaches upstream, its answer is held back for [`SLOW`];
+//! - `cut`: the request reaches upstream (and takes effect there), its answer is cut off halfway
+//!   through the body (halfway through the head when there is no body).
+//!
+//! Which requests meet a fault is decided before forwarding, from a fixed seed.
+//!
+//! The proxy can also play a dependency that is down the hard way ([`FaultProxy::set_down`]):
+//! every connection is closed at once, and counted, which is what shows whether a client backs
+//! off or spins.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const KINDS: [&str; 6] = ["reset", "500", "503", "429", "slow", "cut"];
+pub const SLOW: Duration = Duration::from_millis(1500);
 
 pub struct FaultProxy {
     pub port: u16,
@@ -13,33 +30,109 @@ pub struct FaultProxy {
     pub forwarded: Arc<AtomicU64>,
     /// The request line of every request received (`GET /path HTTP/1.1`).
     pub seen: Arc<Mutex<Vec<String>>>,
+    /// Each fault injected: its kind and the request line it met.
+    pub injected: Arc<Mutex<Vec<(&'static str, String)>>>,
+    /// Connections closed at once while down.
+    pub refused: Arc<AtomicU64>,
+    percent: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    upstream: u16,
+    percent: Arc<AtomicU64>,
+    faults: Arc<AtomicU64>,
+    forwarded: Arc<AtomicU64>,
+    seen: Arc<Mutex<Vec<String>>>,
+    injected: Arc<Mutex<Vec<(&'static str, String)>>>,
 }
 
 impl FaultProxy {
     pub fn start(upstream: u16, fault_percent: u64, seed: u64) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let faults = Arc::new(AtomicU64::new(0));
-        let forwarded = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Shared {
+            upstream,
+            percent: Arc::new(AtomicU64::new(fault_percent)),
+            faults: Arc::new(AtomicU64::new(0)),
+            forwarded: Arc::new(AtomicU64::new(0)),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            injected: Arc::new(Mutex::new(Vec::new())),
+        });
         let stop = Arc::new(AtomicBool::new(false));
-        let rng = Arc::new(AtomicU64::new(seed | 1));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (f, fw, st, sn) = (faults.clone(), forwarded.clone(), stop.clone(), seen.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let rng = AtomicU64::new(seed | 1);
+        let (st, sh, dn, rf) = (stop.clone(), shared.clone(), down.clone(), refused.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if st.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
+                if dn.load(Ordering::Relaxed) {
+                    rf.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                }
                 let roll = next(&rng) % 100;
-                let (f, fw, sn) = (f.clone(), fw.clone(), sn.clone());
+                let sh = sh.clone();
                 std::thread::spawn(move || {
-                    let _ = handle(stream, upstream, roll, fault_percent, &f, &fw, &sn);
+                    let _ = handle(stream, roll, &sh);
                 });
             }
         });
-        FaultProxy { port, faults, forwarded, seen, stop }
+        FaultProxy {
+            port,
+            faults: shared.faults.clone(),
+            forwarded: shared.forwarded.clone(),
+            seen: shared.seen.clone(),
+            injected: shared.injected.clone(),
+            percent: shared.percent.clone(),
+            refused,
+            down,
+            stop,
+        }
+    }
+
+    /// Down: every connection is closed at once (and counted in `refused`); up: back to normal.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    /// Faults from now on for about `percent` of requests.
+    pub fn set_fault_percent(&self, percent: u64) {
+        self.percent.store(percent, Ordering::Relaxed);
+    }
+
+    /// `reset 2, 500 1, ...`: the faults injected so far, by kind.
+    pub fn summary(&self) -> String {
+        let counts = self.counts();
+        KINDS
+            .iter()
+            .map(|k| format!("{k} {}", counts.get(k).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts = BTreeMap::new();
+        for (kind, _) in self.injected.lock().unwrap().iter() {
+            *counts.entry(*kind).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The kinds of fault not injected yet.
+    pub fn missing_kinds(&self) -> Vec<&'static str> {
+        let counts = self.counts();
+        KINDS.iter().copied().filter(|k| !counts.contains_key(k)).collect()
+    }
+
+    /// Whether a fault of `kind` met a request whose line satisfies `request`.
+    pub fn met(&self, kind: &str, request: impl Fn(&str) -> bool) -> bool {
+        self.injected.lock().unwrap().iter().any(|(k, line)| *k == kind && request(line))
     }
 }
 
@@ -59,15 +152,7 @@ fn next(state: &AtomicU64) -> u64 {
     x
 }
 
-fn handle(
-    client: TcpStream,
-    upstream: u16,
-    roll: u64,
-    percent: u64,
-    faults: &AtomicU64,
-    forwarded: &AtomicU64,
-    seen: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
+fn handle(client: TcpStream, roll: u64, shared: &Shared) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = Vec::new();
     let mut content_length = 0usize;
@@ -84,7 +169,7 @@ fn handle(
             continue;
         }
         if head.is_empty() {
-            if let Ok(mut seen) = seen.lock() {
+            if let Ok(mut seen) = shared.seen.lock() {
                 seen.push(line.trim_end().to_owned());
             }
         }
@@ -97,23 +182,47 @@ fn handle(
     let mut body = vec![0; content_length];
     reader.read_exact(&mut body)?;
     let mut client = client;
-    if roll < percent {
-        faults.fetch_add(1, Ordering::Relaxed);
-        match roll % 3 {
-            0 => return client.shutdown(Shutdown::Both),
-            1 => client.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?,
-            _ => client.write_all(
-                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            )?,
+    let fault = (roll < shared.percent.load(Ordering::Relaxed)).then(|| {
+        let n = shared.faults.fetch_add(1, Ordering::Relaxed);
+        let kind = KINDS[(n % KINDS.len() as u64) as usize];
+        let line =
+            String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or_default()).into_owned();
+        shared.injected.lock().unwrap().push((kind, line));
+        kind
+    });
+    let status = |code: &str, extra: &str| {
+        format!("HTTP/1.1 {code}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    match fault {
+        Some("reset") => return client.shutdown(Shutdown::Both),
+        Some("500") => client.write_all(status("500 Internal Server Error", "").as_bytes())?,
+        Some("503") => client.write_all(status("503 Service Unavailable", "").as_bytes())?,
+        Some("429") => client.write_all(status("429 Too Many Requests", "Retry-After: 1\r\n").as_bytes())?,
+        _ => {
+            shared.forwarded.fetch_add(1, Ordering::Relaxed);
+            let mut up = TcpStream::connect(("127.0.0.1", shared.upstream))?;
+            up.write_all(&head)?;
+            up.write_all(&body)?;
+            let mut response = Vec::new();
+            up.read_to_end(&mut response)?;
+            match fault {
+                Some("slow") => {
+                    std::thread::sleep(SLOW);
+                    client.write_all(&response)?;
+                }
+                Some("cut") => client.write_all(&response[..cut_point(&response)])?,
+                _ => client.write_all(&response)?,
+            }
         }
-        return client.shutdown(Shutdown::Both);
     }
-    forwarded.fetch_add(1, Ordering::Relaxed);
-    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
-    up.write_all(&head)?;
-    up.write_all(&body)?;
-    let mut response = Vec::new();
-    up.read_to_end(&mut response)?;
-    client.write_all(&response)?;
     client.shutdown(Shutdown::Both)
+}
+
+/// Halfway through the body, or halfway through the head when there is no body.
+fn cut_point(response: &[u8]) -> usize {
+    match response.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) if response.len() > end + 4 => end + 4 + (response.len() - end - 4) / 2,
+        Some(end) => end / 2,
+        None => response.len() / 2,
+    }
 }
