@@ -294,6 +294,13 @@ enum Command {
         /// Timestamp for every file of the layers built, in seconds since the epoch.
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
+        /// Give each bundle's pods a NetworkPolicy: ingress from anything but another account's
+        /// workers; egress to DNS and to addresses outside the private ranges only (no other pods,
+        /// nodes or metadata service). Enforced only where the cluster's network plugin enforces
+        /// NetworkPolicies. With false, none is made or watched (existing ones stay until their
+        /// bundle goes).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        network_policies: bool,
         #[command(flatten)]
         registry: RegistryArgs,
         #[command(flatten)]
@@ -577,6 +584,7 @@ async fn run(command: Command) -> Result<String, String> {
             concurrency,
             build_concurrency,
             source_date_epoch,
+            network_policies,
             registry,
             s3,
             operations,
@@ -587,7 +595,7 @@ async fn run(command: Command) -> Result<String, String> {
             let options = RunOptions {
                 namespace,
                 concurrency: controller::Concurrency::new(concurrency, build_concurrency),
-                settings: Settings { repository_prefix, source_date_epoch, base_image },
+                settings: Settings { repository_prefix, source_date_epoch, base_image, network_policies },
                 health_listen: operations.health_listen,
                 leader_election: operations.lease(),
             };

@@ -328,6 +328,79 @@ fn bundle_image_deployment_secrets_and_restart() {
     }
 }
 
+/// Whether every label of `selector` (a LabelSelector's matchLabels) is among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let wanted = selector["matchLabels"].as_object().expect("matchLabels");
+    !wanted.is_empty() && wanted.iter().all(|(k, v)| labels[k] == *v)
+}
+
+#[test]
+fn each_bundle_gets_a_network_policy_that_goes_with_its_last_worker() {
+    let setup = setup("netpol");
+    let Setup { cluster, .. } = &setup;
+    let controller = start_controller(&setup);
+    apply_ok(cluster, &account_yaml("1234", ""));
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+    deployed_image_of(cluster, &controller, "workers-1234", None, 1);
+
+    // The policy applies to the bundle's pods, and lets in this account's workers but not another's.
+    let policy = cluster.wait_for("networkpolicy", "workers-1234", WAIT, &controller, |p| Some(p.clone()));
+    assert_eq!(policy["metadata"]["ownerReferences"][0]["kind"], "WorkerBundle");
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&policy["spec"]["podSelector"], pod_labels), "{policy}\n{pod_labels}");
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress", "Egress"]));
+    let peers = policy["spec"]["ingress"][0]["from"].as_array().unwrap();
+    let this_account = serde_json::json!({"workerbundle.dev/account": "1234"});
+    let other_account = serde_json::json!({"workerbundle.dev/account": "9999"});
+    let pod_selected = |labels: &Value| {
+        peers.iter().filter(|p| p["podSelector"].is_object()).any(|p| {
+            let selector = &p["podSelector"];
+            let by_labels = selector["matchLabels"].as_object().is_some_and(|m| !m.is_empty());
+            let absent = selector["matchExpressions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| e["operator"] == "DoesNotExist" && labels[e["key"].as_str().unwrap()].is_null());
+            (by_labels && selects(selector, labels)) || (!by_labels && absent)
+        })
+    };
+    assert!(pod_selected(pod_labels) && pod_selected(&this_account), "{policy}");
+    assert!(!pod_selected(&other_account), "another account's worker is let in: {policy}");
+    let egress = policy["spec"]["egress"].to_string();
+    assert!(egress.contains("169.254.0.0/16") && egress.contains("10.0.0.0/8"), "{egress}");
+
+    // The last worker goes: so do the Deployment, the Service and the policy.
+    cluster.kubectl_ok(&["delete", "workerdeployment", "hello"]);
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |_| {
+        let gone = ["deployment", "service", "networkpolicy"]
+            .iter()
+            .all(|k| cluster.get(k, "workers-1234").is_none());
+        gone.then_some(())
+    });
+
+    // With --network-policies false, a bundle runs without one.
+    controller.terminate();
+    let prefix = format!("{}/workers", setup.registry.host());
+    let base = format!("docker://{}", setup.base);
+    let endpoint = setup.s3.endpoint();
+    let args = [
+        "--repository-prefix",
+        &prefix,
+        "--base-image",
+        &base,
+        "--insecure",
+        "--s3-endpoint",
+        &endpoint,
+        "--network-policies",
+        "false",
+    ];
+    let controller = Controller::start(cluster, &args, &setup.s3.env(SECRET_KEY));
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+    deployed_image_of(cluster, &controller, "workers-1234", None, 1);
+    assert!(cluster.get("networkpolicy", "workers-1234").is_none());
+}
+
 /// The time between the first log line holding `from` and the first holding `to`, from the
 /// controller's own timestamps.
 fn log_interval(log: &str, from: &str, to: &str) -> String {

@@ -27,6 +27,7 @@ use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
@@ -459,6 +460,8 @@ pub struct Caches {
     pub workloads: Cache<Deployment>,
     pub services: Cache<Service>,
     pub secrets: Cache<Secret>,
+    /// Only those this controller made; `None` when it makes none (`--network-policies false`).
+    pub network_policies: Option<Cache<NetworkPolicy>>,
 }
 
 impl Caches {
@@ -472,6 +475,11 @@ impl Caches {
             self.workloads.synced(),
             self.services.synced(),
             self.secrets.synced(),
+            async {
+                if let Some(cache) = &self.network_policies {
+                    cache.synced().await;
+                }
+            },
         );
     }
 }
@@ -485,6 +493,7 @@ pub struct Watches {
     pub workloads: Watch<Deployment>,
     pub services: Watch<Service>,
     pub secrets: Watch<Secret>,
+    pub network_policies: Option<Watch<NetworkPolicy>>,
 }
 
 impl Watches {
@@ -498,6 +507,13 @@ impl Watches {
             self.workloads.run(),
             self.services.run(),
             self.secrets.run(),
+            async {
+                match self.network_policies {
+                    Some(watch) => watch.run().await,
+                    // Never done: the others' end decides.
+                    None => futures::future::pending().await,
+                }
+            },
         );
     }
 }

@@ -33,6 +33,8 @@ pub struct Settings {
     pub source_date_epoch: i64,
     /// The workerd base image of bundles that name none.
     pub base_image: Option<ImageRef>,
+    /// Give each bundle's pods a NetworkPolicy (bundle/network_policy.rs).
+    pub network_policies: bool,
 }
 
 /// Registry clients made from one account's pull secret, and a hash of the secret they came from.

@@ -135,7 +135,7 @@ pub async fn run_with(
     check_crd(apis.get::<WorkerBundle>()).await?;
 
     // One watch per kind: its cache is what reconciles read, its changes are the triggers.
-    let (mut watches, caches) = watches(&apis);
+    let (mut watches, caches) = watches(&apis, options.settings.network_policies);
     let ctx = Arc::new(Context::new(client.clone(), build, options.settings.clone(), caches.clone()));
     let address = options.health_listen;
     let (health, _) =
@@ -205,7 +205,12 @@ pub async fn run_with(
     let bundle_cache = caches.bundles.clone();
     let bundles = Controller::for_shared_stream(trigger, caches.bundles.store())
         .owns_shared_stream(watches.workloads.subscribe())
-        .owns_shared_stream(watches.services.subscribe())
+        .owns_shared_stream(watches.services.subscribe());
+    let bundles = match watches.network_policies.as_mut() {
+        Some(policies) => bundles.owns_shared_stream(policies.subscribe()),
+        None => bundles,
+    };
+    let bundles = bundles
         // A Secret's keys change a bundle's image, its values the pods: either wakes the bundle.
         .watches_shared_stream(watches.secrets.subscribe(), move |s| {
             bundle::bundles_of_secret(&bundle_cache, &s)
@@ -271,14 +276,14 @@ where
     }
 }
 
-/// Only the Services we made are watched. Every Deployment is, for the images it runs (an image
+/// Only the Services (and NetworkPolicies) we made are watched. Every Deployment is, for the images it runs (an image
 /// another Deployment runs is never purged); those that are not ours are cached trimmed to that.
 fn managed_by_us() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
 /// The watches of every kind the controllers read, and their caches.
-fn watches(apis: &Apis) -> (cache::Watches, cache::Caches) {
+fn watches(apis: &Apis, network_policies: bool) -> (cache::Watches, cache::Caches) {
     use cache::*;
     let all = watcher::Config::default;
     let (deployments, deployments_cache) = Watch::new(apis.get(), all(), deployment_keys);
@@ -289,8 +294,24 @@ fn watches(apis: &Apis) -> (cache::Watches, cache::Caches) {
     let workloads = workloads.trimmed(foreign_deployment_trimmed);
     let (services, services_cache) = Watch::new(apis.get(), managed_by_us(), no_keys);
     let (secrets, secrets_cache) = Watch::new(apis.get(), all(), no_keys);
+    let (policies, policies_cache) = match network_policies {
+        true => {
+            let (watch, cache) = Watch::new(apis.get(), managed_by_us(), no_keys);
+            (Some(watch), Some(cache))
+        }
+        false => (None, None),
+    };
     (
-        Watches { deployments, releases, accounts, bundles, workloads, services, secrets },
+        Watches {
+            deployments,
+            releases,
+            accounts,
+            bundles,
+            workloads,
+            services,
+            secrets,
+            network_policies: policies,
+        },
         Caches {
             deployments: deployments_cache,
             releases: releases_cache,
@@ -299,6 +320,7 @@ fn watches(apis: &Apis) -> (cache::Watches, cache::Caches) {
             workloads: workloads_cache,
             services: services_cache,
             secrets: secrets_cache,
+            network_policies: policies_cache,
         },
     )
 }

@@ -130,6 +130,8 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
             repository_prefix: Some(repository_prefix),
             source_date_epoch: options.source_date_epoch,
             base_image: Some(base),
+            // Workers run as local processes here: there is no pod network to police.
+            network_policies: false,
         },
         health_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         leader_election: None,

@@ -134,6 +134,15 @@ const BUILTINS: &[Builtin] = &[
         status: true,
     },
     Builtin {
+        group: "networking.k8s.io",
+        version: "v1",
+        plural: "networkpolicies",
+        kind: "NetworkPolicy",
+        namespaced: true,
+        short_names: &["netpol"],
+        status: false,
+    },
+    Builtin {
         group: "events.k8s.io",
         version: "v1",
         plural: "events",

@@ -1,7 +1,7 @@
 //! WorkerBundle reconcile: observe (its releases, its workers' Secrets, its Deployment, the base)
-//! → plan (pure: the image, the Deployment and Service, the rollout, what to purge) → apply (push
-//! the image when it changed; apply the Deployment and Service when they changed; delete images
-//! nothing uses once the new one is rolled out) → status.
+//! → plan (pure: the image, the Deployment, Service and NetworkPolicy, the rollout, what to purge)
+//! → apply (push the image when it changed; apply the Deployment, Service and NetworkPolicy when
+//! they changed; delete images nothing uses once the new one is rolled out) → status.
 //!
 //! A finalizer deletes a bundle's images from the registry when the bundle is deleted, unless it
 //! is annotated `workerbundle.dev/keep-images: "true"`. While the registry cannot be reached the
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -123,10 +124,17 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let secrets = observe_secrets(bundle, ctx);
     let existing_deployment = ctx.caches.workloads.get(&namespace, &bundle.spec.deployment_name);
     let existing_service = ctx.caches.services.get(&namespace, &bundle.spec.deployment_name);
+    let existing_policy =
+        ctx.caches.network_policies.as_ref().map(|c| c.get(&namespace, &bundle.spec.deployment_name));
 
     // No workers left (the last script was deleted): nothing to run, nothing to keep.
     if bundle.spec.workers.is_empty() {
-        return stop_running(bundle, ctx, existing_deployment.is_some(), existing_service.is_some()).await;
+        let running = Running {
+            deployment: existing_deployment.is_some(),
+            service: existing_service.is_some(),
+            network_policy: existing_policy.flatten().is_some(),
+        };
+        return stop_running(bundle, ctx, running).await;
     }
 
     // Plan: the image's inputs, then the image itself (pure and cheap: only the config layer is new).
@@ -191,6 +199,12 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     if !workload::unchanged(existing_service.as_ref().map(|s| &s.metadata), &service.metadata) {
         apply(&services, &service).await?;
     }
+    if let Some(existing) = existing_policy {
+        let policy = network_policy::network_policy(bundle);
+        if !workload::unchanged(existing.as_ref().map(|p| &p.metadata), &policy.metadata) {
+            apply(&Api::<NetworkPolicy>::namespaced(client.clone(), &namespace), &policy).await?;
+        }
+    }
 
     // Purge: once the new image runs everywhere, the old ones nothing else uses.
     let rollout = plan::rollout(running.as_deref(), &image_ref);
@@ -229,23 +243,28 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     Ok(Action::requeue(if complete { RESYNC } else { ROLLOUT_POLL }))
 }
 
-/// A bundle without workers: its Deployment and Service go, and its images once nothing else
-/// runs them.
-async fn stop_running(
-    bundle: &WorkerBundle,
-    ctx: &Context,
-    has_deployment: bool,
-    has_service: bool,
-) -> Result<Action, Failure> {
+/// Which of a bundle's workload objects exist.
+struct Running {
+    deployment: bool,
+    service: bool,
+    network_policy: bool,
+}
+
+/// A bundle without workers: its Deployment, Service and NetworkPolicy go, and its images once
+/// nothing else runs them.
+async fn stop_running(bundle: &WorkerBundle, ctx: &Context, running: Running) -> Result<Action, Failure> {
     let namespace = bundle.namespace().unwrap_or_default();
     let name = &bundle.spec.deployment_name;
     let params = kube::api::DeleteParams::background();
-    if has_deployment {
+    if running.deployment {
         Api::<Deployment>::namespaced(ctx.client.clone(), &namespace).delete(name, &params).await?;
         info!(deployment = %name, "no workers left: deployment deleted");
     }
-    if has_service {
+    if running.service {
         Api::<Service>::namespaced(ctx.client.clone(), &namespace).delete(name, &params).await?;
+    }
+    if running.network_policy {
+        Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &namespace).delete(name, &params).await?;
     }
     let current = bundle.status.clone().unwrap_or_default();
     let mut stale = current.stale_images.clone();

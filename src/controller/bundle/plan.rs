@@ -607,6 +607,7 @@ mod tests {
             repository_prefix: Some("reg/workers".into()),
             source_date_epoch: 0,
             base_image: None,
+            network_policies: true,
         };
         let err = base_reference(&bundle(), &settings).unwrap_err();
         assert!(err.message().contains("--base-image"), "{}", err.message());

@@ -292,6 +292,7 @@ mod tests {
             repository_prefix: Some("127.0.0.1:5000/workers/".into()),
             source_date_epoch: 0,
             base_image: None,
+            network_policies: true,
         };
         let labelled = release(&[(ACCOUNT_LABEL, "1234")]);
         assert_eq!(repository(&labelled, None, &settings).unwrap(), "127.0.0.1:5000/workers/1234");
