@@ -280,6 +280,10 @@ fn probes_metrics_and_json_logs() {
     let broken = cluster.wait_for("workerdeployment", "broken", WAIT, &c, current_release);
     cluster
         .wait_for("workerrelease", &broken, WAIT, &c, |r| (r["status"]["phase"] == "Failed").then_some(()));
+    // The account waits for a quiet moment (its debounce) before it fills its bundle.
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &c, |b| {
+        b["spec"]["workers"].as_array().filter(|w| !w.is_empty()).map(|_| ())
+    });
 
     let (status, metrics) = http_get(&url, "/metrics").unwrap();
     assert_eq!(status, 200);
