@@ -128,6 +128,12 @@ fn s3_errors_name_the_url_and_write_nothing() {
             extra: &["--s3-max-objects", "2"],
             expected: "more than the limit of 2 objects",
         },
+        Case {
+            worker: "w=s3://workers/acct/hello/v1/",
+            secret: SECRET_KEY,
+            extra: &["--s3-max-total-bytes", "100"],
+            expected: "add up to more than the limit of 100 bytes",
+        },
     ];
     for case in cases {
         let result = build_with_s3(&s3, case.secret, &[case.worker], &output, case.extra);
