@@ -55,3 +55,10 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// Cases per property of the hostile-input tests: 512 in `cargo test` (seconds, in every CI run),
+/// `PROPTEST_CASES=200000 cargo test --lib hostile config_structure` for a long run by hand.
+#[cfg(test)]
+pub(crate) fn hostile_input_cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+}

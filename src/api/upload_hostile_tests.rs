@@ -64,7 +64,7 @@ fn is_client_error(error: &ApiError) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::hostile_input_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn any_multipart_body_is_read_under_the_limits_or_refused(pieces in prop::collection::vec(piece(), 0..8)) {

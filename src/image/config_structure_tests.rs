@@ -230,7 +230,7 @@ impl HostileWorker {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::hostile_input_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn user_input_never_changes_the_config_structure(hostile in hostile_worker(), port in 1024u16..65535) {

@@ -88,7 +88,7 @@ fn is_dns_label(name: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::hostile_input_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn metadata_of_any_bytes_parses_or_says_why(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
