@@ -640,6 +640,10 @@ fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
         }
     }
 
+    // Nothing of B's changed, nothing was made for A.
+    assert_eq!(env.s3.objects(BUCKET), objects_before);
+    assert!(env.cluster.get("workeraccount", A).is_none());
+
     // A's token on A's own account path, aimed at B's objects by name or id: B's script `hello`
     // (in the shared namespace), and B's version id under a script of A's own. Every route of
     // the table must refuse, and no result may carry B's version id.
