@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 use super::workerd_config::{modules_fragment, top_level_config};
 use crate::worker::{
@@ -229,39 +230,54 @@ impl HostileWorker {
     }
 }
 
+/// What a worker sends never changes the structure of the config: the same tokens as a plain
+/// twin's, every string back out of its literal exactly as sent.
+fn check_config_structure(files: WorkerFiles, port: u16) -> Result<(), TestCaseError> {
+    // Invalid input is refused whole (duplicate names, NUL, ...); what is accepted must be inert.
+    let Ok(worker) = Worker::from_files(files, &Overrides::default()) else {
+        return Ok(());
+    };
+    let (twin_code, twin_settings) = plain_twin(&worker.code, &worker.settings);
+    let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings.clone() };
+    let twin = ServedWorker { name: "plain".into(), port, settings: twin_settings };
+
+    let config = tokenize(&top_level_config(&[&served]));
+    prop_assert_eq!(structure(&config), structure(&tokenize(&top_level_config(&[&twin]))));
+    let fragment = tokenize(&modules_fragment(&worker.code));
+    prop_assert_eq!(structure(&fragment), structure(&tokenize(&modules_fragment(&twin_code))));
+
+    // Every string the user sent comes back out of its literal exactly as sent.
+    let config_literals = literals(&config);
+    for var in &worker.settings.vars {
+        prop_assert!(config_literals.contains(&var.name));
+        match &var.value {
+            VarValue::Text(v) | VarValue::Json(v) => prop_assert!(config_literals.contains(v)),
+        }
+    }
+    for secret in &worker.settings.secrets {
+        prop_assert!(config_literals.contains(secret));
+    }
+    let fragment_literals = literals(&fragment);
+    for module in &worker.code.modules {
+        prop_assert!(fragment_literals.contains(&module.path));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_committed_corpus_never_changes_the_config_structure() {
+    for case in crate::worker::hostile_input_tests::corpus("workers") {
+        let files = crate::worker::hostile_input_tests::corpus_worker(&case);
+        check_config_structure(files, 8080).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: crate::hostile_input_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn user_input_never_changes_the_config_structure(hostile in hostile_worker(), port in 1024u16..65535) {
-        // Invalid input is refused whole (duplicate names, NUL, ...); what is accepted must be inert.
-        let Ok(worker) = Worker::from_files(hostile.files(), &Overrides::default()) else {
-            return Ok(());
-        };
-        let (twin_code, twin_settings) = plain_twin(&worker.code, &worker.settings);
-        let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings.clone() };
-        let twin = ServedWorker { name: "plain".into(), port, settings: twin_settings };
-
-        let config = tokenize(&top_level_config(&[&served]));
-        prop_assert_eq!(structure(&config), structure(&tokenize(&top_level_config(&[&twin]))));
-        let fragment = tokenize(&modules_fragment(&worker.code));
-        prop_assert_eq!(structure(&fragment), structure(&tokenize(&modules_fragment(&twin_code))));
-
-        // Every string the user sent comes back out of its literal exactly as sent.
-        let config_literals = literals(&config);
-        for var in &worker.settings.vars {
-            prop_assert!(config_literals.contains(&var.name));
-            match &var.value {
-                VarValue::Text(v) | VarValue::Json(v) => prop_assert!(config_literals.contains(v)),
-            }
-        }
-        for secret in &worker.settings.secrets {
-            prop_assert!(config_literals.contains(secret));
-        }
-        let fragment_literals = literals(&fragment);
-        for module in &worker.code.modules {
-            prop_assert!(fragment_literals.contains(&module.path));
-        }
+        check_config_structure(hostile.files(), port)?;
     }
 }
 

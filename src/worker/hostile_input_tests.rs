@@ -1,12 +1,14 @@
 //! Properties of everything a user can send about a worker: `metadata.json` of any shape, file
 //! names of any shape, names of any shape. Nothing panics; what is accepted obeys the rules the
-//! image and Kubernetes rely on; what is refused says why.
+//! image and Kubernetes rely on; what is refused says why. The same checks replay the committed
+//! corpus of hand-picked hostile inputs (testdata/hostile/corpus.json).
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 use super::names::{check_module_path, check_worker_name};
 use super::{Metadata, Overrides, Worker, WorkerFiles};
@@ -87,21 +89,103 @@ fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// The committed corpus of hostile inputs (testdata/hostile/corpus.json): `field` as a list.
+pub(crate) fn corpus(field: &str) -> Vec<serde_json::Value> {
+    let corpus: serde_json::Value =
+        serde_json::from_str(include_str!("../../testdata/hostile/corpus.json")).expect("the corpus is JSON");
+    corpus[field].as_array().cloned().unwrap_or_else(|| panic!("the corpus has no list {field:?}"))
+}
+
+/// A corpus worker: its name and files.
+pub(crate) fn corpus_worker(case: &serde_json::Value) -> WorkerFiles {
+    let files = case["files"]
+        .as_object()
+        .expect("files")
+        .iter()
+        .map(|(path, content)| (path.clone(), Bytes::from(content.as_str().expect("text").to_owned())))
+        .collect();
+    WorkerFiles { name: case["name"].as_str().expect("name").to_owned(), files }
+}
+
+fn check_metadata(bytes: &[u8]) -> Result<(), TestCaseError> {
+    if let Err(message) = Metadata::parse(bytes) {
+        prop_assert!(message.starts_with("metadata.json is not valid upload metadata"));
+    }
+    Ok(())
+}
+
+/// A worker is refused with a reason, or everything about it obeys the rules.
+fn check_worker(files: WorkerFiles) -> Result<(), TestCaseError> {
+    let worker = files.name.clone();
+    match Worker::from_files(files, &Overrides::default()) {
+        Ok(accepted) => {
+            prop_assert!(is_dns_label(&accepted.code.name));
+            prop_assert!(!accepted.code.modules.is_empty());
+            for module in &accepted.code.modules {
+                prop_assert!(stays_inside(&module.path), "{:?} escapes the worker", module.path);
+                prop_assert!(!module.path.chars().any(char::is_control));
+            }
+            prop_assert!(accepted.code.modules.iter().any(|m| m.path == accepted.code.main_module));
+            for secret in &accepted.settings.secrets {
+                prop_assert!(!secret.contains('=') && !secret.contains('\0'));
+            }
+        }
+        Err(error) => {
+            prop_assert_eq!(&error.worker, &worker);
+            prop_assert!(!error.message.is_empty());
+        }
+    }
+    Ok(())
+}
+
+fn check_module_path_rule(path: &str) -> Result<(), TestCaseError> {
+    if check_module_path(path).is_ok() {
+        prop_assert!(stays_inside(path), "{:?} accepted but escapes", path);
+        prop_assert!(!path.contains('\\') && !path.chars().any(char::is_control));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_committed_corpus_is_refused_or_obeys_the_rules() {
+    let text = |v: &serde_json::Value| v.as_str().expect("a string").to_owned();
+    for metadata in corpus("metadata") {
+        check_metadata(text(&metadata).as_bytes()).unwrap_or_else(|e| panic!("{metadata}: {e}"));
+    }
+    for path in corpus("module_paths") {
+        check_module_path_rule(&text(&path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    for name in corpus("worker_names") {
+        let name = text(&name);
+        assert_eq!(check_worker_name(&name).is_ok(), is_dns_label(&name), "{name:?}");
+    }
+    let workers = corpus("workers");
+    let accepted = workers
+        .iter()
+        .filter(|case| {
+            check_worker(corpus_worker(case)).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+            Worker::from_files(corpus_worker(case), &Overrides::default()).is_ok()
+        })
+        .count();
+    // The corpus must reach the generator too, not only the validation in front of it.
+    assert!(
+        accepted >= 2 && accepted < workers.len(),
+        "{accepted} of {} corpus workers accepted",
+        workers.len()
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: crate::hostile_input_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn metadata_of_any_bytes_parses_or_says_why(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        if let Err(message) = Metadata::parse(&bytes) {
-            prop_assert!(message.starts_with("metadata.json is not valid upload metadata"));
-        }
+        check_metadata(&bytes)?;
     }
 
     #[test]
     fn metadata_of_any_json_parses_or_says_why(value in any_json()) {
-        if let Err(message) = Metadata::parse(value.to_string().as_bytes()) {
-            prop_assert!(message.starts_with("metadata.json is not valid upload metadata"));
-        }
+        check_metadata(value.to_string().as_bytes())?;
     }
 
     #[test]
@@ -115,32 +199,12 @@ proptest! {
         if let Some(metadata) = metadata {
             files.insert("metadata.json".into(), Bytes::from(metadata.to_string()));
         }
-        match Worker::from_files(WorkerFiles { name: worker.clone(), files }, &Overrides::default()) {
-            Ok(accepted) => {
-                prop_assert!(is_dns_label(&accepted.code.name));
-                prop_assert!(!accepted.code.modules.is_empty());
-                for module in &accepted.code.modules {
-                    prop_assert!(stays_inside(&module.path), "{:?} escapes the worker", module.path);
-                    prop_assert!(!module.path.chars().any(char::is_control));
-                }
-                prop_assert!(accepted.code.modules.iter().any(|m| m.path == accepted.code.main_module));
-                for secret in &accepted.settings.secrets {
-                    prop_assert!(!secret.contains('=') && !secret.contains('\0'));
-                }
-            }
-            Err(error) => {
-                prop_assert_eq!(&error.worker, &worker);
-                prop_assert!(!error.message.is_empty());
-            }
-        }
+        check_worker(WorkerFiles { name: worker, files })?;
     }
 
     #[test]
     fn module_paths_accepted_are_relative_and_inside(path in file_name()) {
-        if check_module_path(&path).is_ok() {
-            prop_assert!(stays_inside(&path), "{:?} accepted but escapes", path);
-            prop_assert!(!path.contains('\\') && !path.chars().any(char::is_control));
-        }
+        check_module_path_rule(&path)?;
     }
 
     #[test]

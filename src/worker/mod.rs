@@ -13,7 +13,7 @@ pub mod names;
 pub mod ports;
 
 #[cfg(test)]
-mod hostile_input_tests;
+pub(crate) mod hostile_input_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
