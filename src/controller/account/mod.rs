@@ -1,5 +1,6 @@
 //! WorkerAccount reconcile: observe (the account, the deployments and releases it selects, its
-//! bundle, all from the caches) → plan (pure) → apply the bundle → status.
+//! bundle, all from the caches) → plan (pure) → apply the bundle (or hold a change while releases
+//! deployed with it are still being built) → status.
 
 pub mod plan;
 
@@ -10,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::{apply, apply_status};
 use super::cache::{account_key, custom_selector_key, Cache};
@@ -43,13 +44,17 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
     // Plan.
     let plan = plan::plan(&account, &deployments, &releases, existing.as_deref(), Timestamp::now());
 
-    // Apply.
+    // Apply (unless releases being built alongside should land in the same image).
+    let mut requeue = RESYNC;
     match &plan.bundle {
         BundlePlan::Apply(bundle) => {
             let unchanged = existing.as_ref().is_some_and(|e| {
                 e.spec == bundle.spec && bundle.labels().iter().all(|(k, v)| e.labels().get(k) == Some(v))
             });
-            if !unchanged {
+            if let Some(wait) = plan.hold.filter(|_| !unchanged) {
+                debug!(?wait, "bundle change held for releases still being built");
+                requeue = wait;
+            } else if !unchanged {
                 apply(&bundles, bundle).await?;
                 let workers: Vec<String> = bundle
                     .spec
@@ -83,7 +88,7 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
     // Status.
     apply_status(&accounts, &*account, account.status.as_ref(), &plan.status).await?;
     ctx.backoff.succeeded(&object_key(&*account));
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue))
 }
 
 /// The accounts whose bundle a change of `object` (a WorkerDeployment or WorkerRelease) may change:

@@ -5,9 +5,16 @@
 //! (building, failed), the release the bundle already runs for that worker stays. Ports are
 //! stable: a worker keeps its port across releases; a new worker takes the lowest free port from
 //! 8080.
+//!
+//! Workers deployed together land in one image: while a selected deployment's release is still
+//! being built, and for at most [`SETTLE`] after that release (or the deployment, before it has
+//! one) was made, a change to the bundle waits ([`AccountPlan::hold`]). Without it, 100 accounts
+//! created at once pushed 2.6 images each, every intermediate one a config blob, a manifest and a
+//! Deployment rollout nobody asked for.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
@@ -27,10 +34,16 @@ pub enum BundlePlan {
     Conflict(String),
 }
 
+/// How long a bundle change waits, at most, for a release being built alongside it.
+pub const SETTLE: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub struct AccountPlan {
     pub bundle: BundlePlan,
     pub status: WorkerAccountStatus,
+    /// Some: releases of selected deployments are still being built; a changed bundle waits this
+    /// long at most (a release turning Ready wakes the account sooner).
+    pub hold: Option<Duration>,
 }
 
 pub fn bundle_name(account: &WorkerAccount) -> String {
@@ -86,7 +99,11 @@ pub fn plan(
             let message = format!("WorkerBundle {name} exists and belongs to another owner; choose another spec.workerBundleName");
             let wanted =
                 condition(READY, ConditionStatus::False, "BundleNameTaken", message.clone(), generation);
-            return AccountPlan { bundle: BundlePlan::Conflict(message), status: status(0, wanted) };
+            return AccountPlan {
+                bundle: BundlePlan::Conflict(message),
+                status: status(0, wanted),
+                hold: None,
+            };
         }
     }
 
@@ -112,6 +129,22 @@ pub fn plan(
         })
     };
 
+    // Since when each release still being built (not Ready, not Failed) has been wanted.
+    let building_since = |deployment: &WorkerDeployment, current: Option<&str>| -> Option<Timestamp> {
+        let created = |meta: &ObjectMeta| meta.creation_timestamp.as_ref().map(|t| t.0);
+        match current {
+            None => created(&deployment.metadata),
+            Some(name) => match releases.iter().find(|r| r.name_any() == name) {
+                Some(release) => {
+                    let phase = release.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default();
+                    (phase == ReleasePhase::Pending).then(|| created(&release.metadata)).flatten()
+                }
+                None => created(&deployment.metadata),
+            },
+        }
+    };
+    let mut hold: Option<Duration> = None;
+
     let mut chosen: BTreeMap<String, &WorkerRelease> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     let mut problems = Vec::new();
@@ -125,6 +158,12 @@ pub fn plan(
             continue;
         }
         let current = deployment.status.as_ref().and_then(|s| s.current_release.as_deref());
+        if let Some(since) = building_since(deployment, current) {
+            let waited = Duration::try_from(now.duration_since(since)).unwrap_or_default();
+            if let Some(left) = SETTLE.checked_sub(waited).filter(|left| !left.is_zero()) {
+                hold = Some(hold.map_or(left, |h| h.max(left)));
+            }
+        }
         let fallback = running.get(script.as_str()).map(|w| w.release.as_str());
         match current.and_then(ready).or_else(|| fallback.and_then(ready)) {
             Some(release) => {
@@ -176,7 +215,7 @@ pub fn plan(
         let message = problems.join("; ");
         condition(READY, ConditionStatus::False, "WorkersNotReady", message, generation)
     };
-    AccountPlan { bundle: BundlePlan::Apply(Box::new(bundle)), status: status(count, wanted) }
+    AccountPlan { bundle: BundlePlan::Apply(Box::new(bundle)), status: status(count, wanted), hold }
 }
 
 fn desired_bundle(account: &WorkerAccount, name: &str, workers: Vec<BundleWorker>) -> WorkerBundle {
@@ -317,6 +356,41 @@ mod tests {
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("WorkerAccount", "acct-uid"));
         assert_eq!(plan.status.workers, 1);
         assert_eq!(plan.status.conditions[0].status, "True");
+    }
+
+    #[test]
+    fn a_change_waits_for_releases_being_built_alongside_but_not_past_the_settle_time() {
+        let created_at = |mut r: WorkerRelease, second: i64| {
+            r.metadata.creation_timestamp = Some(Time(Timestamp::from_second(second).unwrap()));
+            r
+        };
+        let ready = release("api-1", "api", ReleasePhase::Ready);
+        let hold = |deployments: &[WorkerDeployment], releases: &[WorkerRelease]| {
+            plan(&account(), deployments, releases, None, now()).hold
+        };
+        let api = deployment("api", "api", "1234", Some("api-1"), 1);
+
+        // auth's release was made 2 s ago and is still being built: wait for it, 8 s at most.
+        let auth = deployment("auth", "auth", "1234", Some("auth-1"), 1);
+        let building = created_at(release("auth-1", "auth", ReleasePhase::Pending), 98);
+        assert_eq!(
+            hold(&[api.clone(), auth.clone()], &[ready.clone(), building]),
+            Some(Duration::from_secs(8))
+        );
+        // Made 11 s ago: no more waiting; the ready worker goes out alone.
+        let slow = created_at(release("auth-1", "auth", ReleasePhase::Pending), 89);
+        let plan_now =
+            plan(&account(), &[api.clone(), auth.clone()], &[ready.clone(), slow.clone()], None, now());
+        assert_eq!(plan_now.hold, None);
+        assert_eq!(ports(applied(&plan_now)), [("api", 8080, "api-1")]);
+        // Failed is not being built: nothing to wait for.
+        let failed = created_at(release("auth-1", "auth", ReleasePhase::Failed), 98);
+        assert_eq!(hold(&[api.clone(), auth], &[ready.clone(), failed]), None);
+        // A deployment made 1 s ago without a release yet: wait 9 s at most.
+        let fresh = deployment("new", "new", "1234", None, 99);
+        assert_eq!(hold(&[api.clone(), fresh], &[ready.clone()]), Some(Duration::from_secs(9)));
+        // Only Ready releases: nothing held.
+        assert_eq!(hold(&[api], &[ready]), None);
     }
 
     #[test]
