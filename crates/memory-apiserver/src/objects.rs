@@ -401,15 +401,19 @@ fn commit_update(
     let key = def.storage_key();
     let finalized =
         gc::is_deleting(&new) && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
-    let collect = gc::concerns_collector(old, &new);
+    let concern = gc::concern(old, &new);
     let stored = store.put(&key, new);
     if finalized {
         gc::remove_now(store, &key, &ctx.namespace, &name);
     }
-    // Most writes (spec, status) leave owners and deletion alone: the collector, which looks at
-    // every object, runs only for those that do not.
-    if finalized || collect {
-        gc::collect(store);
+    // Most writes (spec, status, a live object's finalizers) leave owners and deletion alone; a
+    // change of owners concerns the object only; only deletions make the collector look at every
+    // object.
+    match concern {
+        _ if finalized => gc::collect(store),
+        gc::Concern::All => gc::collect(store),
+        gc::Concern::Object { dropped } => gc::collect_object(store, &key, &ctx.namespace, &name, &dropped),
+        gc::Concern::None => {}
     }
     Ok(Written { object: served(def, stored), warnings, created: false })
 }

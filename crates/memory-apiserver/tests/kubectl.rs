@@ -174,6 +174,31 @@ stringData: {{token: abc}}
 }
 
 #[test]
+fn an_object_given_only_owners_that_do_not_exist_is_garbage_collected() {
+    let cluster = with_crd();
+    cluster.apply(ONE, &[]);
+    let uid = cluster.ok(&["get", "wd", "one", "-o", "jsonpath={.metadata.uid}"]);
+    let (ok, _, err) =
+        cluster.apply("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kept\ndata: {a: b}\n", &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        cluster.apply("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: orphan\ndata: {a: b}\n", &[]);
+    assert!(ok, "{err}");
+    let owner = |name: &str, uid: &str| {
+        format!(
+            r#"{{"metadata":{{"ownerReferences":[{{"apiVersion":"example.dev/v1","kind":"Widget","name":"{name}","uid":"{uid}"}}]}}}}"#
+        )
+    };
+    // A live owner: kept. An owner that does not exist (wrong uid): collected at once.
+    cluster.ok(&["patch", "cm", "kept", "--type=merge", "-p", &owner("one", &uid)]);
+    cluster.ok(&["get", "cm", "kept"]);
+    cluster.ok(&["patch", "cm", "orphan", "--type=merge", "-p", &owner("one", "not-its-uid")]);
+    let (ok, _, err) = cluster.kubectl(&["get", "cm", "orphan"]);
+    assert!(!ok && err.contains(r#"configmaps "orphan" not found"#), "{err}");
+    cluster.ok(&["get", "cm", "kept"]);
+}
+
+#[test]
 fn invalid_objects_are_refused_with_the_real_messages() {
     let cluster = with_crd();
     let bad = r#"
