@@ -35,7 +35,10 @@ pub enum BundlePlan {
 }
 
 /// How long a bundle change waits, at most, for a release being built alongside it.
-pub const SETTLE: Duration = Duration::from_secs(10);
+/// Long enough to cover a release's wait in a busy build queue (1000 accounts created at once
+/// keep releases Pending for well over 10 s), short enough that one stuck release does not hold
+/// its account's other workers for long.
+pub const SETTLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct AccountPlan {
@@ -370,15 +373,15 @@ mod tests {
         };
         let api = deployment("api", "api", "1234", Some("api-1"), 1);
 
-        // auth's release was made 2 s ago and is still being built: wait for it, 8 s at most.
+        // auth's release was made 2 s ago and is still being built: wait for it, 28 s at most.
         let auth = deployment("auth", "auth", "1234", Some("auth-1"), 1);
         let building = created_at(release("auth-1", "auth", ReleasePhase::Pending), 98);
         assert_eq!(
             hold(&[api.clone(), auth.clone()], &[ready.clone(), building]),
-            Some(Duration::from_secs(8))
+            Some(Duration::from_secs(28))
         );
-        // Made 11 s ago: no more waiting; the ready worker goes out alone.
-        let slow = created_at(release("auth-1", "auth", ReleasePhase::Pending), 89);
+        // Made 31 s ago: no more waiting; the ready worker goes out alone.
+        let slow = created_at(release("auth-1", "auth", ReleasePhase::Pending), 69);
         let plan_now =
             plan(&account(), &[api.clone(), auth.clone()], &[ready.clone(), slow.clone()], None, now());
         assert_eq!(plan_now.hold, None);
@@ -386,9 +389,9 @@ mod tests {
         // Failed is not being built: nothing to wait for.
         let failed = created_at(release("auth-1", "auth", ReleasePhase::Failed), 98);
         assert_eq!(hold(&[api.clone(), auth], &[ready.clone(), failed]), None);
-        // A deployment made 1 s ago without a release yet: wait 9 s at most.
+        // A deployment made 1 s ago without a release yet: wait 29 s at most.
         let fresh = deployment("new", "new", "1234", None, 99);
-        assert_eq!(hold(&[api.clone(), fresh], &[ready.clone()]), Some(Duration::from_secs(9)));
+        assert_eq!(hold(&[api.clone(), fresh], &[ready.clone()]), Some(Duration::from_secs(29)));
         // Only Ready releases: nothing held.
         assert_eq!(hold(&[api], &[ready]), None);
     }
