@@ -139,7 +139,7 @@ pub fn plan(
             None => created(&deployment.metadata),
             Some(name) => match releases.iter().find(|r| r.name_any() == name) {
                 Some(release) => {
-                    let phase = release.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default();
+                    let phase = release.status.as_ref().map(|s| s.phase).unwrap_or_default();
                     (phase == ReleasePhase::Pending).then(|| created(&release.metadata)).flatten()
                 }
                 None => created(&deployment.metadata),
@@ -391,7 +391,7 @@ mod tests {
         assert_eq!(hold(&[api.clone(), auth], &[ready.clone(), failed]), None);
         // A deployment made 1 s ago without a release yet: wait 29 s at most.
         let fresh = deployment("new", "new", "1234", None, 99);
-        assert_eq!(hold(&[api.clone(), fresh], &[ready.clone()]), Some(Duration::from_secs(29)));
+        assert_eq!(hold(&[api.clone(), fresh], std::slice::from_ref(&ready)), Some(Duration::from_secs(29)));
         // Only Ready releases: nothing held.
         assert_eq!(hold(&[api], &[ready]), None);
     }
