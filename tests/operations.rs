@@ -280,13 +280,18 @@ fn probes_metrics_and_json_logs() {
     let broken = cluster.wait_for("workerdeployment", "broken", WAIT, &c, current_release);
     cluster
         .wait_for("workerrelease", &broken, WAIT, &c, |r| (r["status"]["phase"] == "Failed").then_some(()));
-    // The account waits for a quiet moment (its debounce) before it fills its bundle.
-    cluster.wait_for("workerbundle", "workers-1234", WAIT, &c, |b| {
-        b["spec"]["workers"].as_array().filter(|w| !w.is_empty()).map(|_| ())
-    });
-
-    let (status, metrics) = http_get(&url, "/metrics").unwrap();
-    assert_eq!(status, 200);
+    // The account waits for a quiet moment (its debounce) before it fills its bundle, and its
+    // reconcile is counted once it has finished (after the bundle is written): wait for the count.
+    let account_counted = r#"workerbundle_reconciles_total{kind="WorkerAccount"}"#;
+    let metrics = loop {
+        let (status, metrics) = http_get(&url, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        if sample(&metrics, account_counted).is_some() {
+            break metrics;
+        }
+        assert!(started.elapsed() < WAIT * 2, "no WorkerAccount reconcile counted:\n{metrics}\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let value =
         |series: &str| sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"));
     for kind in ["WorkerDeployment", "WorkerRelease", "WorkerAccount"] {
