@@ -283,7 +283,7 @@ impl S3Source {
     }
 
     /// The SDK retries a request until its response starts; a body that breaks off afterwards
-    /// (a reset, a proxy cutting it) is fetched again here, this many times in all.
+    /// (a reset, a proxy cutting it) is fetched again here, [`BODY_ATTEMPTS`] times in all.
     async fn fetch(&self, url: &S3Url, object: &Listed) -> Result<Bytes, SourceError> {
         let cache_key =
             CacheKey { bucket: url.bucket.clone(), key: object.key.clone(), version: object.version.clone() };
@@ -368,7 +368,8 @@ impl S3Source {
                         .to_owned()
                 }
                 _ => format!(
-                    "{}{}",
+                    "{}{}{}",
+                    status.map(|s| format!("HTTP {s}: ")).unwrap_or_default(),
                     code.map(|c| format!("{c}: ")).unwrap_or_default(),
                     err.message().map(str::to_owned).unwrap_or_else(|| error_chain(&err))
                 ),

@@ -8,7 +8,10 @@
 //! - `cut`: the request reaches upstream (and takes effect there), its answer is cut off halfway
 //!   through the body (halfway through the head when there is no body).
 //!
-//! Which requests meet a fault is decided before forwarding, from a fixed seed.
+//! Which requests meet a fault is decided before forwarding, from a fixed seed. Faults are
+//! transient: the same request (method and path) meets at most [`IN_A_ROW`] in a row, so a
+//! client that retries enough always gets through, and a failure means it did not retry (at 30%
+//! independent faults, 5 attempts of some request among a hundred all fail one run in five).
 //!
 //! The proxy can also play a dependency that is down the hard way ([`FaultProxy::set_down`]):
 //! every connection is closed at once, and counted, which is what shows whether a client backs
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 pub const KINDS: [&str; 6] = ["reset", "500", "503", "429", "slow", "cut"];
 pub const SLOW: Duration = Duration::from_millis(1500);
+pub const IN_A_ROW: u32 = 2;
 
 pub struct FaultProxy {
     pub port: u16,
@@ -46,6 +50,8 @@ struct Shared {
     forwarded: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<String>>>,
     injected: Arc<Mutex<Vec<(&'static str, String)>>>,
+    /// Faults each request line has met in a row.
+    streaks: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl FaultProxy {
@@ -59,6 +65,7 @@ impl FaultProxy {
             forwarded: Arc::new(AtomicU64::new(0)),
             seen: Arc::new(Mutex::new(Vec::new())),
             injected: Arc::new(Mutex::new(Vec::new())),
+            streaks: Mutex::new(std::collections::HashMap::new()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let down = Arc::new(AtomicBool::new(false));
@@ -182,12 +189,20 @@ fn handle(client: TcpStream, roll: u64, shared: &Shared) -> std::io::Result<()> 
     let mut body = vec![0; content_length];
     reader.read_exact(&mut body)?;
     let mut client = client;
-    let fault = (roll < shared.percent.load(Ordering::Relaxed)).then(|| {
+    let line = String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or_default()).into_owned();
+    let faulted = roll < shared.percent.load(Ordering::Relaxed) && {
+        let mut streaks = shared.streaks.lock().unwrap();
+        let streak = streaks.entry(line.clone()).or_default();
+        *streak = if *streak < IN_A_ROW { *streak + 1 } else { 0 };
+        *streak > 0
+    };
+    if !faulted {
+        shared.streaks.lock().unwrap().remove(&line);
+    }
+    let fault = faulted.then(|| {
         let n = shared.faults.fetch_add(1, Ordering::Relaxed);
         let kind = KINDS[(n % KINDS.len() as u64) as usize];
-        let line =
-            String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or_default()).into_owned();
-        shared.injected.lock().unwrap().push((kind, line));
+        shared.injected.lock().unwrap().push((kind, line.clone()));
         kind
     });
     let status = |code: &str, extra: &str| {

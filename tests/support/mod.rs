@@ -53,7 +53,10 @@ pub fn workerbundle(args: &[&str]) -> Output {
 /// Runs the CLI with extra environment variables.
 pub fn workerbundle_env(args: &[&str], env: &[(String, String)]) -> Output {
     let mut command = Command::new(BIN);
-    command.args(args).env_remove("SOURCE_DATE_EPOCH").env("RUST_LOG", "warn");
+    command
+        .args(args)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env("RUST_LOG", std::env::var("WB_CLI_LOG").unwrap_or_else(|_| "warn".into()));
     for (k, v) in env {
         command.env(k, v);
     }
