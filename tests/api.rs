@@ -562,6 +562,25 @@ fn bad_requests_are_refused_and_store_nothing() {
     assert!(env.api.is_running());
 }
 
+/// A body that `method path` of the route table accepts (an upload, a secret, a deployment of
+/// `version`, ...), so that a refusal is about the token, not the body.
+fn route_body(method: &str, path: &str, files: &std::path::Path, js: &[u8], version: &str) -> Body<'static> {
+    match (method, path) {
+        ("PUT" | "POST", p) if p.ends_with("{script_name}") || p.ends_with("/versions") => {
+            Body::Form(form(files, META, &[("index.js", "application/javascript+module", js)]))
+        }
+        ("PUT", p) if p.ends_with("/secrets") => {
+            Body::Json(r#"{"name":"K","text":"stolen","type":"secret_text"}"#.into())
+        }
+        ("PUT", p) if p.ends_with("/schedules") => Body::Json("[]".into()),
+        ("POST", p) if p.ends_with("/deployments") => {
+            Body::Json(format!(r#"{{"versions":[{{"version_id":"{version}","percentage":100}}]}}"#))
+        }
+        ("POST" | "PATCH", _) => Body::Json(r#"{"enabled":false}"#.into()),
+        _ => Body::None,
+    }
+}
+
 /// Every route of the router's own table, so a route added later is covered too.
 #[test]
 fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
@@ -602,20 +621,7 @@ fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
             format!("{}{path}", env.api.url)
         };
         let method = route.method.as_str();
-        let body = || match (method, route.path) {
-            ("PUT" | "POST", p) if p.ends_with("{script_name}") || p.ends_with("/versions") => {
-                Body::Form(form(files.path(), META, &[("index.js", "application/javascript+module", js)]))
-            }
-            ("PUT", p) if p.ends_with("/secrets") => {
-                Body::Json(r#"{"name":"K","text":"stolen","type":"secret_text"}"#.into())
-            }
-            ("PUT", p) if p.ends_with("/schedules") => Body::Json("[]".into()),
-            ("POST", p) if p.ends_with("/deployments") => {
-                Body::Json(format!(r#"{{"versions":[{{"version_id":"{version}","percentage":100}}]}}"#))
-            }
-            ("POST" | "PATCH", _) => Body::Json(r#"{"enabled":false}"#.into()),
-            _ => Body::None,
-        };
+        let body = || route_body(method, route.path, files.path(), js, &version);
         let scoped = route.path.contains("{account_id}");
         for (token, status) in [(None, 401), (Some("no-such-token"), 401)] {
             let (got, reply) = curl(method, &fill(B), token, body());
@@ -674,20 +680,7 @@ fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
                 .replace("{version_id}", &version)
                 .replace("{secret_name}", "K");
             let method = route.method.as_str();
-            let body = match (method, route.path) {
-                ("PUT" | "POST", p) if p.ends_with("{script_name}") || p.ends_with("/versions") => {
-                    Body::Form(form(files.path(), META, &[("index.js", "application/javascript+module", js)]))
-                }
-                ("PUT", p) if p.ends_with("/secrets") => {
-                    Body::Json(r#"{"name":"K","text":"stolen","type":"secret_text"}"#.into())
-                }
-                ("PUT", p) if p.ends_with("/schedules") => Body::Json("[]".into()),
-                ("POST", p) if p.ends_with("/deployments") => {
-                    Body::Json(format!(r#"{{"versions":[{{"version_id":"{version}","percentage":100}}]}}"#))
-                }
-                ("POST" | "PATCH", _) => Body::Json(r#"{"enabled":false}"#.into()),
-                _ => Body::None,
-            };
+            let body = route_body(method, route.path, files.path(), js, &version);
             let (got, reply) = curl(method, &format!("{}{path}", env.api.url), Some(TOKEN_A), body);
             let lists_own = script == "own" && method == "GET" && !route.path.contains("{version_id}");
             if lists_own {
