@@ -87,12 +87,7 @@ fn stored_manifests(registry: &Registry) -> BTreeMap<String, BTreeSet<String>> {
 fn the_controller_killed_at_random_points_converges_with_nothing_lost_or_left() {
     let mut rng = fastrand::Rng::with_seed(seed());
     let registry = Registry::start(false);
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout()])
-        .arg(format!("docker://{}/workerd-base:1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    registry.push_base();
     let s3 = S3Server::start();
     for i in 0..ACCOUNTS {
         let js = format!("export default {{ fetch() {{ return new Response('account {i}'); }} }};\n");

@@ -13,7 +13,6 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,17 +72,11 @@ fn the_api_server_restarting_breaks_every_watch_and_the_controller_converges_wit
         return;
     };
     let registry = Registry::start(false);
-    let base = format!("{}/workerd-base:1", registry.host());
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout(), &format!("docker://{base}")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let base = registry.push_base();
     let s3 = S3Server::start();
     s3.put_dir("workers", "hello/", &repo_path("testdata/workers/hello"));
     // A leader that cannot renew for two thirds of its lease stops by design (see
     // tests/operations.rs); here the outage is shorter than that.
-    let base = format!("docker://{base}");
     let controller =
         Controller::start_pushing(&cluster, &registry.host(), &base, &s3, &["--lease-duration", "60"], &[]);
     let applied = cluster.apply_yaml(&account_and_worker("1111"));
@@ -144,12 +137,7 @@ fn s3_and_the_registry_down_then_faulty_the_controller_backs_off_and_converges()
     let registry_proxy = FaultProxy::start(registry.port, 0, 0x0b5e);
     let s3_proxy = FaultProxy::start(s3.port, 0, 0x53f4);
     let host = format!("127.0.0.1:{}", registry_proxy.port);
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false", base_layout()])
-        .arg(format!("docker://{}/workerd-base:1", registry.host()))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    registry.push_base();
     let (prefix, base, endpoint) = (
         format!("{host}/workers"),
         format!("docker://{host}/workerd-base:1"),

@@ -78,6 +78,18 @@ impl Registry {
         registry
     }
 
+    /// Copies the workerd base image (the test layout) to `workerd-base:1`, straight (not through
+    /// any proxy); returns its `docker://` reference.
+    pub fn push_base(&self) -> String {
+        let reference = format!("docker://{}/workerd-base:1", self.host());
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false", super::base_layout(), &reference])
+            .output()
+            .expect("skopeo is not installed");
+        assert!(out.status.success(), "skopeo copy of the base: {}", String::from_utf8_lossy(&out.stderr));
+        reference
+    }
+
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
