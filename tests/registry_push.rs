@@ -326,6 +326,44 @@ fn a_blob_the_registry_lost_is_sent_again() {
     }
 }
 
+/// Modules of a MiB or more are streamed from disk into their layer, and a layer pushed from a
+/// file goes up one request body at a time (over 4 MiB: in chunks): the image is the same as the
+/// offline build, byte for byte, and the big module comes back whole.
+#[test]
+fn big_modules_are_streamed_into_the_same_image_offline_and_pushed() {
+    let registry = Registry::start(false);
+    let work = tempdir();
+    let worker = work.path().join("big");
+    fs::create_dir_all(&worker).unwrap();
+    fs::write(worker.join("index.js"), "export default { fetch() { return new Response('big'); } };\n")
+        .unwrap();
+    // Incompressible, so that the layer is over 4 MiB and goes up in chunks.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..9 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        })
+        .collect();
+    fs::write(worker.join("noise.bin"), &noise).unwrap();
+    fs::write(worker.join("notes.txt"), "streamed text\n".repeat(150_000)).unwrap();
+    let workers = ["--worker".to_owned(), format!("big={}", worker.display())];
+
+    let offline = build(&workers, &format!("oci:{}:v1", work.path().join("offline").display()));
+    let pushed = push_ok(&registry, &workers, "acct/big:v1");
+    assert_eq!(pushed, offline, "the pushed image differs from the offline one");
+
+    let remote = format!("docker://{}/acct/big:v1", registry.host());
+    let pulled = work.path().join("pulled");
+    skopeo(&["copy", "--src-tls-verify=false", &remote, &format!("oci:{}:v1", pulled.display())]);
+    let bundle = umoci_unpack(&pulled, "v1", work.path());
+    let src = bundle.join("rootfs/etc/workerd/workers/big/src");
+    assert!(fs::read(src.join("noise.bin")).unwrap() == noise, "noise.bin came back changed");
+    assert_eq!(fs::read(src.join("notes.txt")).unwrap().len(), 14 * 150_000);
+}
+
 #[test]
 fn a_registry_that_refuses_connections_fails_at_once_and_says_so() {
     // Bound and released: nothing listens on this port.

@@ -14,7 +14,7 @@ use super::envelope::ApiError;
 use super::limits::Limits;
 use crate::crd::{VarType, WorkerTemplate, WorkerVar};
 use crate::worker::names::{check_module_path, check_worker_name};
-use crate::worker::{ModuleKind, Worker, WorkerFiles, METADATA_FILE};
+use crate::worker::{ModuleContent, ModuleKind, Worker, WorkerFiles, METADATA_FILE};
 
 /// The form part that carries the metadata JSON.
 const METADATA_PART: &str = "metadata";
@@ -190,9 +190,9 @@ pub fn validate(script: &str, mut parts: Vec<Part>, limits: &Limits) -> Result<U
 
     // The same validation every worker source gets (issue A): module paths, the main module among
     // the modules and JavaScript, compatibility date and flags, binding names.
-    let mut files: BTreeMap<String, bytes::Bytes> =
-        modules.iter().map(|(k, v)| (k.clone(), bytes::Bytes::from(v.to_vec()))).collect();
-    files.insert(METADATA_FILE.into(), bytes::Bytes::from(metadata.to_string().into_bytes()));
+    let mut files: BTreeMap<String, ModuleContent> =
+        modules.iter().map(|(k, v)| (k.clone(), bytes::Bytes::from(v.to_vec()).into())).collect();
+    files.insert(METADATA_FILE.into(), bytes::Bytes::from(metadata.to_string().into_bytes()).into());
     Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
         .map_err(|e| ApiError::Invalid(e.message))?;
     Ok(Upload { modules, metadata, keep })

@@ -7,8 +7,10 @@ use super::base::{read_base, ResolvedBase};
 use super::{BuildContext, BuildError};
 use crate::digest::Digest;
 use crate::image::assemble::{
-    assemble, build_worker_layer, AssembleOptions, AssembledImage, ImageWorker, NewLayer,
+    assemble, build_worker_layer, worker_layer, AssembleOptions, AssembledImage, ImageWorker, LayerRef,
+    NewLayer,
 };
+use crate::image::layer::LayerBuilder;
 use crate::image::layout::LayoutWriter;
 use crate::image::reference::ImageRef;
 use crate::registry::push::learn_repository;
@@ -37,7 +39,60 @@ pub struct BuildOutcome {
 /// An assembled image with the worker layers this build made.
 struct Built {
     image: AssembledImage,
-    worker_layers: Vec<NewLayer>,
+    worker_layers: Vec<WorkerLayer>,
+}
+
+/// A worker layer this build made. A worker with big modules (streamed from disk, never held
+/// whole) has its layer written to a file as it is compressed, so that the build's memory stays
+/// the same whatever the size of its input.
+enum WorkerLayer {
+    Memory(NewLayer),
+    /// Already in the output layout.
+    InLayout(LayerRef),
+    /// In a temporary file, removed when the build ends.
+    Spooled {
+        layer: LayerRef,
+        file: tempfile::TempPath,
+    },
+}
+
+impl WorkerLayer {
+    fn layer_ref(&self) -> LayerRef {
+        match self {
+            WorkerLayer::Memory(layer) => layer.layer_ref(),
+            WorkerLayer::InLayout(layer) | WorkerLayer::Spooled { layer, .. } => layer.clone(),
+        }
+    }
+}
+
+/// Makes a worker's layer: in memory, or for big modules into `layout` or a temporary file.
+fn make_worker_layer(
+    worker: &crate::worker::WorkerCode,
+    mtime: u64,
+    layout: Option<&LayoutWriter>,
+) -> Result<WorkerLayer, BuildError> {
+    if !worker.streams_modules() {
+        return Ok(WorkerLayer::Memory(build_worker_layer(worker, mtime)?));
+    }
+    let builder = worker_layer(worker);
+    match layout {
+        Some(layout) => {
+            let digests = layout.write_layer(&builder, mtime).map_err(BuildError::Output)?;
+            Ok(WorkerLayer::InLayout(LayerRef::from(&digests)))
+        }
+        None => spool_layer(&builder, mtime),
+    }
+}
+
+fn spool_layer(builder: &LayerBuilder, mtime: u64) -> Result<WorkerLayer, BuildError> {
+    let spool_err =
+        |e: std::io::Error| BuildError::Internal(format!("cannot write a layer to a temporary file: {e}"));
+    let file = tempfile::NamedTempFile::new().map_err(spool_err)?;
+    let (spool, path) = file.into_parts();
+    let (digests, writer) =
+        builder.write(std::io::BufWriter::with_capacity(1 << 20, spool), mtime).map_err(spool_err)?;
+    writer.into_inner().map_err(|e| spool_err(e.into_error()))?;
+    Ok(WorkerLayer::Spooled { layer: LayerRef::from(&digests), file: path })
 }
 
 pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<BuildOutcome, BuildError> {
@@ -69,27 +124,33 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
         }
         ImageRef::Layout { .. } => None,
     };
+    // An unusable output directory is reported before anything is read or assembled.
+    let layout = match &request.output {
+        ImageRef::Layout { dir, .. } => Some(LayoutWriter::begin(dir).map_err(BuildError::Output)?),
+        ImageRef::Registry(_) => None,
+    };
     let workers = load_workers(&request.workers, &context.sources).await?;
     let base = read_base(&request.base, registries).await?;
     let base_name = request.base_name.clone().unwrap_or_else(|| base.name.clone());
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
     // Assembly is CPU work: off the async threads.
     let base_image = base.image.clone();
-    let assembling = tokio::task::spawn_blocking(move || -> Result<Built, BuildError> {
-        let _span = info_span!("assemble").entered();
-        let mtime = options.mtime()?;
-        let mut worker_layers = Vec::with_capacity(workers.len());
-        let mut entries = Vec::with_capacity(workers.len());
-        for (worker, port) in workers {
-            let layer = build_worker_layer(&worker.code, mtime)?;
-            let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings };
-            entries.push(ImageWorker { served, layer: layer.layer_ref() });
-            worker_layers.push(layer);
-        }
-        let image = assemble(&base_image, &entries, &options)?;
-        Ok(Built { image, worker_layers })
-    });
-    let built =
+    let assembling =
+        tokio::task::spawn_blocking(move || -> Result<(Built, Option<LayoutWriter>), BuildError> {
+            let _span = info_span!("assemble").entered();
+            let mtime = options.mtime()?;
+            let mut worker_layers = Vec::with_capacity(workers.len());
+            let mut entries = Vec::with_capacity(workers.len());
+            for (worker, port) in workers {
+                let layer = make_worker_layer(&worker.code, mtime, layout.as_ref())?;
+                let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings };
+                entries.push(ImageWorker { served, layer: layer.layer_ref() });
+                worker_layers.push(layer);
+            }
+            let image = assemble(&base_image, &entries, &options)?;
+            Ok((Built { image, worker_layers }, layout))
+        });
+    let (built, layout) =
         assembling.await.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
     let requests_before = match learning {
         Some(learning) => learning
@@ -98,12 +159,15 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
         None => 0,
     };
 
-    let push = match &request.output {
-        ImageRef::Layout { dir, .. } => {
-            write_layout(dir, &output_tag, &built, &base, registries).await?;
+    let push = match (&request.output, layout) {
+        (ImageRef::Layout { .. }, Some(layout)) => {
+            write_layout(layout, &output_tag, &built, &base, registries).await?;
             None
         }
-        ImageRef::Registry(out) => {
+        (ImageRef::Layout { .. }, None) => {
+            return Err(BuildError::Internal("the output layout was not opened".into()))
+        }
+        (ImageRef::Registry(out), _) => {
             let mut report = push_to_registry(out, &output_tag, &built, &base, registries).await?;
             report.requests = registries.client(&out.registry)?.request_count() - requests_before;
             Some(report)
@@ -115,21 +179,26 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
 }
 
 async fn write_layout(
-    dir: &std::path::Path,
+    writer: LayoutWriter,
     tag: &str,
     built: &Built,
     base: &ResolvedBase,
     registries: &Registries,
 ) -> Result<(), BuildError> {
-    let writer = LayoutWriter::begin(dir).map_err(BuildError::Output)?;
     base.write_layers(&writer, registries).await?;
     let image = &built.image;
-    let blobs = built.worker_layers.iter().map(|l| &l.blob).chain([
-        &image.config_layer.blob,
-        &image.config,
-        &image.manifest,
-    ]);
-    for blob in blobs {
+    for layer in &built.worker_layers {
+        match layer {
+            WorkerLayer::Memory(layer) => {
+                writer.put_blob(&layer.blob.digest, &layer.blob.bytes).map_err(BuildError::Output)?
+            }
+            WorkerLayer::InLayout(_) => {}
+            WorkerLayer::Spooled { .. } => {
+                return Err(BuildError::Internal("a layer for a layout was written elsewhere".into()))
+            }
+        }
+    }
+    for blob in [&image.config_layer.blob, &image.config, &image.manifest] {
         writer.put_blob(&blob.digest, &blob.bytes).map_err(BuildError::Output)?;
     }
     writer.commit(tag, &image.manifest_descriptor()?).map_err(BuildError::Output)
@@ -144,9 +213,18 @@ async fn push_to_registry(
 ) -> Result<PushReport, BuildError> {
     let mut blobs = base.push_blobs(out, registries).await?;
     let image = &built.image;
-    let in_memory =
-        built.worker_layers.iter().map(|l| &l.blob).chain([&image.config_layer.blob, &image.config]);
-    for blob in in_memory {
+    for layer in &built.worker_layers {
+        let source = match layer {
+            WorkerLayer::Memory(layer) => BlobSource::Memory(layer.blob.bytes.clone()),
+            WorkerLayer::Spooled { file, .. } => BlobSource::File(file.to_path_buf()),
+            WorkerLayer::InLayout(_) => {
+                return Err(BuildError::Internal("a layer for a registry was written to a layout".into()))
+            }
+        };
+        let layer_ref = layer.layer_ref();
+        blobs.push(PushBlob { digest: layer_ref.digest, size: layer_ref.size, source });
+    }
+    for blob in [&image.config_layer.blob, &image.config] {
         blobs.push(PushBlob {
             digest: blob.digest.clone(),
             size: blob.bytes.len() as u64,

@@ -20,7 +20,7 @@ use super::layer::{LayerBuilder, LayerDigests, MEDIA_TYPE_LAYER_GZIP};
 use super::workerd_config::{self, CONFIG_PATH};
 use crate::digest::Digest;
 use crate::oci::ImageMetadata;
-use crate::worker::{ServedWorker, WorkerCode};
+use crate::worker::{ModuleContent, ServedWorker, WorkerCode};
 
 /// Used when the base image names no entrypoint of its own.
 pub const DEFAULT_WORKERD_PATH: &str = "/usr/local/bin/workerd";
@@ -174,11 +174,11 @@ pub fn worker_layer(code: &WorkerCode) -> LayerBuilder {
     let mut layer = LayerBuilder::new();
     layer.file(&format!("{dir}/modules.capnp"), workerd_config::modules_fragment(code).into_bytes(), 0o644);
     for module in &code.modules {
-        layer.file(
-            &format!("{dir}/{}", workerd_config::module_file(&module.path)),
-            module.content.clone(),
-            0o644,
-        );
+        let path = format!("{dir}/{}", workerd_config::module_file(&module.path));
+        match &module.content {
+            ModuleContent::Memory(bytes) => layer.file(&path, bytes.clone(), 0o644),
+            ModuleContent::File(source) => layer.stream_file(&path, source.clone(), 0o644),
+        };
     }
     layer
 }
@@ -306,7 +306,7 @@ mod tests {
             modules: vec![Module {
                 path: "index.js".into(),
                 kind: ModuleKind::EsModule,
-                content: Bytes::from(code.to_owned()),
+                content: Bytes::from(code.to_owned()).into(),
             }],
         };
         let layer = build_worker_layer(&code, 0).unwrap().layer_ref();
@@ -340,6 +340,33 @@ mod tests {
         let mut digests: Vec<Digest> = image.worker_layers.iter().map(|l| l.digest.clone()).collect();
         digests.push(image.config_layer.blob.digest.clone());
         digests
+    }
+
+    #[test]
+    fn a_module_streamed_from_disk_gives_the_layer_it_gives_from_memory() {
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let code = |big: ModuleContent| WorkerCode {
+            name: "big".into(),
+            main_module: "index.js".into(),
+            modules: vec![
+                Module { path: "big.bin".into(), kind: ModuleKind::Data, content: big },
+                Module {
+                    path: "index.js".into(),
+                    kind: ModuleKind::EsModule,
+                    content: Bytes::from_static(b"export default {}").into(),
+                },
+            ],
+        };
+        let in_memory = build_worker_layer(&code(Bytes::from(bytes.clone()).into()), 7).unwrap();
+        let streamed =
+            code(ModuleContent::File(super::super::file_source::FileSource::path(path, bytes.len() as u64)));
+        assert!(streamed.streams_modules());
+        let (digests, blob) = worker_layer(&streamed).write(Vec::new(), 7).unwrap();
+        assert_eq!(LayerRef::from(&digests), in_memory.layer_ref());
+        assert_eq!(blob, in_memory.blob.bytes);
     }
 
     #[test]

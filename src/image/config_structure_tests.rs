@@ -12,8 +12,8 @@ use proptest::test_runner::TestCaseError;
 
 use super::workerd_config::{modules_fragment, top_level_config};
 use crate::worker::{
-    Module, ModuleKind, Overrides, ServedWorker, Var, VarValue, Worker, WorkerCode, WorkerFiles,
-    WorkerSettings,
+    Module, ModuleContent, ModuleKind, Overrides, ServedWorker, Var, VarValue, Worker, WorkerCode,
+    WorkerFiles, WorkerSettings,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +123,11 @@ fn plain_twin(code: &WorkerCode, settings: &WorkerSettings) -> (WorkerCode, Work
         modules: code
             .modules
             .iter()
-            .map(|m| Module { path: renamed[m.path.as_str()].clone(), kind: m.kind, content: Bytes::new() })
+            .map(|m| Module {
+                path: renamed[m.path.as_str()].clone(),
+                kind: m.kind,
+                content: Default::default(),
+            })
             .collect(),
     };
     let vars = settings
@@ -220,12 +224,12 @@ impl HostileWorker {
             "compatibility_flags": self.flags,
             "bindings": bindings,
         });
-        let mut files: BTreeMap<String, Bytes> = BTreeMap::new();
-        files.insert(self.main.clone(), Bytes::from_static(b"export default {}"));
+        let mut files: BTreeMap<String, ModuleContent> = BTreeMap::new();
+        files.insert(self.main.clone(), Bytes::from_static(b"export default {}").into());
         for (segments, extension) in &self.others {
-            files.insert(format!("{}{extension}", segments.join("/")), Bytes::from_static(b"x"));
+            files.insert(format!("{}{extension}", segments.join("/")), Bytes::from_static(b"x").into());
         }
-        files.insert("metadata.json".into(), Bytes::from(metadata.to_string()));
+        files.insert("metadata.json".into(), Bytes::from(metadata.to_string()).into());
         WorkerFiles { name: "hostile".into(), files }
     }
 }

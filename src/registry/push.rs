@@ -230,7 +230,7 @@ pub async fn push_blob_if_missing(
     let uploaded = if exists(client, repo, digest).await? {
         false
     } else {
-        upload(client, memory, repo, digest, bytes)
+        upload(client, memory, repo, digest, &UploadBody::Memory(bytes))
             .await
             .map_err(|source| RegistryError::Blob { digest: digest.clone(), source: Box::new(source) })?;
         true
@@ -280,20 +280,20 @@ async fn push_blob(
             true => Outcome::Mounted,
             false => {
                 let bytes = fetch_blob(client, from, &blob.digest).await?;
-                upload(client, memory, repo, &blob.digest, bytes).await?
+                upload(client, memory, repo, &blob.digest, &UploadBody::Memory(bytes)).await?
             }
         },
         BlobSource::File(path) => {
             if exists(client, repo, &blob.digest).await? {
                 Outcome::Present
             } else {
-                let bytes = tokio::fs::read(path).await.map_err(|e| RegistryError::Local {
-                    message: format!("cannot read blob {}: {e}", path.display()),
-                })?;
-                upload(client, memory, repo, &blob.digest, Bytes::from(bytes)).await?
+                let body = UploadBody::File { path: path.clone(), len: blob.size };
+                upload(client, memory, repo, &blob.digest, &body).await?
             }
         }
-        BlobSource::Memory(bytes) => upload(client, memory, repo, &blob.digest, bytes.clone()).await?,
+        BlobSource::Memory(bytes) => {
+            upload(client, memory, repo, &blob.digest, &UploadBody::Memory(bytes.clone())).await?
+        }
     };
     memory.remember(repo, &blob.digest);
     Ok(outcome)
@@ -328,12 +328,54 @@ async fn mount(
 
 /// Uploads one blob; a failure in the middle starts a fresh session (after checking whether the
 /// blob arrived after all).
+/// A blob's bytes as they go up: in memory, or a file read one request body at a time, so that
+/// pushing a layer from disk holds at most one chunk of it, whatever its size.
+enum UploadBody {
+    Memory(Bytes),
+    File { path: PathBuf, len: u64 },
+}
+
+impl UploadBody {
+    fn len(&self) -> usize {
+        match self {
+            UploadBody::Memory(bytes) => bytes.len(),
+            UploadBody::File { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
+        }
+    }
+
+    async fn slice(&self, range: std::ops::Range<usize>) -> Result<Bytes, RegistryError> {
+        match self {
+            UploadBody::Memory(bytes) => Ok(bytes.slice(range)),
+            UploadBody::File { path, .. } => {
+                let path = path.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0; range.len()];
+                    std::fs::File::open(&path)?.read_exact_at(&mut buf, range.start as u64)?;
+                    Ok::<_, std::io::Error>(Bytes::from(buf))
+                });
+                let failed = |message: String| RegistryError::Local { message };
+                read.await
+                    .map_err(|e| failed(format!("reading a blob stopped: {e}")))?
+                    .map_err(|e| failed(format!("cannot read blob {}: {e}", self.describe())))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            UploadBody::Memory(_) => "in memory".into(),
+            UploadBody::File { path, .. } => path.display().to_string(),
+        }
+    }
+}
+
 async fn upload(
     client: &RegistryClient,
     memory: &PushMemory,
     repo: &str,
     digest: &Digest,
-    bytes: Bytes,
+    body: &UploadBody,
 ) -> Result<Outcome, RegistryError> {
     // No local re-hash: the registry checks the digest on the final PUT (distribution spec), and
     // hashing a base layer again would cost more than its upload on loopback.
@@ -341,10 +383,13 @@ async fn upload(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = if bytes.len() <= MAX_REQUEST_BODY {
-            upload_small(client, memory, repo, digest, bytes.clone()).await
+        let result = if body.len() <= MAX_REQUEST_BODY {
+            match body.slice(0..body.len()).await {
+                Ok(bytes) => upload_small(client, memory, repo, digest, bytes).await,
+                Err(e) => Err(e),
+            }
         } else {
-            upload_chunked(client, repo, digest, &bytes).await
+            upload_chunked(client, repo, digest, body).await
         };
         match result {
             Ok(()) => return Ok(Outcome::Uploaded),
@@ -410,7 +455,7 @@ async fn upload_chunked(
     client: &RegistryClient,
     repo: &str,
     digest: &Digest,
-    bytes: &Bytes,
+    body: &UploadBody,
 ) -> Result<(), RegistryError> {
     let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
     let response = client.send(&start).await?;
@@ -421,12 +466,12 @@ async fn upload_chunked(
     let mut offset = 0usize;
     let policy = client.retry_policy().clone();
     let mut failures = 0;
-    while offset < bytes.len() {
-        let end = (offset + MAX_REQUEST_BODY).min(bytes.len());
+    while offset < body.len() {
+        let end = (offset + MAX_REQUEST_BODY).min(body.len());
         let patch = Req::new(Method::PATCH, session.clone())
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_RANGE, &format!("{offset}-{}", end - 1))
-            .body(bytes.slice(offset..end));
+            .body(body.slice(offset..end).await?);
         let failure = match client.send_once(&patch).await {
             Ok(r) if r.status() == StatusCode::ACCEPTED => {
                 session = location(&r).unwrap_or(session);
@@ -453,7 +498,7 @@ async fn upload_chunked(
             session = next;
         }
         let range = status.headers().get(RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let Some(held) = resume_offset(range, end, bytes.len()) else { return Err(failure) };
+        let Some(held) = resume_offset(range, end, body.len()) else { return Err(failure) };
         offset = held;
         debug!(request = %describe(&patch), offset, "resuming upload");
     }

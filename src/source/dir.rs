@@ -7,10 +7,17 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SourceError;
+use crate::image::file_source::FileSource;
+use crate::worker::ModuleContent;
+
+/// Files this big or bigger are not read here but streamed into their layer when it is written,
+/// so that a build's memory stays the same whatever the size of its modules.
+pub const STREAM_FROM_BYTES: u64 = 1 << 20;
 
 /// Reads every regular file under `root` (recursively) as a module, keyed by its path relative to
-/// `root`. Symbolic links are refused: following them could pull host files into an image.
-pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Bytes>, SourceError> {
+/// `root`; big files are only named (see [`STREAM_FROM_BYTES`]). Symbolic links are refused:
+/// following them could pull host files into an image.
+pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, ModuleContent>, SourceError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SourceError::Io { path, source }
@@ -37,8 +44,13 @@ pub fn read_dir_source(root: &Path) -> Result<BTreeMap<String, Bytes>, SourceErr
             } else if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() {
-                let content = fs::read(&path).map_err(io(&path))?;
-                files.insert(relative, Bytes::from(content));
+                let size = entry.metadata().map_err(io(&path))?.len();
+                let content = if size >= STREAM_FROM_BYTES {
+                    ModuleContent::File(FileSource::path(path, size))
+                } else {
+                    ModuleContent::Memory(Bytes::from(fs::read(&path).map_err(io(&path))?))
+                };
+                files.insert(relative, content);
             } else {
                 return Err(SourceError::Invalid {
                     path: root.to_path_buf(),
@@ -74,7 +86,18 @@ mod tests {
         let files = read_dir_source(dir.path()).unwrap();
         let names: Vec<&str> = files.keys().map(String::as_str).collect();
         assert_eq!(names, ["index.js", "lib/deep/x.js"]);
-        assert_eq!(files["lib/deep/x.js"], &b"b"[..]);
+        assert_eq!(files["lib/deep/x.js"], ModuleContent::Memory(Bytes::from_static(b"b")));
+    }
+
+    #[test]
+    fn big_files_are_named_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![b'x'; STREAM_FROM_BYTES as usize];
+        fs::write(dir.path().join("big.js"), &big).unwrap();
+        let files = read_dir_source(dir.path()).unwrap();
+        let ModuleContent::File(source) = &files["big.js"] else { panic!("{:?}", files["big.js"]) };
+        assert_eq!(source.size(), STREAM_FROM_BYTES);
+        assert_eq!(files["big.js"].read_all().unwrap(), big);
     }
 
     #[test]

@@ -108,7 +108,10 @@ pub async fn load_workers(
     let loads = inputs.iter().zip(ports).map(|(input, port)| async move {
         let files = match &input.source {
             WorkerSource::Dir(dir) => read_dir_source(dir)?,
-            WorkerSource::S3(url) => sources.s3().await.read(url).await?,
+            WorkerSource::S3(url) => {
+                let objects = sources.s3().await.read(url).await?;
+                objects.into_iter().map(|(path, bytes)| (path, bytes.into())).collect()
+            }
         };
         let overrides = Overrides { env_prefix: input.env_prefix.clone(), ..Overrides::default() };
         let worker = Worker::from_files(WorkerFiles { name: input.name.clone(), files }, &overrides)?;

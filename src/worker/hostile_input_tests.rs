@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use super::names::{check_module_path, check_worker_name};
-use super::{Metadata, Overrides, Worker, WorkerFiles};
+use super::{Metadata, ModuleContent, Overrides, Worker, WorkerFiles};
 
 /// JSON of any shape, with the field names metadata.json uses mixed in so that the parser gets
 /// past the first level often.
@@ -102,7 +102,7 @@ pub(crate) fn corpus_worker(case: &serde_json::Value) -> WorkerFiles {
         .as_object()
         .expect("files")
         .iter()
-        .map(|(path, content)| (path.clone(), Bytes::from(content.as_str().expect("text").to_owned())))
+        .map(|(path, content)| (path.clone(), Bytes::from(content.as_str().expect("text").to_owned()).into()))
         .collect();
     WorkerFiles { name: case["name"].as_str().expect("name").to_owned(), files }
 }
@@ -194,10 +194,10 @@ proptest! {
         metadata in prop::option::of(any_json()),
         worker in "(?s).{0,12}|[a-z0-9-]{1,12}",
     ) {
-        let mut files: BTreeMap<String, Bytes> =
-            names.into_iter().map(|n| (n, Bytes::from_static(b"export default {}"))).collect();
+        let mut files: BTreeMap<String, ModuleContent> =
+            names.into_iter().map(|n| (n, Bytes::from_static(b"export default {}").into())).collect();
         if let Some(metadata) = metadata {
-            files.insert("metadata.json".into(), Bytes::from(metadata.to_string()));
+            files.insert("metadata.json".into(), Bytes::from(metadata.to_string()).into());
         }
         check_worker(WorkerFiles { name: worker, files })?;
     }

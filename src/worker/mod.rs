@@ -17,13 +17,14 @@ pub(crate) mod hostile_input_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes::Bytes;
-
 pub use metadata::{Metadata, RawBinding};
-pub use module::{Module, ModuleKind};
+pub use module::{Module, ModuleContent, ModuleKind};
 
 /// The file name of the upload metadata inside a worker source.
 pub const METADATA_FILE: &str = "metadata.json";
+
+/// The most of `metadata.json` read from a worker's files (wrangler's is a few KiB).
+pub const MAX_METADATA_BYTES: u64 = 1 << 20;
 
 /// The compatibility date used when metadata names none. Fixed, so an image never depends on the
 /// day it was built.
@@ -90,6 +91,11 @@ impl WorkerCode {
         let main = self.modules.iter().filter(|m| m.path == self.main_module);
         main.chain(self.modules.iter().filter(|m| m.path != self.main_module))
     }
+
+    /// Whether a module is read from disk only when the layer is written (a big file).
+    pub fn streams_modules(&self) -> bool {
+        self.modules.iter().any(|m| matches!(m.content, ModuleContent::File(_)))
+    }
 }
 
 /// How a worker runs, apart from its code and its port: what the top-level config says of it.
@@ -143,7 +149,7 @@ pub struct ServedWorker {
 #[derive(Clone, Debug, Default)]
 pub struct WorkerFiles {
     pub name: String,
-    pub files: BTreeMap<String, Bytes>,
+    pub files: BTreeMap<String, ModuleContent>,
 }
 
 /// Settings laid over the uploaded metadata (a WorkerDeployment's template, the CLI's flags).
@@ -171,7 +177,18 @@ impl Worker {
 
         let mut files = input.files;
         let metadata = match files.remove(METADATA_FILE) {
-            Some(bytes) => Metadata::parse(&bytes).map_err(fail)?,
+            Some(content) => {
+                // A metadata file is small; one read from disk too big to be one is refused.
+                if content.len() > MAX_METADATA_BYTES {
+                    return Err(fail(format!(
+                        "{METADATA_FILE} is {} bytes; at most {MAX_METADATA_BYTES} are read",
+                        content.len()
+                    )));
+                }
+                let bytes =
+                    content.read_all().map_err(|e| fail(format!("cannot read {METADATA_FILE}: {e}")))?;
+                Metadata::parse(&bytes).map_err(fail)?
+            }
             None => Metadata::default(),
         };
         if metadata.body_part.is_some() && metadata.main_module.is_none() && overrides.main_module.is_none() {
@@ -325,7 +342,10 @@ mod tests {
     fn files(entries: &[(&str, &str)]) -> WorkerFiles {
         WorkerFiles {
             name: "hello".into(),
-            files: entries.iter().map(|(k, v)| (k.to_string(), Bytes::from(v.to_string()))).collect(),
+            files: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), bytes::Bytes::from(v.to_string()).into()))
+                .collect(),
         }
     }
 

@@ -1,4 +1,11 @@
-//! The kinds of module a worker can hold, as workerd names them.
+//! The kinds of module a worker can hold, as workerd names them, and where a module's bytes are.
+
+use std::io::{self, Read};
+
+use bytes::Bytes;
+
+use crate::digest::{Digest, HashingWriter};
+use crate::image::file_source::FileSource;
 
 /// A module kind; chosen from the file extension, as wrangler does for the module types it sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +56,64 @@ pub struct Module {
     /// Relative `/`-separated path; also the name the worker imports it by.
     pub path: String,
     pub kind: ModuleKind,
-    pub content: bytes::Bytes,
+    pub content: ModuleContent,
+}
+
+/// A module's bytes: in memory (uploads, S3 objects, small files), or a big file on disk that is
+/// read only while its layer is written, so that a build's memory does not grow with its input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModuleContent {
+    Memory(Bytes),
+    File(FileSource),
+}
+
+impl ModuleContent {
+    pub fn len(&self) -> u64 {
+        match self {
+            ModuleContent::Memory(bytes) => bytes.len() as u64,
+            ModuleContent::File(source) => source.size(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, read whole; for files known to be small (`metadata.json`).
+    pub fn read_all(&self) -> io::Result<Bytes> {
+        match self {
+            ModuleContent::Memory(bytes) => Ok(bytes.clone()),
+            ModuleContent::File(source) => {
+                let mut bytes = Vec::with_capacity(usize::try_from(source.size()).unwrap_or(0));
+                source.open()?.read_to_end(&mut bytes)?;
+                Ok(Bytes::from(bytes))
+            }
+        }
+    }
+
+    /// The sha256 of the bytes, streamed.
+    pub fn sha256(&self) -> io::Result<Digest> {
+        match self {
+            ModuleContent::Memory(bytes) => Ok(Digest::of(bytes)),
+            ModuleContent::File(source) => {
+                let mut hashing = HashingWriter::new(io::sink());
+                io::copy(&mut source.open()?, &mut hashing)?;
+                Ok(hashing.finish().0)
+            }
+        }
+    }
+}
+
+impl Default for ModuleContent {
+    fn default() -> Self {
+        ModuleContent::Memory(Bytes::new())
+    }
+}
+
+impl From<Bytes> for ModuleContent {
+    fn from(bytes: Bytes) -> Self {
+        ModuleContent::Memory(bytes)
+    }
 }
 
 #[cfg(test)]

@@ -43,8 +43,8 @@ pub fn resolve_worker(
     for (url, found) in fetched {
         for (path, bytes) in found {
             let source = if url.is_prefix() { format!("{url}{path}") } else { url.to_string() };
-            origin.insert(path.clone(), source);
-            files.insert(path.clone(), bytes.clone());
+            origin.insert(path.clone(), (source, bytes.clone()));
+            files.insert(path.clone(), bytes.clone().into());
         }
     }
     let worker =
@@ -52,11 +52,12 @@ pub fn resolve_worker(
     let modules = worker
         .code
         .modules_main_first()
-        .map(|m| ResolvedModule {
+        .filter_map(|m| origin.get(&m.path).map(|(source, bytes)| (m, source, bytes)))
+        .map(|(m, source, bytes)| ResolvedModule {
             name: m.path.clone(),
-            source: origin.get(&m.path).cloned().unwrap_or_default(),
-            size: m.content.len() as i64,
-            sha256: hex::encode(Sha256::digest(&m.content)),
+            source: source.clone(),
+            size: bytes.len() as i64,
+            sha256: hex::encode(Sha256::digest(bytes)),
         })
         .collect();
     Ok((worker, modules))
