@@ -11,8 +11,10 @@ use crate::image::file_source::FileSource;
 use crate::worker::ModuleContent;
 
 /// Files this big or bigger are not read here but streamed into their layer when it is written,
-/// so that a build's memory stays the same whatever the size of its modules.
-pub const STREAM_FROM_BYTES: u64 = 1 << 20;
+/// so that a build's memory stays the same whatever the size of its modules. Smaller ones (every
+/// module Cloudflare takes: 10 MiB at most) are read at once: their layer is built in memory and
+/// pushed from there, with no temporary file on the way.
+pub const STREAM_FROM_BYTES: u64 = 16 << 20;
 
 /// Reads every regular file under `root` (recursively) as a module, keyed by its path relative to
 /// `root`; big files are only named (see [`STREAM_FROM_BYTES`]). Symbolic links are refused:
