@@ -198,6 +198,38 @@ fn a_fresh_process_adds_at_most_the_ping_and_one_manifest_get() {
     }
 }
 
+/// A fresh CLI opens two upload sessions while it assembles; each is used by a new blob or
+/// cancelled after the push, so that none is left open on the registry.
+#[test]
+fn upload_sessions_opened_ahead_are_used_or_cancelled() {
+    let registry = Registry::start(false);
+    let work = tempdir();
+    let workers = editable_workers(work.path());
+    push_ok(&registry, &workers, "acct/app:live");
+    let sessions = |requests: &[Logged]| {
+        let count = |method: &str| {
+            // Only answers that did what was asked: 202 opened, 201 completed, 204 cancelled.
+            let done = |r: &Logged| matches!(r.status, 201 | 202 | 204);
+            requests
+                .iter()
+                .filter(|r| r.method == method && r.uri.contains("/blobs/uploads/") && done(r))
+                .count()
+        };
+        (count("POST"), count("PUT"), count("DELETE"))
+    };
+
+    // Nothing changed: no blob is new, both sessions are cancelled.
+    let before = registry.requests().len();
+    push_ok(&registry, &workers, "acct/app:live");
+    assert_eq!(sessions(&registry.requests()[before..]), (2, 0, 2), "{:#?}", &registry.requests()[before..]);
+
+    // One worker changed: its layer and the image config each use one session, nothing is cancelled.
+    change_hello(work.path(), "ahead");
+    let before = registry.requests().len();
+    push_ok(&registry, &workers, "acct/app:live");
+    assert_eq!(sessions(&registry.requests()[before..]), (2, 2, 0), "{:#?}", &registry.requests()[before..]);
+}
+
 #[test]
 fn base_layers_are_mounted_from_another_repository() {
     let registry = Registry::start(false);
@@ -326,7 +358,7 @@ fn a_blob_the_registry_lost_is_sent_again() {
     }
 }
 
-/// Modules of a MiB or more are streamed from disk into their layer, and a layer pushed from a
+/// Modules of 16 MiB or more are streamed from disk into their layer, and a layer pushed from a
 /// file goes up one request body at a time (over 4 MiB: in chunks): the image is the same as the
 /// offline build, byte for byte, and the big module comes back whole.
 #[test]
@@ -339,7 +371,7 @@ fn big_modules_are_streamed_into_the_same_image_offline_and_pushed() {
         .unwrap();
     // Incompressible, so that the layer is over 4 MiB and goes up in chunks.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..9 << 20)
+    let noise: Vec<u8> = (0..17 << 20)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;

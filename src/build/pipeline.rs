@@ -13,10 +13,14 @@ use crate::image::assemble::{
 use crate::image::layer::LayerBuilder;
 use crate::image::layout::LayoutWriter;
 use crate::image::reference::ImageRef;
-use crate::registry::push::learn_repository;
+use crate::registry::push::{learn_repository, open_sessions_ahead};
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryRef};
 use crate::source::{load_workers, WorkerInput};
 use crate::worker::ServedWorker;
+
+/// Upload sessions opened while the image is assembled: a push that changes one worker sends two
+/// new blobs, its layer and the image config.
+const SESSIONS_AHEAD: usize = 2;
 
 #[derive(Clone, Debug)]
 pub struct BuildRequest {
@@ -107,7 +111,8 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     })?;
     // What the repository holds is learned (one GET of the tag's manifest, and the connection it
     // opens) on its own task from the very start, while the workers and the base are read and the
-    // image is assembled: that round trip then costs no wall-clock time.
+    // image is assembled, and the upload sessions the new blobs will most likely need are opened
+    // then too: those round trips then cost no wall-clock time.
     let learning = match &request.output {
         ImageRef::Registry(out) => {
             let (registries, out, tag) = (registries.clone(), out.clone(), output_tag.clone());
@@ -117,6 +122,7 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
                     let requests_before = client.request_count();
                     let memory = registries.memory(&out.registry);
                     learn_repository(&client, &memory, &out.repository, &tag).await?;
+                    open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
                     Ok::<u64, crate::registry::RegistryError>(requests_before)
                 }
                 .in_current_span(),

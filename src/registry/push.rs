@@ -10,7 +10,7 @@
 //! - Blobs go up in parallel (bounded); the manifest is PUT last, only after every blob it names
 //!   is confirmed, so a tag never points at a manifest with a missing blob.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -56,6 +56,8 @@ pub struct PushMemory {
     known: Mutex<HashSet<(String, Digest)>>,
     learned: Mutex<HashSet<String>>,
     single_request_upload: Mutex<Option<bool>>,
+    /// Upload sessions opened ahead of need, by repository (see [`open_sessions_ahead`]).
+    sessions: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl PushMemory {
@@ -83,6 +85,20 @@ impl PushMemory {
         if let Ok(mut v) = self.single_request_upload.lock() {
             *v = Some(value);
         }
+    }
+
+    fn take_session(&self, repo: &str) -> Option<String> {
+        self.sessions.lock().ok()?.get_mut(repo)?.pop()
+    }
+
+    fn add_session(&self, repo: &str, location: String) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.entry(repo.to_owned()).or_default().push(location);
+        }
+    }
+
+    fn take_all_sessions(&self, repo: &str) -> Vec<String> {
+        self.sessions.lock().ok().and_then(|mut s| s.remove(repo)).unwrap_or_default()
     }
 }
 
@@ -138,6 +154,7 @@ pub async fn push_image(
             }
         }
         memory.remember(repo, &digest);
+        cancel_sessions(client, memory, repo).await;
         report.requests = client.request_count() - start;
         info!(%digest, uploaded = report.uploaded, mounted = report.mounted, skipped = report.skipped, requests = report.requests, "pushed");
         Ok((digest, report))
@@ -237,6 +254,47 @@ pub async fn push_blob_if_missing(
     };
     memory.remember(repo, digest);
     Ok(uploaded)
+}
+
+/// Opens `count` upload sessions (`POST /blobs/uploads/`, at once) while the caller is busy with
+/// something else, typically assembling the image: a blob that turns out to be new then goes up
+/// with ONE request (the PUT) after assembly instead of two. A fresh CLI whose push changes one
+/// worker sends two new blobs (that worker's layer and the image config), so it opens two; a
+/// session no blob used is cancelled after the push. Failures are left to the upload itself.
+pub async fn open_sessions_ahead(client: &RegistryClient, memory: &PushMemory, repo: &str, count: usize) {
+    if memory.single_request() == Some(true) {
+        // POST ?digest= with the body is already one request per blob.
+        return;
+    }
+    client.want_scope(repo, "pull,push");
+    let open = |_| async move {
+        let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+        match client.send(&start).await {
+            Ok(response) if response.status() == StatusCode::ACCEPTED => location(&response),
+            Ok(response) => {
+                debug!(status = %response.status(), "no upload session opened ahead");
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "no upload session opened ahead");
+                None
+            }
+        }
+    };
+    for session in futures::future::join_all((0..count).map(open)).await.into_iter().flatten() {
+        memory.add_session(repo, session);
+    }
+}
+
+/// Cancels the sessions opened ahead that no blob used, so that none is left on the registry.
+async fn cancel_sessions(client: &RegistryClient, memory: &PushMemory, repo: &str) {
+    let cancels = memory.take_all_sessions(repo).into_iter().map(|session| async move {
+        let cancel = Req::new(Method::DELETE, session);
+        if let Err(e) = client.send_once(&cancel).await {
+            debug!(error = %e, "an unused upload session was not cancelled");
+        }
+    });
+    futures::future::join_all(cancels).await;
 }
 
 /// One GET of the manifest the tag points at now tells which blobs the repository holds; done
@@ -389,7 +447,7 @@ async fn upload(
                 Err(e) => Err(e),
             }
         } else {
-            upload_chunked(client, repo, digest, body).await
+            upload_chunked(client, memory, repo, digest, body).await
         };
         match result {
             Ok(()) => return Ok(Outcome::Uploaded),
@@ -417,6 +475,12 @@ async fn upload_small(
     digest: &Digest,
     bytes: Bytes,
 ) -> Result<(), RegistryError> {
+    if let Some(session) = memory.take_session(repo) {
+        let put = Req::new(Method::PUT, with_digest(&session, digest))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
+        return expect_created(client, &put).await;
+    }
     // Until the registry has shown whether it takes single-request uploads, only small blobs
     // probe it: a refusal (202) would have sent the body for nothing.
     let single = match memory.single_request() {
@@ -453,16 +517,22 @@ async fn upload_small(
 
 async fn upload_chunked(
     client: &RegistryClient,
+    memory: &PushMemory,
     repo: &str,
     digest: &Digest,
     body: &UploadBody,
 ) -> Result<(), RegistryError> {
-    let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-    let response = client.send(&start).await?;
-    if response.status() != StatusCode::ACCEPTED {
-        return Err(client.status_error(&start, response, 1).await);
-    }
-    let mut session = location(&response).ok_or_else(|| missing_location(client, &start))?;
+    let mut session = match memory.take_session(repo) {
+        Some(session) => session,
+        None => {
+            let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+            let response = client.send(&start).await?;
+            if response.status() != StatusCode::ACCEPTED {
+                return Err(client.status_error(&start, response, 1).await);
+            }
+            location(&response).ok_or_else(|| missing_location(client, &start))?
+        }
+    };
     let mut offset = 0usize;
     let policy = client.retry_policy().clone();
     let mut failures = 0;
