@@ -478,7 +478,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // Every task whose work matters was awaited inside `run`; what is left are idle connections
+    // and idle blocking threads. Waiting for each to wind down cost a fresh `build` ~2 ms of its
+    // ~35 ms push.
+    runtime.shutdown_background();
+    match result {
         Ok(output) => {
             if !output.is_empty() {
                 println!("{}", output.trim_end());
