@@ -52,18 +52,20 @@ impl Target {
         Ok((Target::parse(repository)?, digest))
     }
 
-    /// Makes sure a worker's layer is there (known, present, or uploaded).
+    /// Makes sure a worker's layer is there (known, present, or uploaded). A registry is asked
+    /// first (one HEAD) only when the layer is `likely_present`, e.g. recorded by an earlier build.
     pub async fn put_layer(
         &self,
         registries: &Registries,
         digest: &Digest,
         bytes: Bytes,
+        likely_present: bool,
     ) -> Result<(), BuildError> {
         match self {
             Target::Registry(r) => {
                 let client = registries.client(&r.registry)?;
                 let memory = registries.memory(&r.registry);
-                push_blob_if_missing(&client, &memory, &r.repository, digest, bytes).await?;
+                push_blob_if_missing(&client, &memory, &r.repository, digest, bytes, likely_present).await?;
             }
             Target::Layout(dir) => {
                 let _one_at_a_time = LAYOUT_WRITES.lock().await;
@@ -162,8 +164,8 @@ mod tests {
         let target = Target::Layout(dir.path().join("acct"));
         let registries = Registries::new(Default::default());
         let bytes = Bytes::from_static(b"layer");
-        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone()).await.unwrap();
-        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone()).await.unwrap();
+        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
+        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
         let layout = Layout::open(&dir.path().join("acct")).unwrap();
         assert!(layout.blob_path(&Digest::of(&bytes)).exists());
         assert!(layout.index().unwrap().manifests().is_empty());

@@ -59,6 +59,7 @@ impl Destination {
                         &out.repository,
                         &blob.digest,
                         blob.bytes.clone(),
+                        true,
                     )
                     .await?;
                     uploaded += usize::from(sent);

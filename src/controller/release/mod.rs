@@ -89,7 +89,13 @@ async fn build_and_push(
         .and_then(|p| p.image_pull_secret.as_deref());
     let registries = ctx.registries(&namespace, pull_secret).await?;
     let started = Instant::now();
-    target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone()).await?;
+    // A layer this release recorded before (a rebuild after a restart) is probably there already.
+    let recorded = release
+        .status
+        .as_ref()
+        .and_then(|s| s.layer.as_ref())
+        .is_some_and(|l| l.digest == layer.blob.digest.as_str());
+    target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded).await?;
     ctx.metrics.observe_push(started.elapsed());
     Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }
