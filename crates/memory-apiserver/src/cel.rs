@@ -7,7 +7,7 @@
 //! libraries (quantity, url, ip ...) are absent.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use cel_interpreter::objects::{Key, Map as CelMap};
 use cel_interpreter::{Context, Program, Value as Cel};
@@ -49,8 +49,23 @@ enum Outcome {
     Error(String),
 }
 
+/// Rules compiled once per process: a CRD's handful of rules is checked on every write, and
+/// compiling them each time (a CEL parse) was most of the server's CPU under load.
+static PROGRAMS: LazyLock<Mutex<HashMap<String, Result<Arc<Program>, String>>>> =
+    LazyLock::new(Default::default);
+
+fn compiled(rule: &str) -> Result<Arc<Program>, String> {
+    let mut programs = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(program) = programs.get(rule) {
+        return program.clone();
+    }
+    let program = Program::compile(rule).map(Arc::new).map_err(|e| e.to_string());
+    programs.insert(rule.to_owned(), program.clone());
+    program
+}
+
 fn evaluate(rule: &str, value: &Value, old: Option<&Value>) -> Outcome {
-    let program = match Program::compile(rule) {
+    let program = match compiled(rule) {
         Ok(p) => p,
         Err(e) => return Outcome::Error(format!("compilation failed: {e}")),
     };
@@ -69,7 +84,7 @@ fn evaluate(rule: &str, value: &Value, old: Option<&Value>) -> Outcome {
 
 fn message_for(rule: &Value, value: &Value, old: Option<&Value>) -> String {
     if let Some(expression) = rule["messageExpression"].as_str() {
-        if let Ok(program) = Program::compile(expression) {
+        if let Ok(program) = compiled(expression) {
             let mut context = Context::default();
             context.add_variable_from_value("self", to_cel(value));
             if let Some(old) = old {

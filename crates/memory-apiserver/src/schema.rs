@@ -305,7 +305,7 @@ fn validate_string(schema: &Value, s: &str, path: &str, causes: &mut Vec<Cause>)
         ));
     }
     if let Some(pattern) = schema["pattern"].as_str() {
-        match regex::Regex::new(pattern) {
+        match compiled_pattern(pattern) {
             Ok(re) if !re.is_match(s) => {
                 causes.push(Cause::invalid(
                     path,
@@ -320,6 +320,22 @@ fn validate_string(schema: &Value, s: &str, path: &str, causes: &mut Vec<Cause>)
 }
 
 /// DNS-1123 subdomain: the rule for custom resource names and most built-in names.
+/// Patterns compiled once per process (a regex compile per string field per write was a large
+/// share of the server's CPU under load).
+fn compiled_pattern(pattern: &str) -> Result<std::sync::Arc<regex::Regex>, regex::Error> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    type Patterns = Mutex<HashMap<String, Result<Arc<regex::Regex>, regex::Error>>>;
+    static PATTERNS: LazyLock<Patterns> = LazyLock::new(Default::default);
+    let mut patterns = PATTERNS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(compiled) = patterns.get(pattern) {
+        return compiled.clone();
+    }
+    let compiled = regex::Regex::new(pattern).map(Arc::new);
+    patterns.insert(pattern.to_owned(), compiled.clone());
+    compiled
+}
+
 pub fn dns_subdomain_errors(name: &str) -> Option<String> {
     let re_ok = name.len() <= 253
         && !name.is_empty()
