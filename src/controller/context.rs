@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::{Client, Resource};
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
@@ -14,6 +14,7 @@ use tracing::warn;
 use super::backoff::Backoff;
 use super::bases::Bases;
 use super::cache::Caches;
+use super::events::Recorders;
 use super::metrics::Metrics;
 use super::Error;
 use crate::build::BuildContext;
@@ -51,7 +52,7 @@ pub struct Context {
     pub bases: Bases,
     /// What every reconcile records (served on `/metrics`).
     pub metrics: Arc<Metrics>,
-    recorder: Recorder,
+    recorders: Recorders,
     /// By `namespace/secret`; replaced when the secret's content changes, kept otherwise so that
     /// the push memory of an account's registries lives as long as the process.
     account_registries: Mutex<HashMap<String, AccountRegistries>>,
@@ -67,7 +68,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorders: Recorders::new(client.clone(), reporter),
             client,
             build,
             settings,
@@ -134,7 +135,8 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+        let reference = object.object_ref(&());
+        if let Err(e) = self.recorders.recorder(&reference).publish(&event, &reference).await {
             warn!(error = %e, reason, "cannot publish an Event");
         }
     }

@@ -18,6 +18,7 @@ pub mod cache;
 mod context;
 pub mod deployment;
 mod error;
+mod events;
 pub mod health;
 mod instrument;
 pub mod leader;
