@@ -51,8 +51,8 @@ enum Outcome {
 
 /// Rules compiled once per process: a CRD's handful of rules is checked on every write, and
 /// compiling them each time (a CEL parse) was most of the server's CPU under load.
-static PROGRAMS: LazyLock<Mutex<HashMap<String, Result<Arc<Program>, String>>>> =
-    LazyLock::new(Default::default);
+type Programs = Mutex<HashMap<String, Result<Arc<Program>, String>>>;
+static PROGRAMS: LazyLock<Programs> = LazyLock::new(Default::default);
 
 fn compiled(rule: &str) -> Result<Arc<Program>, String> {
     let mut programs = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner());
