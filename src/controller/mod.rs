@@ -24,6 +24,7 @@ mod instrument;
 pub mod leader;
 pub mod metrics;
 pub mod release;
+mod trigger;
 
 pub use apply::FIELD_MANAGER;
 pub use context::{Context, Settings};
@@ -173,7 +174,9 @@ pub async fn run_with(
     let concurrency = options.concurrency;
     let config = |n: u16| ControllerConfig::default().concurrency(n);
 
-    let trigger = watches.deployments.subscribe();
+    // Each controller is woken by changes to its own objects beyond their status (its own status
+    // writes would only wake it again for nothing), and by any change to related objects.
+    let trigger = trigger::beyond_status(watches.deployments.subscribe());
     let owned = watches.releases.subscribe();
     let deployments = Controller::for_shared_stream(trigger, caches.deployments.store())
         .owns_shared_stream(owned)
@@ -181,14 +184,14 @@ pub async fn run_with(
         .graceful_shutdown_on(stopped())
         .run(instrumented(deployment::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
-    let trigger = watches.releases.subscribe();
+    let trigger = trigger::beyond_status(watches.releases.subscribe());
     let releases = Controller::for_shared_stream(trigger, caches.releases.store())
         .with_config(config(concurrency.releases))
         .graceful_shutdown_on(stopped())
         .run(instrumented(release::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
     // A change to a deployment or release may change the bundle of the accounts that select it.
-    let trigger = watches.accounts.subscribe();
+    let trigger = trigger::beyond_status(watches.accounts.subscribe());
     let owned = watches.bundles.subscribe();
     let (of_deployment, of_release) = (caches.accounts.clone(), caches.accounts.clone());
     let accounts = Controller::for_shared_stream(trigger, caches.accounts.store())
@@ -202,7 +205,7 @@ pub async fn run_with(
         .run(instrumented(account::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
 
-    let trigger = watches.bundles.subscribe();
+    let trigger = trigger::beyond_status(watches.bundles.subscribe());
     let bundle_cache = caches.bundles.clone();
     let bundles = Controller::for_shared_stream(trigger, caches.bundles.store())
         .owns_shared_stream(watches.workloads.subscribe())
