@@ -52,6 +52,10 @@ impl Bases {
             )));
         }
         let base = Arc::new(base);
+        // Read by tag, it is also what the bundle will ask for pinned at this digest once its
+        // status records it: one read, not a second one for the same bytes.
+        let pinned_key = (key.0.clone(), Some(base.image.manifest_digest.clone()));
+        resolved.insert(pinned_key, base.clone());
         resolved.insert(key, base.clone());
         Ok(base)
     }
