@@ -4,7 +4,6 @@ use std::io::{self, Read};
 
 use bytes::Bytes;
 
-use crate::digest::{Digest, HashingWriter};
 use crate::image::file_source::FileSource;
 
 /// A module kind; chosen from the file extension, as wrangler does for the module types it sends.
@@ -87,18 +86,6 @@ impl ModuleContent {
                 let mut bytes = Vec::with_capacity(usize::try_from(source.size()).unwrap_or(0));
                 source.open()?.read_to_end(&mut bytes)?;
                 Ok(Bytes::from(bytes))
-            }
-        }
-    }
-
-    /// The sha256 of the bytes, streamed.
-    pub fn sha256(&self) -> io::Result<Digest> {
-        match self {
-            ModuleContent::Memory(bytes) => Ok(Digest::of(bytes)),
-            ModuleContent::File(source) => {
-                let mut hashing = HashingWriter::new(io::sink());
-                io::copy(&mut source.open()?, &mut hashing)?;
-                Ok(hashing.finish().0)
             }
         }
     }
