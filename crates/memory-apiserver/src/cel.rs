@@ -7,12 +7,13 @@
 //! libraries (quantity, url, ip ...) are absent.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use cel_interpreter::objects::{Key, Map as CelMap};
 use cel_interpreter::{Context, Program, Value as Cel};
 use serde_json::Value;
 
+use crate::compiled::Compiled;
 use crate::error::Cause;
 use crate::schema::join;
 
@@ -49,19 +50,10 @@ enum Outcome {
     Error(String),
 }
 
-/// Rules compiled once per process: a CRD's handful of rules is checked on every write, and
-/// compiling them each time (a CEL parse) was most of the server's CPU under load.
-type Programs = Mutex<HashMap<String, Result<Arc<Program>, String>>>;
-static PROGRAMS: LazyLock<Programs> = LazyLock::new(Default::default);
+static PROGRAMS: LazyLock<Compiled<Program>> = LazyLock::new(Compiled::new);
 
 fn compiled(rule: &str) -> Result<Arc<Program>, String> {
-    let mut programs = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(program) = programs.get(rule) {
-        return program.clone();
-    }
-    let program = Program::compile(rule).map(Arc::new).map_err(|e| e.to_string());
-    programs.insert(rule.to_owned(), program.clone());
-    program
+    PROGRAMS.get(rule, Program::compile)
 }
 
 fn evaluate(rule: &str, value: &Value, old: Option<&Value>) -> Outcome {

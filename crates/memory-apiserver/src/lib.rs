@@ -83,6 +83,7 @@
 
 mod apply;
 mod cel;
+mod compiled;
 mod crd;
 mod discovery;
 mod error;

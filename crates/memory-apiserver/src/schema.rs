@@ -320,20 +320,10 @@ fn validate_string(schema: &Value, s: &str, path: &str, causes: &mut Vec<Cause>)
 }
 
 /// DNS-1123 subdomain: the rule for custom resource names and most built-in names.
-/// Patterns compiled once per process (a regex compile per string field per write was a large
-/// share of the server's CPU under load).
-fn compiled_pattern(pattern: &str) -> Result<std::sync::Arc<regex::Regex>, regex::Error> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, LazyLock, Mutex};
-    type Patterns = Mutex<HashMap<String, Result<Arc<regex::Regex>, regex::Error>>>;
-    static PATTERNS: LazyLock<Patterns> = LazyLock::new(Default::default);
-    let mut patterns = PATTERNS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(compiled) = patterns.get(pattern) {
-        return compiled.clone();
-    }
-    let compiled = regex::Regex::new(pattern).map(Arc::new);
-    patterns.insert(pattern.to_owned(), compiled.clone());
-    compiled
+fn compiled_pattern(pattern: &str) -> Result<std::sync::Arc<regex::Regex>, String> {
+    static PATTERNS: std::sync::LazyLock<crate::compiled::Compiled<regex::Regex>> =
+        std::sync::LazyLock::new(crate::compiled::Compiled::new);
+    PATTERNS.get(pattern, regex::Regex::new)
 }
 
 pub fn dns_subdomain_errors(name: &str) -> Option<String> {
