@@ -89,5 +89,5 @@ class Services:
 
     def controller_env(self, env):
         """The controller's environment: the API server's, S3 credentials, warnings only."""
-        return {**env, "RUST_LOG": "warn", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret-0123456789",
+        return {**env, "RUST_LOG": os.environ.get("BENCH_LOG", "warn"), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret-0123456789",
                 "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}

@@ -230,6 +230,83 @@ fn upload_sessions_opened_ahead_are_used_or_cancelled() {
     assert_eq!(sessions(&registry.requests()[before..]), (2, 2, 0), "{:#?}", &registry.requests()[before..]);
 }
 
+/// The controller's kept session: at most one per repository however many releases ask at once;
+/// used by the next blob; one the registry has dropped meanwhile costs a fresh POST, not a failed
+/// push; what is left at shutdown is cancelled.
+#[test]
+fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled() {
+    use workerbundle::digest::Digest;
+    use workerbundle::registry::push::{keep_one_session, push_blob_if_missing};
+
+    let registry = Registry::start(false);
+    let registries = Registries::new(RegistryOptions { insecure: true, ..Default::default() });
+    let client = registries.client(&registry.host()).unwrap();
+    let memory = registries.memory(&registry.host());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let uploads = |requests: &[Logged], method: &str, status: u16| {
+        let upload =
+            |r: &&Logged| r.method == method && r.uri.contains("/blobs/uploads/") && r.status == status;
+        requests.iter().filter(upload).count()
+    };
+
+    // Eight releases of one account ask at once: one session is opened.
+    let before = registry.requests().len();
+    runtime
+        .block_on(futures::future::join_all((0..8).map(|_| keep_one_session(&client, &memory, "acct/app"))));
+    let requests = registry.requests()[before..].to_vec();
+    assert_eq!(uploads(&requests, "POST", 202), 1, "{requests:#?}");
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+
+    // The next blob goes up with that session: one PUT.
+    let blob = bytes::Bytes::from_static(b"a layer that goes up with the kept session");
+    let before = registry.requests().len();
+    let uploaded = runtime
+        .block_on(push_blob_if_missing(&client, &memory, "acct/app", &Digest::of(&blob), blob.clone(), false))
+        .unwrap();
+    assert!(uploaded);
+    let requests = registry.requests()[before..].to_vec();
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+    assert_eq!(uploads(&requests, "PUT", 201), 1, "{requests:#?}");
+
+    // A session the registry no longer knows (here cancelled behind our back): the blob still
+    // goes up, through a fresh session.
+    runtime.block_on(keep_one_session(&client, &memory, "acct/app"));
+    let kept = registry.requests().last().unwrap().clone();
+    assert_eq!((kept.method.as_str(), kept.status), ("POST", 202), "{kept:#?}");
+    // What distribution's upload purge does to an abandoned session.
+    let uploads_dir = registry.storage_dir().join("docker/registry/v2/repositories/acct/app/_uploads");
+    let open: Vec<_> = fs::read_dir(&uploads_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(open.len(), 1, "one session open: {open:?}");
+    fs::remove_dir_all(&open[0]).unwrap();
+    let other = bytes::Bytes::from_static(b"a layer whose session expired");
+    let before = registry.requests().len();
+    let refused_before = registry.answered("PUT", "/v2/acct/app/blobs/uploads/", 404);
+    runtime
+        .block_on(push_blob_if_missing(
+            &client,
+            &memory,
+            "acct/app",
+            &Digest::of(&other),
+            other.clone(),
+            false,
+        ))
+        .unwrap();
+    let requests = registry.requests()[before..].to_vec();
+    let refused = registry.answered("PUT", "/v2/acct/app/blobs/uploads/", 404) - refused_before;
+    assert_eq!(refused, 1, "the gone session was tried first");
+    assert_eq!(uploads(&requests, "POST", 202), 1, "then a fresh one opened: {requests:#?}");
+    assert_eq!(uploads(&requests, "PUT", 201), 1, "{requests:#?}");
+    assert!(registry.blob_exists("acct/app", &Digest::of(&other).to_string()));
+
+    // Shutdown: the session kept for a push that never came is cancelled.
+    runtime.block_on(keep_one_session(&client, &memory, "acct/app"));
+    let before = registry.requests().len();
+    runtime.block_on(registries.cancel_open_sessions());
+    let requests = registry.requests()[before..].to_vec();
+    assert_eq!(uploads(&requests, "DELETE", 204), 1, "{requests:#?}");
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+}
+
 #[test]
 fn base_layers_are_mounted_from_another_repository() {
     let registry = Registry::start(false);

@@ -1,7 +1,7 @@
 //! The CLI's build: read every worker and the base, check everything, then assemble and write.
 //! Nothing is written until every input has been read and validated.
 
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::base::{read_base, ResolvedBase};
 use super::{BuildContext, BuildError};
@@ -122,7 +122,11 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
                     let requests_before = client.request_count();
                     let memory = registries.memory(&out.registry);
                     learn_repository(&client, &memory, &out.repository, &tag).await?;
+                    debug!("repository learned");
+                    // After the GET, not beside it: on a registry that asks for a token, requests
+                    // sent before the first answer would each be refused and sent again.
                     open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
+                    debug!("upload sessions opened");
                     Ok::<u64, crate::registry::RegistryError>(requests_before)
                 }
                 .in_current_span(),
@@ -158,6 +162,7 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
         });
     let (built, layout) =
         assembling.await.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
+    debug!("image assembled");
     let requests_before = match learning {
         Some(learning) => learning
             .await

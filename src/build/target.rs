@@ -14,7 +14,7 @@ use crate::image::assemble::AssembledImage;
 use crate::image::layout::{Layout, LayoutWriter};
 use crate::oci::descriptor_digest;
 use crate::registry::pull::{delete_image, fetch_blob};
-use crate::registry::push::push_blob_if_missing;
+use crate::registry::push::{keep_one_session, push_blob_if_missing};
 use crate::registry::{Registries, RegistryRef};
 
 /// Writes to layouts go one at a time: `index.json` is read, changed and replaced as a whole.
@@ -52,29 +52,54 @@ impl Target {
         Ok((Target::parse(repository)?, digest))
     }
 
-    /// Makes sure a worker's layer is there (known, present, or uploaded). A registry is asked
-    /// first (one HEAD) only when the layer is `likely_present`, e.g. recorded by an earlier build.
+    /// Opens an upload session of the repository while the caller reads and builds a layer, so
+    /// that the layer then goes up with one request (see [`keep_one_session`]). Nothing to do
+    /// for a layout; a failure is left to the upload, which opens its own session.
+    pub async fn open_upload_session(&self, registries: &Registries) {
+        if let Target::Registry(r) = self {
+            if let Ok(client) = registries.client(&r.registry) {
+                keep_one_session(&client, &registries.memory(&r.registry), &r.repository).await;
+            }
+        }
+    }
+
+    /// After a layer went up: opens, in the background, the session the bundle's image config
+    /// will use a debounce later (see [`keep_one_session`]).
+    pub fn open_upload_session_for_next_push(&self, registries: &Registries) {
+        if let Target::Registry(r) = self {
+            if let Ok(client) = registries.client(&r.registry) {
+                let memory = registries.memory(&r.registry);
+                let repository = r.repository.clone();
+                tokio::spawn(async move { keep_one_session(&client, &memory, &repository).await });
+            }
+        }
+    }
+
+    /// Makes sure a worker's layer is there (known, present, or uploaded); `true` when it was
+    /// uploaded. A registry is asked first (one HEAD) only when the layer is `likely_present`,
+    /// e.g. recorded by an earlier build.
     pub async fn put_layer(
         &self,
         registries: &Registries,
         digest: &Digest,
         bytes: Bytes,
         likely_present: bool,
-    ) -> Result<(), BuildError> {
+    ) -> Result<bool, BuildError> {
         match self {
             Target::Registry(r) => {
                 let client = registries.client(&r.registry)?;
                 let memory = registries.memory(&r.registry);
-                push_blob_if_missing(&client, &memory, &r.repository, digest, bytes, likely_present).await?;
+                Ok(push_blob_if_missing(&client, &memory, &r.repository, digest, bytes, likely_present)
+                    .await?)
             }
             Target::Layout(dir) => {
                 let _one_at_a_time = LAYOUT_WRITES.lock().await;
                 let layout = Layout::open_or_create(dir).map_err(BuildError::Output)?;
                 let writer = LayoutWriter::begin(layout.dir()).map_err(BuildError::Output)?;
                 writer.put_blob(digest, &bytes).map_err(BuildError::Output)?;
+                Ok(true)
             }
         }
-        Ok(())
     }
 
     /// Writes a bundle's image into a layout under `tag`: the base's layers, the config layer,

@@ -81,6 +81,19 @@ impl Context {
         }
     }
 
+    /// Cancels the upload sessions opened ahead of a push that no push used (at shutdown, so
+    /// that none is left on a registry), waiting at most `within`.
+    pub async fn cancel_upload_sessions(&self, within: Duration) {
+        let mut all = vec![self.build.registries.clone()];
+        if let Ok(accounts) = self.account_registries.lock() {
+            all.extend(accounts.values().map(|(_, registries)| registries.clone()));
+        }
+        let cancels = futures::future::join_all(all.iter().map(|r| r.cancel_open_sessions()));
+        if tokio::time::timeout(within, cancels).await.is_err() {
+            tracing::debug!("stopped cancelling unused upload sessions: the registry is slow to answer");
+        }
+    }
+
     /// The registries to push an account's blobs and images with: those made from its image pull
     /// secret (a `kubernetes.io/dockerconfigjson` Secret in `namespace`), else the controller's own.
     pub async fn registries(

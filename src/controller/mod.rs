@@ -58,6 +58,8 @@ const ACCOUNT_DEBOUNCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// A bundle is woken by its spec, its own status writes and its Deployment's and Service's
 /// changes: the same quiet moment collapses those bursts into one reconcile.
 const BUNDLE_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long, at shutdown, unused upload sessions are given to be cancelled.
+const SHUTDOWN_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -221,7 +223,7 @@ pub async fn run_with(
         })
         .with_config(config(concurrency.bundles).debounce(BUNDLE_DEBOUNCE))
         .graceful_shutdown_on(stopped())
-        .run(instrumented(bundle::reconcile), error_policy, ctx)
+        .run(instrumented(bundle::reconcile), error_policy, ctx.clone())
         .for_each(log_outcome);
 
     // Ready once every cache has been filled.
@@ -243,6 +245,7 @@ pub async fn run_with(
         None => controllers.await,
         Some((elector, held)) => elector.lead(held, controllers).await?,
     }
+    ctx.cancel_upload_sessions(SHUTDOWN_CANCEL_WAIT).await;
     info!("stopped");
     Ok(())
 }

@@ -172,6 +172,16 @@ impl Registries {
             .collect()
     }
 
+    /// Cancels every upload session opened ahead and still unused, on every registry.
+    pub async fn cancel_open_sessions(&self) {
+        let entries: Vec<RegistryEntry> = match self.clients.lock() {
+            Ok(clients) => clients.values().cloned().collect(),
+            Err(_) => return,
+        };
+        let cancels = entries.iter().map(|(client, memory)| push::cancel_every_session(client, memory));
+        futures::future::join_all(cancels).await;
+    }
+
     /// The push memory of a registry (created with its client).
     pub fn memory(&self, registry: &str) -> Arc<PushMemory> {
         self.entry(registry).map(|(_, memory)| memory).unwrap_or_default()

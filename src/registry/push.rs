@@ -56,8 +56,11 @@ pub struct PushMemory {
     known: Mutex<HashSet<(String, Digest)>>,
     learned: Mutex<HashSet<String>>,
     single_request_upload: Mutex<Option<bool>>,
-    /// Upload sessions opened ahead of need, by repository (see [`open_sessions_ahead`]).
+    /// Upload sessions opened ahead of need, by repository (see [`open_sessions_ahead`] and
+    /// [`keep_one_session`]). Any of a repository's sessions serves any of its blobs.
     sessions: Mutex<HashMap<String, Vec<String>>>,
+    /// Repositories whose [`keep_one_session`] POST is in flight.
+    opening: Mutex<HashSet<String>>,
 }
 
 impl PushMemory {
@@ -99,6 +102,25 @@ impl PushMemory {
 
     fn take_all_sessions(&self, repo: &str) -> Vec<String> {
         self.sessions.lock().ok().and_then(|mut s| s.remove(repo)).unwrap_or_default()
+    }
+
+    /// Claims the right to open the repository's one kept session: `false` when a session is
+    /// open already or another task is opening one.
+    fn claim_opening(&self, repo: &str) -> bool {
+        let open = self.sessions.lock().is_ok_and(|s| s.get(repo).is_some_and(|v| !v.is_empty()));
+        !open && self.opening.lock().is_ok_and(|mut o| o.insert(repo.to_owned()))
+    }
+
+    fn opened(&self, repo: &str) {
+        if let Ok(mut opening) = self.opening.lock() {
+            opening.remove(repo);
+        }
+    }
+
+    /// Every session still open, by repository, emptying the memory of them.
+    fn take_every_session(&self) -> Vec<(String, String)> {
+        let Ok(mut sessions) = self.sessions.lock() else { return Vec::new() };
+        sessions.drain().flat_map(|(repo, list)| list.into_iter().map(move |s| (repo.clone(), s))).collect()
     }
 }
 
@@ -270,22 +292,55 @@ pub async fn open_sessions_ahead(client: &RegistryClient, memory: &PushMemory, r
         return;
     }
     client.want_scope(repo, "pull,push");
-    let open = |_| async move {
-        let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-        match client.send(&start).await {
-            Ok(response) if response.status() == StatusCode::ACCEPTED => location(&response),
-            Ok(response) => {
-                debug!(status = %response.status(), "no upload session opened ahead");
-                None
-            }
-            Err(e) => {
-                debug!(error = %e, "no upload session opened ahead");
-                None
-            }
-        }
-    };
-    for session in futures::future::join_all((0..count).map(open)).await.into_iter().flatten() {
+    let opened = futures::future::join_all((0..count).map(|_| open_session(client, repo))).await;
+    for session in opened.into_iter().flatten() {
         memory.add_session(repo, session);
+    }
+}
+
+/// Makes sure ONE upload session of the repository is open for its next blob, unless one is open
+/// already or being opened: the long-running controller's way of taking the POST off the path of
+/// a change. A new release opens it while its sources are read, and uses it for its layer; after
+/// a layer went up, the next one is opened for the bundle's image config, which comes a debounce
+/// later. At most one is kept per repository whatever the number of releases in flight, so a
+/// change costs the same requests as before (a POST sent earlier, not an extra one). An unused
+/// session is cancelled by the repository's next image push, or at shutdown
+/// ([`cancel_every_session`]); one the registry has expired meanwhile costs a fresh POST.
+pub async fn keep_one_session(client: &RegistryClient, memory: &PushMemory, repo: &str) {
+    if memory.single_request() == Some(true) || !memory.claim_opening(repo) {
+        return;
+    }
+    client.want_scope(repo, "pull,push");
+    if let Some(session) = open_session(client, repo).await {
+        memory.add_session(repo, session);
+    }
+    memory.opened(repo);
+}
+
+/// Cancels every upload session this process still holds open, on every repository: at shutdown,
+/// so that none is left on the registry (bounded by the caller's deadline).
+pub async fn cancel_every_session(client: &RegistryClient, memory: &PushMemory) {
+    let cancels = memory.take_every_session().into_iter().map(|(_, session)| async move {
+        if let Err(e) = client.send_once(&Req::new(Method::DELETE, session)).await {
+            debug!(error = %e, "an unused upload session was not cancelled");
+        }
+    });
+    futures::future::join_all(cancels).await;
+}
+
+/// One `POST /blobs/uploads/`: the session's Location, or `None` (the upload opens its own then).
+async fn open_session(client: &RegistryClient, repo: &str) -> Option<String> {
+    let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+    match client.send(&start).await {
+        Ok(response) if response.status() == StatusCode::ACCEPTED => location(&response),
+        Ok(response) => {
+            debug!(status = %response.status(), "no upload session opened ahead");
+            None
+        }
+        Err(e) => {
+            debug!(error = %e, "no upload session opened ahead");
+            None
+        }
     }
 }
 
@@ -481,8 +536,14 @@ async fn upload_small(
     if let Some(session) = memory.take_session(repo) {
         let put = Req::new(Method::PUT, with_digest(&session, digest))
             .header(CONTENT_TYPE, "application/octet-stream")
-            .body(bytes);
-        return expect_created(client, &put).await;
+            .body(bytes.clone());
+        let response = client.send_once(&put).await?;
+        match response.status() {
+            StatusCode::CREATED => return Ok(()),
+            // Opened a while ago (a kept session) and expired by the registry: open a fresh one.
+            StatusCode::NOT_FOUND => debug!("the upload session opened ahead is gone; opening another"),
+            _ => return Err(client.status_error(&put, response, 1).await),
+        }
     }
     // Until the registry has shown whether it takes single-request uploads, only small blobs
     // probe it: a refusal (202) would have sent the body for nothing.
@@ -525,16 +586,17 @@ async fn upload_chunked(
     digest: &Digest,
     body: &UploadBody,
 ) -> Result<(), RegistryError> {
-    let mut session = match memory.take_session(repo) {
-        Some(session) => session,
-        None => {
-            let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-            let response = client.send(&start).await?;
-            if response.status() != StatusCode::ACCEPTED {
-                return Err(client.status_error(&start, response, 1).await);
-            }
-            location(&response).ok_or_else(|| missing_location(client, &start))?
+    let start_session = || async {
+        let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+        let response = client.send(&start).await?;
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(client.status_error(&start, response, 1).await);
         }
+        location(&response).ok_or_else(|| missing_location(client, &start))
+    };
+    let (mut session, mut opened_ahead) = match memory.take_session(repo) {
+        Some(session) => (session, true),
+        None => (start_session().await?, false),
     };
     let mut offset = 0usize;
     let policy = client.retry_policy().clone();
@@ -550,6 +612,14 @@ async fn upload_chunked(
                 session = location(&r).unwrap_or(session);
                 offset = end;
                 failures = 0;
+                opened_ahead = false;
+                continue;
+            }
+            // A session opened ahead that the registry has expired meanwhile: a fresh one.
+            Ok(r) if opened_ahead && r.status() == StatusCode::NOT_FOUND => {
+                debug!("the upload session opened ahead is gone; opening another");
+                session = start_session().await?;
+                opened_ahead = false;
                 continue;
             }
             Ok(r) if is_transient(r.status()) => client.status_error(&patch, r, 1).await,

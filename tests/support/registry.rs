@@ -123,6 +123,20 @@ impl Registry {
         text.lines().filter_map(parse_log_line).collect()
     }
 
+    /// How many `method` requests on URIs starting with `prefix` were answered with `status`.
+    /// Unlike [`Registry::requests`], this counts the requests that ended in an error too.
+    pub fn answered(&self, method: &str, prefix: &str, status: u16) -> usize {
+        std::thread::sleep(Duration::from_millis(100));
+        let text = fs::read_to_string(&self.log).unwrap();
+        let status = status.to_string();
+        text.lines()
+            .filter(|l| l.contains("msg=\"response completed"))
+            .filter(|l| field(l, "http.request.method=") == Some(method))
+            .filter(|l| field(l, "http.request.uri=").is_some_and(|u| u.starts_with(prefix)))
+            .filter(|l| field(l, "http.response.status=") == Some(status.as_str()))
+            .count()
+    }
+
     /// GET a manifest (OCI accept header); returns status and body.
     pub fn manifest(&self, repo: &str, reference: &str) -> (u16, Vec<u8>) {
         let mut headers = self.auth_header();

@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::{apply, apply_status};
 use super::cache::{image_key, secret_key, Cache};
@@ -151,6 +151,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let assembling = Instant::now();
     let image = assemble_bundle(&base, &inputs.workers, &options)?;
     ctx.metrics.observe_build(assembling.elapsed());
+    debug!(took = ?assembling.elapsed(), "image assembled");
     let image_ref = target.image_ref(&image.manifest.digest);
 
     // Apply: the image, only when it is not the one the bundle already runs.

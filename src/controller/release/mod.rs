@@ -12,7 +12,7 @@ use std::time::Instant;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::apply_status;
 use super::{object_key, Context, Error};
@@ -67,9 +67,23 @@ async fn build_and_push(
         release.labels().get(ACCOUNT_LABEL).and_then(|name| ctx.caches.accounts.get(&namespace, name));
     let repository = plan::repository(release, account.as_deref(), &ctx.settings)?;
     let target = Target::parse(&repository).map_err(Error::Invalid)?;
+    let pull_secret = account
+        .as_ref()
+        .and_then(|a| a.spec.pod_template.as_ref())
+        .and_then(|p| p.image_pull_secret.as_deref());
+    let registries = ctx.registries(&namespace, pull_secret).await?;
+    // A layer this release recorded before (a rebuild after a restart) is probably there already;
+    // a new release's layer almost never is, so its upload session is opened while S3 is read.
+    let recorded_layer = release.status.as_ref().and_then(|s| s.layer.as_ref()).map(|l| l.digest.clone());
     let s3 = ctx.build.sources.s3().await;
     let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
-    let fetched = futures::future::try_join_all(reads).await?;
+    let session_ahead = async {
+        if recorded_layer.is_none() {
+            target.open_upload_session(&registries).await;
+        }
+    };
+    let (fetched, ()) = tokio::join!(futures::future::try_join_all(reads), session_ahead);
+    let fetched = fetched?;
 
     // Plan.
     let (worker, modules) = plan::resolve_worker(template, &fetched)?;
@@ -83,19 +97,15 @@ async fn build_and_push(
         .map_err(|e| Error::internal("the layer build stopped", e))?
         .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
     ctx.metrics.observe_build(started.elapsed());
-    let pull_secret = account
-        .as_ref()
-        .and_then(|a| a.spec.pod_template.as_ref())
-        .and_then(|p| p.image_pull_secret.as_deref());
-    let registries = ctx.registries(&namespace, pull_secret).await?;
+    debug!(took = ?started.elapsed(), bytes = layer.blob.bytes.len(), "layer built");
     let started = Instant::now();
-    // A layer this release recorded before (a rebuild after a restart) is probably there already.
-    let recorded = release
-        .status
-        .as_ref()
-        .and_then(|s| s.layer.as_ref())
-        .is_some_and(|l| l.digest == layer.blob.digest.as_str());
-    target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded).await?;
+    let recorded = recorded_layer.as_deref() == Some(layer.blob.digest.as_str());
+    let uploaded =
+        target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded).await?;
     ctx.metrics.observe_push(started.elapsed());
+    if uploaded {
+        // The bundle's image follows a debounce later, with one new blob (its config).
+        target.open_upload_session_for_next_push(&registries);
+    }
     Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }
