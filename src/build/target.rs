@@ -4,6 +4,7 @@
 //! `HOST/PATH@sha256:...` or `oci:DIR@sha256:...`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -65,14 +66,9 @@ impl Target {
 
     /// After a layer went up: opens, in the background, the session the bundle's image config
     /// will use a debounce later (see [`keep_one_session`]).
-    pub fn open_upload_session_for_next_push(&self, registries: &Registries) {
-        if let Target::Registry(r) = self {
-            if let Ok(client) = registries.client(&r.registry) {
-                let memory = registries.memory(&r.registry);
-                let repository = r.repository.clone();
-                tokio::spawn(async move { keep_one_session(&client, &memory, &repository).await });
-            }
-        }
+    pub fn open_upload_session_for_next_push(&self, registries: Arc<Registries>) {
+        let target = self.clone();
+        tokio::spawn(async move { target.open_upload_session(&registries).await });
     }
 
     /// Makes sure a worker's layer is there (known, present, or uploaded); `true` when it was

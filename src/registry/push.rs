@@ -117,10 +117,10 @@ impl PushMemory {
         }
     }
 
-    /// Every session still open, by repository, emptying the memory of them.
-    fn take_every_session(&self) -> Vec<(String, String)> {
+    /// Every session still open, on any repository, emptying the memory of them.
+    fn take_every_session(&self) -> Vec<String> {
         let Ok(mut sessions) = self.sessions.lock() else { return Vec::new() };
-        sessions.drain().flat_map(|(repo, list)| list.into_iter().map(move |s| (repo.clone(), s))).collect()
+        sessions.drain().flat_map(|(_, list)| list).collect()
     }
 }
 
@@ -320,35 +320,33 @@ pub async fn keep_one_session(client: &RegistryClient, memory: &PushMemory, repo
 /// Cancels every upload session this process still holds open, on every repository: at shutdown,
 /// so that none is left on the registry (bounded by the caller's deadline).
 pub async fn cancel_every_session(client: &RegistryClient, memory: &PushMemory) {
-    let cancels = memory.take_every_session().into_iter().map(|(_, session)| async move {
-        if let Err(e) = client.send_once(&Req::new(Method::DELETE, session)).await {
-            debug!(error = %e, "an unused upload session was not cancelled");
-        }
-    });
-    futures::future::join_all(cancels).await;
+    cancel(client, memory.take_every_session()).await;
 }
 
-/// One `POST /blobs/uploads/`: the session's Location, or `None` (the upload opens its own then).
+/// One `POST /blobs/uploads/` ahead of need: the session's Location, or `None` (the upload then
+/// opens its own).
 async fn open_session(client: &RegistryClient, repo: &str) -> Option<String> {
+    start_upload(client, repo).await.map_err(|e| debug!(error = %e, "no upload session opened ahead")).ok()
+}
+
+/// `POST /blobs/uploads/`: a new upload session's Location.
+async fn start_upload(client: &RegistryClient, repo: &str) -> Result<String, RegistryError> {
     let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-    match client.send(&start).await {
-        Ok(response) if response.status() == StatusCode::ACCEPTED => location(&response),
-        Ok(response) => {
-            debug!(status = %response.status(), "no upload session opened ahead");
-            None
-        }
-        Err(e) => {
-            debug!(error = %e, "no upload session opened ahead");
-            None
-        }
+    let response = client.send(&start).await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(client.status_error(&start, response, 1).await);
     }
+    location(&response).ok_or_else(|| missing_location(client, &start))
 }
 
 /// Cancels the sessions opened ahead that no blob used, so that none is left on the registry.
 async fn cancel_sessions(client: &RegistryClient, memory: &PushMemory, repo: &str) {
-    let cancels = memory.take_all_sessions(repo).into_iter().map(|session| async move {
-        let cancel = Req::new(Method::DELETE, session);
-        if let Err(e) = client.send_once(&cancel).await {
+    cancel(client, memory.take_all_sessions(repo)).await;
+}
+
+async fn cancel(client: &RegistryClient, sessions: Vec<String>) {
+    let cancels = sessions.into_iter().map(|session| async move {
+        if let Err(e) = client.send_once(&Req::new(Method::DELETE, session)).await {
             debug!(error = %e, "an unused upload session was not cancelled");
         }
     });
@@ -586,17 +584,9 @@ async fn upload_chunked(
     digest: &Digest,
     body: &UploadBody,
 ) -> Result<(), RegistryError> {
-    let start_session = || async {
-        let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-        let response = client.send(&start).await?;
-        if response.status() != StatusCode::ACCEPTED {
-            return Err(client.status_error(&start, response, 1).await);
-        }
-        location(&response).ok_or_else(|| missing_location(client, &start))
-    };
     let (mut session, mut opened_ahead) = match memory.take_session(repo) {
         Some(session) => (session, true),
-        None => (start_session().await?, false),
+        None => (start_upload(client, repo).await?, false),
     };
     let mut offset = 0usize;
     let policy = client.retry_policy().clone();
@@ -618,7 +608,7 @@ async fn upload_chunked(
             // A session opened ahead that the registry has expired meanwhile: a fresh one.
             Ok(r) if opened_ahead && r.status() == StatusCode::NOT_FOUND => {
                 debug!("the upload session opened ahead is gone; opening another");
-                session = start_session().await?;
+                session = start_upload(client, repo).await?;
                 opened_ahead = false;
                 continue;
             }

@@ -105,7 +105,7 @@ async fn build_and_push(
     ctx.metrics.observe_push(started.elapsed());
     if uploaded {
         // The bundle's image follows a debounce later, with one new blob (its config).
-        target.open_upload_session_for_next_push(&registries);
+        target.open_upload_session_for_next_push(registries.clone());
     }
     Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
 }
