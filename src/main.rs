@@ -483,6 +483,8 @@ fn main() -> ExitCode {
     // and idle blocking threads. Waiting for each to wind down cost a fresh `build` ~2 ms of its
     // ~35 ms push.
     runtime.shutdown_background();
+    // Benchmarks only (WORKERBUNDLE_RECORD_REQUESTS): the requests still queued for the file.
+    workerbundle::registry::record::finish();
     match result {
         Ok(output) => {
             if !output.is_empty() {

@@ -11,7 +11,6 @@ use reqwest::{Method, Response, StatusCode};
 use tracing::{debug, warn};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
-use super::record::Recorder;
 use super::RegistryError;
 use crate::error_chain;
 
@@ -104,8 +103,6 @@ pub struct RegistryClient {
     bytes_sent: AtomicU64,
     /// Whether the registry has sent any HTTP response (whatever its status) in this process.
     answered: AtomicBool,
-    /// Benchmarks only: every request written down (see [`super::record`]).
-    recorder: Option<Recorder>,
     pacer: Option<super::pacer::Pacer>,
 }
 
@@ -144,7 +141,6 @@ impl RegistryClient {
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             answered: AtomicBool::new(false),
-            recorder: Recorder::from_env(),
             pacer: super::pacer::Pacer::new(options.requests_per_second),
         })
     }
@@ -280,14 +276,13 @@ impl RegistryClient {
         match builder.send().await {
             Ok(response) => {
                 self.answered.store(true, Ordering::Relaxed);
-                if let Some(recorder) = &self.recorder {
+                if super::record::enabled() {
                     let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok());
-                    let body = req.body.as_deref().unwrap_or_default();
-                    recorder.record(
+                    super::record::record(
                         req.method.as_str(),
                         &self.url(&req.target),
                         &req.headers,
-                        body,
+                        req.body.clone().unwrap_or_default(),
                         location,
                     );
                 }
