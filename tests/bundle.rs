@@ -203,13 +203,21 @@ fn bundle_image_deployment_secrets_and_restart() {
     );
     eprintln!("WorkerDeployments applied -> Deployment runs the image: {first_ms} ms (test clock)");
 
-    // A new secret value: the same image, new pods (the pod template's hash moves).
+    // A new secret value: the same image, new pods (the pod template's hash moves). The image
+    // is not even assembled again: nothing it is made of changed.
+    let health = controller.health_url();
+    let builds = || {
+        let (_, metrics) = http_request(&health, "GET", "/metrics", None).unwrap();
+        metric_total(&metrics, "workerbundle_build_duration_seconds_count")
+    };
+    let builds_before = builds();
     let hash = secrets_hash(&deployment);
     apply_ok(cluster, &secret_yaml(&[("TOKEN", "s3cr3t-value-2")]));
     let moved = cluster.wait_for("deployment", "workers-1234", WAIT, &controller, |d| {
         Some(secrets_hash(d)).filter(|h| *h != hash)
     });
     assert!(!moved.is_empty());
+    assert_eq!(builds(), builds_before, "an image assembled again for a secret value:\n{}", controller.log());
     let deployment = cluster.get("deployment", "workers-1234").unwrap();
     assert_eq!(
         container(&deployment)["image"].as_str(),

@@ -18,6 +18,8 @@ use super::events::Recorders;
 use super::metrics::Metrics;
 use super::Error;
 use crate::build::BuildContext;
+use crate::digest::Digest;
+use crate::image::assemble::ImageWorker;
 use crate::image::reference::ImageRef;
 use crate::registry::Registries;
 
@@ -59,6 +61,21 @@ pub struct Context {
     /// The image this process last pushed for each bundle (by uid): a reconcile that runs on a
     /// cached bundle older than our own status write must not push the same image again.
     pushed: Mutex<HashMap<String, String>>,
+    /// The image last assembled for each bundle (by uid) and what it was assembled from. Most
+    /// bundle reconciles change nothing the image is made of (a release settling, a Deployment's
+    /// status): they get the image's reference from here instead of assembling it again.
+    assembled: Mutex<HashMap<String, (AssemblyInputs, String)>>,
+}
+
+/// Everything a bundle's image is assembled from (the base by its manifest's digest), and the
+/// repository its reference names: equal inputs give the same image, byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssemblyInputs {
+    pub repository: String,
+    pub base: Digest,
+    pub base_name: String,
+    pub source_date_epoch: i64,
+    pub workers: Vec<ImageWorker>,
 }
 
 impl Context {
@@ -77,6 +94,7 @@ impl Context {
             bases: Bases::default(),
             account_registries: Mutex::default(),
             pushed: Mutex::default(),
+            assembled: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -130,6 +148,23 @@ impl Context {
 
     pub fn record_push(&self, uid: &str, image: &str) {
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), image.to_owned());
+    }
+
+    /// The image last assembled for the bundle `uid`, if it was assembled from `inputs`.
+    pub fn assembled_from(&self, uid: &str, inputs: &AssemblyInputs) -> Option<String> {
+        let assembled = self.assembled.lock().unwrap_or_else(|p| p.into_inner());
+        assembled.get(uid).filter(|(from, _)| from == inputs).map(|(_, image)| image.clone())
+    }
+
+    pub fn record_assembly(&self, uid: &str, inputs: AssemblyInputs, image: &str) {
+        let mut assembled = self.assembled.lock().unwrap_or_else(|p| p.into_inner());
+        assembled.insert(uid.to_owned(), (inputs, image.to_owned()));
+    }
+
+    /// Forgets what this process pushed and assembled for a bundle that is gone.
+    pub fn forget_bundle(&self, uid: &str) {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        self.assembled.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
     }
 
     /// Publishes an Event about `object`; a failure to publish is logged, never fatal.

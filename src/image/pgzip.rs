@@ -31,9 +31,12 @@ const MAX_THREADS: usize = 8;
 /// The gzip header's OS byte, fixed to "unknown" so the host's OS never shows in a digest.
 const GZIP_OS_UNKNOWN: u8 = 255;
 
-/// Worker threads for layer compression: the available cores, at most [`MAX_THREADS`].
+/// Worker threads for layer compression: the available cores, at most [`MAX_THREADS`]. Asked
+/// once per process: `available_parallelism` reads the cgroup's CPU quota files on every call,
+/// and a build asks for each of its layers.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS))
 }
 
 /// The gzip header: no name, no mtime, XFL "fastest" (what flate2 writes for level 1), OS unknown.

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::apply::{apply, apply_status};
 use super::cache::{image_key, secret_key, Cache};
+use super::context::AssemblyInputs;
 use super::{object_key, Context, Error};
 use crate::build::bundle::{assemble_bundle, push_bundle};
 use crate::build::Target;
@@ -148,18 +149,41 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         ctx.bases.resolve(&base_ref, plan::pinned_base(bundle, &base_ref).as_ref(), &registries).await?;
     let options =
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
-    let assembling = Instant::now();
-    let image = assemble_bundle(&base, &inputs.workers, &options)?;
-    ctx.metrics.observe_build(assembling.elapsed());
-    debug!(took = ?assembling.elapsed(), "image assembled");
-    let image_ref = target.image_ref(&image.manifest.digest);
+    let uid = bundle.uid().unwrap_or_default();
+    let assembly = AssemblyInputs {
+        repository: repository.clone(),
+        base: base.image.manifest_digest.clone(),
+        base_name: base.name.clone(),
+        source_date_epoch: options.source_date_epoch,
+        workers: inputs.workers.iter().map(|w| w.worker.clone()).collect(),
+    };
+    let assemble = || -> Result<_, Failure> {
+        let assembling = Instant::now();
+        let image = assemble_bundle(&base, &inputs.workers, &options)?;
+        ctx.metrics.observe_build(assembling.elapsed());
+        debug!(took = ?assembling.elapsed(), "image assembled");
+        Ok(image)
+    };
+    let (image_ref, mut assembled) = match ctx.assembled_from(&uid, &assembly) {
+        Some(image_ref) => (image_ref, None),
+        None => {
+            let image = assemble()?;
+            let image_ref = target.image_ref(&image.manifest.digest);
+            ctx.record_assembly(&uid, assembly, &image_ref);
+            (image_ref, Some(image))
+        }
+    };
 
     // Apply: the image, only when it is not the one the bundle already runs.
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
-    let uid = bundle.uid().unwrap_or_default();
     let current = status.and_then(|s| s.image.as_deref()) == Some(image_ref.as_str());
     if !current && !ctx.pushed_last(&uid, &image_ref) {
+        // Known but not pushed (the push after that assembly failed): the bytes are needed now.
+        let image = match assembled.take() {
+            Some(image) => image,
+            None => assemble()?,
+        };
         let pushing = Instant::now();
         let tag = plan::image_tag(bundle);
         let requests = match &target {
@@ -349,6 +373,7 @@ async fn delete(image: &str, registries: &crate::registry::Registries) -> Result
 
 /// A deleted bundle: its images go too, unless kept or still used elsewhere.
 async fn cleanup(bundle: Arc<WorkerBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.forget_bundle(&bundle.uid().unwrap_or_default());
     if bundle.annotations().get(KEEP_IMAGES_ANNOTATION).is_some_and(|v| v == "true") {
         info!("bundle deleted; its images are kept ({KEEP_IMAGES_ANNOTATION})");
         return Ok(Action::await_change());
