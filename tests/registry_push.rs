@@ -236,7 +236,7 @@ fn upload_sessions_opened_ahead_are_used_or_cancelled() {
 #[test]
 fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled() {
     use workerbundle::digest::Digest;
-    use workerbundle::registry::push::{keep_one_session, push_blob_if_missing};
+    use workerbundle::registry::push::{keep_sessions, push_blob_if_missing};
 
     let registry = Registry::start(false);
     let registries = Registries::new(RegistryOptions { insecure: true, ..Default::default() });
@@ -252,7 +252,7 @@ fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled(
     // Eight releases of one account ask at once: one session is opened.
     let before = registry.requests().len();
     runtime
-        .block_on(futures::future::join_all((0..8).map(|_| keep_one_session(&client, &memory, "acct/app"))));
+        .block_on(futures::future::join_all((0..8).map(|_| keep_sessions(&client, &memory, "acct/app", 1))));
     let requests = registry.requests()[before..].to_vec();
     assert_eq!(uploads(&requests, "POST", 202), 1, "{requests:#?}");
     assert_eq!(requests.len(), 1, "{requests:#?}");
@@ -270,7 +270,7 @@ fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled(
 
     // A session the registry no longer knows (here cancelled behind our back): the blob still
     // goes up, through a fresh session.
-    runtime.block_on(keep_one_session(&client, &memory, "acct/app"));
+    runtime.block_on(keep_sessions(&client, &memory, "acct/app", 1));
     let kept = registry.requests().last().unwrap().clone();
     assert_eq!((kept.method.as_str(), kept.status), ("POST", 202), "{kept:#?}");
     // What distribution's upload purge does to an abandoned session.
@@ -299,7 +299,7 @@ fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled(
     assert!(registry.blob_exists("acct/app", &Digest::of(&other).to_string()));
 
     // Shutdown: the session kept for a push that never came is cancelled.
-    runtime.block_on(keep_one_session(&client, &memory, "acct/app"));
+    runtime.block_on(keep_sessions(&client, &memory, "acct/app", 1));
     let before = registry.requests().len();
     runtime.block_on(registries.cancel_open_sessions());
     let requests = registry.requests()[before..].to_vec();

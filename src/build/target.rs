@@ -15,7 +15,7 @@ use crate::image::assemble::AssembledImage;
 use crate::image::layout::{Layout, LayoutWriter};
 use crate::oci::descriptor_digest;
 use crate::registry::pull::{delete_image, fetch_blob};
-use crate::registry::push::{keep_one_session, push_blob_if_missing};
+use crate::registry::push::{keep_sessions, push_blob_if_missing};
 use crate::registry::{Registries, RegistryRef};
 
 /// Writes to layouts go one at a time: `index.json` is read, changed and replaced as a whole.
@@ -53,22 +53,22 @@ impl Target {
         Ok((Target::parse(repository)?, digest))
     }
 
-    /// Opens an upload session of the repository while the caller reads and builds a layer, so
-    /// that the layer then goes up with one request (see [`keep_one_session`]). Nothing to do
-    /// for a layout; a failure is left to the upload, which opens its own session.
-    pub async fn open_upload_session(&self, registries: &Registries) {
+    /// Opens `count` upload sessions of the repository while the caller reads and builds a
+    /// layer, so that each blob it then sends goes up with one request (see [`keep_sessions`]).
+    /// Nothing to do for a layout; a failure is left to the upload, which opens its own session.
+    pub async fn open_upload_sessions(&self, registries: &Registries, count: usize) {
         if let Target::Registry(r) = self {
             if let Ok(client) = registries.client(&r.registry) {
-                keep_one_session(&client, &registries.memory(&r.registry), &r.repository).await;
+                keep_sessions(&client, &registries.memory(&r.registry), &r.repository, count).await;
             }
         }
     }
 
-    /// After a layer went up: opens, in the background, the session the bundle's image config
-    /// will use a debounce later (see [`keep_one_session`]).
+    /// After a layer went up alone: opens, in the background, the session the bundle's image
+    /// config will use a debounce later (see [`keep_sessions`]).
     pub fn open_upload_session_for_next_push(&self, registries: Arc<Registries>) {
         let target = self.clone();
-        tokio::spawn(async move { target.open_upload_session(&registries).await });
+        tokio::spawn(async move { target.open_upload_sessions(&registries, 1).await });
     }
 
     /// Makes sure a worker's layer is there (known, present, or uploaded); `true` when it was

@@ -19,6 +19,11 @@ pub struct Bases {
 }
 
 impl Bases {
+    /// The base `reference` names if it was resolved already: never a registry request.
+    pub async fn cached(&self, reference: &ImageRef, pinned: Option<&Digest>) -> Option<Arc<ResolvedBase>> {
+        self.resolved.lock().await.get(&(reference.to_string(), pinned.cloned())).cloned()
+    }
+
     /// The base `reference` names, read at `pinned` when a digest was recorded for it before.
     pub async fn resolve(
         &self,

@@ -57,9 +57,9 @@ pub struct PushMemory {
     learned: Mutex<HashSet<String>>,
     single_request_upload: Mutex<Option<bool>>,
     /// Upload sessions opened ahead of need, by repository (see [`open_sessions_ahead`] and
-    /// [`keep_one_session`]). Any of a repository's sessions serves any of its blobs.
+    /// [`keep_sessions`]). Any of a repository's sessions serves any of its blobs.
     sessions: Mutex<HashMap<String, Vec<String>>>,
-    /// Repositories whose [`keep_one_session`] POST is in flight.
+    /// Repositories whose [`keep_sessions`] POST is in flight.
     opening: Mutex<HashSet<String>>,
 }
 
@@ -104,11 +104,12 @@ impl PushMemory {
         self.sessions.lock().ok().and_then(|mut s| s.remove(repo)).unwrap_or_default()
     }
 
-    /// Claims the right to open the repository's one kept session: `false` when a session is
-    /// open already or another task is opening one.
-    fn claim_opening(&self, repo: &str) -> bool {
-        let open = self.sessions.lock().is_ok_and(|s| s.get(repo).is_some_and(|v| !v.is_empty()));
-        !open && self.opening.lock().is_ok_and(|mut o| o.insert(repo.to_owned()))
+    /// Claims the right to open the sessions the repository lacks to have `count` open: how
+    /// many, or `None` when it has them already or another task is opening some.
+    fn claim_opening(&self, repo: &str, count: usize) -> Option<usize> {
+        let open = self.sessions.lock().ok()?.get(repo).map_or(0, Vec::len);
+        let missing = count.checked_sub(open).filter(|m| *m > 0)?;
+        self.opening.lock().ok()?.insert(repo.to_owned()).then_some(missing)
     }
 
     fn opened(&self, repo: &str) {
@@ -298,20 +299,24 @@ pub async fn open_sessions_ahead(client: &RegistryClient, memory: &PushMemory, r
     }
 }
 
-/// Makes sure ONE upload session of the repository is open for its next blob, unless one is open
-/// already or being opened: the long-running controller's way of taking the POST off the path of
-/// a change. A new release opens it while its sources are read, and uses it for its layer; after
-/// a layer went up, the next one is opened for the bundle's image config, which comes a debounce
-/// later. At most one is kept per repository whatever the number of releases in flight, so a
-/// change costs the same requests as before (a POST sent earlier, not an extra one). An unused
-/// session is cancelled by the repository's next image push, or at shutdown
-/// ([`cancel_every_session`]); one the registry has expired meanwhile costs a fresh POST.
-pub async fn keep_one_session(client: &RegistryClient, memory: &PushMemory, repo: &str) {
-    if memory.single_request() == Some(true) || !memory.claim_opening(repo) {
+/// Makes sure `count` upload sessions of the repository are open for its next blobs, unless
+/// sessions are being opened already: the long-running controller's way of taking POSTs off the
+/// path of a change. A new release opens one while its sources are read, for its layer, or two
+/// when its bundle's next image config can go up beside the layer (see
+/// `controller::bundle::ahead`); after a layer went up without it, one is opened for that config,
+/// which comes a debounce later. Sessions are kept for the blobs a change is about to send and no
+/// more, whatever the number of releases in flight, so a change costs the same requests as
+/// before (POSTs sent earlier, not extra ones). An unused session is cancelled by the
+/// repository's next image push, or at shutdown ([`cancel_every_session`]); one the registry has
+/// expired meanwhile costs a fresh POST.
+pub async fn keep_sessions(client: &RegistryClient, memory: &PushMemory, repo: &str, count: usize) {
+    if memory.single_request() == Some(true) {
         return;
     }
+    let Some(missing) = memory.claim_opening(repo, count) else { return };
     client.want_scope(repo, "pull,push");
-    if let Some(session) = open_session(client, repo).await {
+    let opened = futures::future::join_all((0..missing).map(|_| open_session(client, repo))).await;
+    for session in opened.into_iter().flatten() {
         memory.add_session(repo, session);
     }
     memory.opened(repo);

@@ -14,12 +14,34 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::apply::{apply, apply_status};
-use super::cache::{account_key, custom_selector_key, Cache};
+use super::cache::{account_key, custom_selector_key, Cache, Caches};
 use super::{object_key, Context, Error};
-use crate::crd::{WorkerAccount, WorkerBundle, ACCOUNT_LABEL};
+use crate::crd::{WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, ACCOUNT_LABEL};
 use plan::BundlePlan;
 
 const RESYNC: Duration = Duration::from_secs(600);
+
+/// What an account's plan is made from.
+pub struct Observed {
+    pub deployments: Vec<Arc<WorkerDeployment>>,
+    pub releases: Vec<Arc<WorkerRelease>>,
+    pub existing: Option<Arc<WorkerBundle>>,
+}
+
+/// The deployments and releases `account` selects and its bundle, from the caches: with the
+/// default selector only the objects labelled with the account can be selected; a selector of
+/// its own may select any of the namespace.
+pub fn observe(account: &WorkerAccount, caches: &Caches) -> Observed {
+    let namespace = account.namespace().unwrap_or_default();
+    let (deployments, releases) = if account.spec.worker_release_selector.is_none() {
+        let key = account_key(&namespace, &account.name_any());
+        (caches.deployments.find(&key), caches.releases.find(&key))
+    } else {
+        (caches.deployments.in_namespace(&namespace), caches.releases.in_namespace(&namespace))
+    };
+    let existing = caches.bundles.get(&namespace, &plan::bundle_name(account));
+    Observed { deployments, releases, existing }
+}
 
 pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result<Action, Error> {
     if account.metadata.deletion_timestamp.is_some() {
@@ -30,16 +52,8 @@ pub async fn reconcile(account: Arc<WorkerAccount>, ctx: Arc<Context>) -> Result
     let accounts: Api<WorkerAccount> = Api::namespaced(client.clone(), &namespace);
     let bundles: Api<WorkerBundle> = Api::namespaced(client.clone(), &namespace);
 
-    // Observe, from the caches: with the default selector only the objects labelled with the
-    // account can be selected; a selector of its own may select any of the namespace.
-    let caches = &ctx.caches;
-    let (deployments, releases) = if account.spec.worker_release_selector.is_none() {
-        let key = account_key(&namespace, &account.name_any());
-        (caches.deployments.find(&key), caches.releases.find(&key))
-    } else {
-        (caches.deployments.in_namespace(&namespace), caches.releases.in_namespace(&namespace))
-    };
-    let existing = caches.bundles.get(&namespace, &plan::bundle_name(&account));
+    // Observe, from the caches.
+    let Observed { deployments, releases, existing } = observe(&account, &ctx.caches);
 
     // Plan.
     let plan = plan::plan(&account, &deployments, &releases, existing.as_deref(), Timestamp::now());

@@ -7,6 +7,7 @@
 //! is annotated `workerbundle.dev/keep-images: "true"`. While the registry cannot be reached the
 //! deletion waits; the annotation lets a bundle go without it.
 
+pub mod ahead;
 pub mod network_policy;
 pub mod plan;
 pub mod workload;
@@ -324,7 +325,7 @@ fn observe_releases(bundle: &WorkerBundle, ctx: &Context) -> BTreeMap<String, Wo
         .collect()
 }
 
-fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> plan::Secrets {
+pub(super) fn observe_secrets(bundle: &WorkerBundle, ctx: &Context) -> plan::Secrets {
     let namespace = bundle.namespace().unwrap_or_default();
     plan::referenced_secrets(bundle)
         .into_iter()

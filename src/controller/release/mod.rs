@@ -15,7 +15,7 @@ use kube::{Api, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::apply::apply_status;
-use super::{object_key, Context, Error};
+use super::{bundle, object_key, Context, Error};
 use crate::build::Target;
 use crate::crd::{WorkerRelease, ACCOUNT_LABEL};
 use crate::image::assemble::build_worker_layer;
@@ -79,7 +79,9 @@ async fn build_and_push(
     let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
     let session_ahead = async {
         if recorded_layer.is_none() {
-            target.open_upload_session(&registries).await;
+            // The layer's session, and the bundle's next image config's when it can go up too.
+            let count = if bundle::ahead::changes_a_running_worker(release, ctx) { 2 } else { 1 };
+            target.open_upload_sessions(&registries, count).await;
         }
     };
     let (fetched, ()) = tokio::join!(futures::future::try_join_all(reads), session_ahead);
@@ -98,14 +100,41 @@ async fn build_and_push(
         .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
     ctx.metrics.observe_build(started.elapsed());
     debug!(took = ?started.elapsed(), bytes = layer.blob.bytes.len(), "layer built");
+    let status =
+        plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now());
+
+    // The bundle's next image, when this release is all that changes in it: it is worked out
+    // while the layer goes up, and its config goes up beside it rather than on its own a debounce
+    // later. (Its time is inside the push's: it runs in the same window.)
     let started = Instant::now();
     let recorded = recorded_layer.as_deref() == Some(layer.blob.digest.as_str());
-    let uploaded =
-        target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded).await?;
+    let ahead = async {
+        if recorded_layer.is_some() || !matches!(target, Target::Registry(_)) {
+            return Ok(false);
+        }
+        let Some(blobs) = bundle::ahead::next_image_blobs(release, &status, &repository, ctx).await else {
+            return Ok(false);
+        };
+        debug!(took = ?started.elapsed(), "next bundle image assembled ahead");
+        for blob in blobs {
+            target.put_layer(&registries, &blob.digest, blob.bytes, false).await?;
+        }
+        Ok::<_, crate::build::BuildError>(true)
+    };
+    let (uploaded, sent_ahead) = tokio::join!(
+        target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded),
+        ahead
+    );
+    let uploaded = uploaded?;
     ctx.metrics.observe_push(started.elapsed());
-    if uploaded {
+    let sent_ahead = sent_ahead.unwrap_or_else(|e| {
+        // Not this release's failure: the bundle sends its config itself.
+        debug!(error = %e, "the next bundle image's config did not go up ahead");
+        false
+    });
+    if uploaded && !sent_ahead {
         // The bundle's image follows a debounce later, with one new blob (its config).
         target.open_upload_session_for_next_push(registries.clone());
     }
-    Ok(plan::ready_status(release, &worker, modules, &layer.layer_ref(), &repository, Timestamp::now()))
+    Ok(status)
 }
