@@ -234,7 +234,7 @@ fn upload_sessions_opened_ahead_are_used_or_cancelled() {
 /// used by the next blob; one the registry has dropped meanwhile costs a fresh POST, not a failed
 /// push; what is left at shutdown is cancelled.
 #[test]
-fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled() {
+fn kept_upload_sessions_are_as_many_as_asked_survive_expiry_and_are_cancelled() {
     use workerbundle::digest::Digest;
     use workerbundle::registry::push::{keep_sessions, push_blob_if_missing};
 
@@ -298,13 +298,22 @@ fn a_kept_upload_session_is_one_per_repository_survives_expiry_and_is_cancelled(
     assert_eq!(uploads(&requests, "PUT", 201), 1, "{requests:#?}");
     assert!(registry.blob_exists("acct/app", &Digest::of(&other).to_string()));
 
-    // Shutdown: the session kept for a push that never came is cancelled.
+    // A release that will also send its bundle's next config asks for two: with one open
+    // already, one more is opened; asked again, none.
     runtime.block_on(keep_sessions(&client, &memory, "acct/app", 1));
+    let before = registry.requests().len();
+    runtime.block_on(keep_sessions(&client, &memory, "acct/app", 2));
+    runtime.block_on(keep_sessions(&client, &memory, "acct/app", 2));
+    let requests = registry.requests()[before..].to_vec();
+    assert_eq!(uploads(&requests, "POST", 202), 1, "{requests:#?}");
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+
+    // Shutdown: the sessions kept for a push that never came are cancelled.
     let before = registry.requests().len();
     runtime.block_on(registries.cancel_open_sessions());
     let requests = registry.requests()[before..].to_vec();
-    assert_eq!(uploads(&requests, "DELETE", 204), 1, "{requests:#?}");
-    assert_eq!(requests.len(), 1, "{requests:#?}");
+    assert_eq!(uploads(&requests, "DELETE", 204), 2, "{requests:#?}");
+    assert_eq!(requests.len(), 2, "{requests:#?}");
 }
 
 #[test]
