@@ -71,10 +71,10 @@ impl Target {
         tokio::spawn(async move { target.open_upload_sessions(&registries, 1).await });
     }
 
-    /// Makes sure a worker's layer is there (known, present, or uploaded); `true` when it was
-    /// uploaded. A registry is asked first (one HEAD) only when the layer is `likely_present`,
-    /// e.g. recorded by an earlier build.
-    pub async fn put_layer(
+    /// Makes sure a blob (a worker's layer, a bundle's next image config) is there (known,
+    /// present, or uploaded); `true` when it was uploaded. A registry is asked first (one HEAD)
+    /// only when the blob is `likely_present`, e.g. a layer recorded by an earlier build.
+    pub async fn put_blob(
         &self,
         registries: &Registries,
         digest: &Digest,
@@ -185,8 +185,8 @@ mod tests {
         let target = Target::Layout(dir.path().join("acct"));
         let registries = Registries::new(Default::default());
         let bytes = Bytes::from_static(b"layer");
-        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
-        target.put_layer(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
+        target.put_blob(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
+        target.put_blob(&registries, &Digest::of(&bytes), bytes.clone(), false).await.unwrap();
         let layout = Layout::open(&dir.path().join("acct")).unwrap();
         assert!(layout.blob_path(&Digest::of(&bytes)).exists());
         assert!(layout.index().unwrap().manifests().is_empty());

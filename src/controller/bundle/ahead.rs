@@ -23,7 +23,7 @@ use crate::crd::{WorkerBundle, WorkerRelease, WorkerReleaseStatus, ACCOUNT_LABEL
 use crate::image::assemble::{AssembleOptions, Blob};
 
 /// Whether `release` changes a worker its account's bundle runs already: the case where the
-/// bundle's next image can be worked out ahead ([`next_image_blobs`]), known before the release
+/// bundle's next image can be worked out ahead ([`next_image_config`]), known before the release
 /// is built (so that an upload session for that image's config is opened with the layer's).
 pub fn changes_a_running_worker(release: &WorkerRelease, ctx: &Context) -> bool {
     let running = || {
@@ -36,16 +36,18 @@ pub fn changes_a_running_worker(release: &WorkerRelease, ctx: &Context) -> bool 
     running().unwrap_or(false)
 }
 
-/// The new small blobs of the image `release` will make of its bundle (its config and, when the
-/// workers' names or ports move, its config layer), for the repository `repository`; `None` when
-/// it cannot be known yet: another release of the account still being built (the account holds
-/// its bundle for it), a bundle that does not exist yet, another repository, a base not read yet.
-pub async fn next_image_blobs(
+/// The config blob of the image `release` will make of its bundle, for the repository
+/// `repository`; `None` when it cannot be known yet: another release of the account still being
+/// built (the account holds its bundle for it), a bundle that does not exist yet or would not
+/// change, another repository, a base not read yet. Only the config: the image's config layer
+/// (workers' names and ports) does not change with a worker's code, and when it does change the
+/// bundle's push, which first learns what the repository holds, decides whether it goes up.
+pub async fn next_image_config(
     release: &WorkerRelease,
     ready: &WorkerReleaseStatus,
     repository: &str,
     ctx: &Context,
-) -> Option<Vec<Blob>> {
+) -> Option<Blob> {
     let namespace = release.namespace()?;
     let account = ctx.caches.accounts.get(&namespace, release.labels().get(ACCOUNT_LABEL)?)?;
     if account.metadata.deletion_timestamp.is_some() {
@@ -89,5 +91,5 @@ pub async fn next_image_blobs(
     let options =
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
     let image = assemble_bundle(&base, &inputs.workers, &options).ok()?;
-    Some(vec![image.config_layer.blob, image.config])
+    Some(image.config)
 }

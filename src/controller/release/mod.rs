@@ -112,17 +112,15 @@ async fn build_and_push(
         if recorded_layer.is_some() || !matches!(target, Target::Registry(_)) {
             return Ok(false);
         }
-        let Some(blobs) = bundle::ahead::next_image_blobs(release, &status, &repository, ctx).await else {
+        let Some(config) = bundle::ahead::next_image_config(release, &status, &repository, ctx).await else {
             return Ok(false);
         };
         debug!(took = ?started.elapsed(), "next bundle image assembled ahead");
-        for blob in blobs {
-            target.put_layer(&registries, &blob.digest, blob.bytes, false).await?;
-        }
+        target.put_blob(&registries, &config.digest, config.bytes, false).await?;
         Ok::<_, crate::build::BuildError>(true)
     };
     let (uploaded, sent_ahead) = tokio::join!(
-        target.put_layer(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded),
+        target.put_blob(&registries, &layer.blob.digest, layer.blob.bytes.clone(), recorded),
         ahead
     );
     let uploaded = uploaded?;
