@@ -314,11 +314,7 @@ pub async fn keep_sessions(client: &RegistryClient, memory: &PushMemory, repo: &
         return;
     }
     let Some(missing) = memory.claim_opening(repo, count) else { return };
-    client.want_scope(repo, "pull,push");
-    let opened = futures::future::join_all((0..missing).map(|_| open_session(client, repo))).await;
-    for session in opened.into_iter().flatten() {
-        memory.add_session(repo, session);
-    }
+    open_sessions_ahead(client, memory, repo, missing).await;
     memory.opened(repo);
 }
 

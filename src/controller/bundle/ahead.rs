@@ -19,7 +19,7 @@ use super::plan;
 use crate::build::bundle::assemble_bundle;
 use crate::controller::account::{self, plan::BundlePlan};
 use crate::controller::Context;
-use crate::crd::{WorkerBundle, WorkerRelease, WorkerReleaseStatus, ACCOUNT_LABEL};
+use crate::crd::{WorkerAccount, WorkerBundle, WorkerRelease, WorkerReleaseStatus, ACCOUNT_LABEL};
 use crate::image::assemble::{AssembleOptions, Blob};
 
 /// Whether `release` changes a worker its account's bundle runs already: the case where the
@@ -27,9 +27,8 @@ use crate::image::assemble::{AssembleOptions, Blob};
 /// is built (so that an upload session for that image's config is opened with the layer's).
 pub fn changes_a_running_worker(release: &WorkerRelease, ctx: &Context) -> bool {
     let running = || {
-        let namespace = release.namespace()?;
-        let account = ctx.caches.accounts.get(&namespace, release.labels().get(ACCOUNT_LABEL)?)?;
-        let bundle = ctx.caches.bundles.get(&namespace, &account::plan::bundle_name(&account))?;
+        let account = account_of(release, ctx)?;
+        let bundle = ctx.caches.bundles.get(&release.namespace()?, &account::plan::bundle_name(&account))?;
         let script = &release.spec.template.script_name;
         Some(bundle.spec.workers.iter().any(|w| w.worker_name == *script && w.release != release.name_any()))
     };
@@ -48,8 +47,7 @@ pub async fn next_image_config(
     repository: &str,
     ctx: &Context,
 ) -> Option<Blob> {
-    let namespace = release.namespace()?;
-    let account = ctx.caches.accounts.get(&namespace, release.labels().get(ACCOUNT_LABEL)?)?;
+    let account = account_of(release, ctx)?;
     if account.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -77,13 +75,11 @@ pub async fn next_image_config(
         return None;
     }
 
-    let by_name: BTreeMap<String, WorkerRelease> =
-        releases.iter().map(|r| (r.name_any(), (**r).clone())).collect();
-    let releases: BTreeMap<String, WorkerRelease> = bundle
-        .spec
-        .workers
+    // The releases the bundle will run, by name, as the bundle's own reconcile observes them.
+    let releases: BTreeMap<String, WorkerRelease> = releases
         .iter()
-        .filter_map(|w| Some((w.release.clone(), by_name.get(&w.release)?.clone())))
+        .filter(|r| bundle.spec.workers.iter().any(|w| w.release == r.name_any()))
+        .map(|r| (r.name_any(), (**r).clone()))
         .collect();
     let inputs = plan::image_inputs(&bundle, &releases, &super::observe_secrets(&bundle, ctx)).ok()?;
     let base_ref = plan::base_reference(&bundle, &ctx.settings).ok()?;
@@ -92,4 +88,9 @@ pub async fn next_image_config(
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
     let image = assemble_bundle(&base, &inputs.workers, &options).ok()?;
     Some(image.config)
+}
+
+/// The account `release` belongs to (its label), from the cache.
+fn account_of(release: &WorkerRelease, ctx: &Context) -> Option<Arc<WorkerAccount>> {
+    ctx.caches.accounts.get(&release.namespace()?, release.labels().get(ACCOUNT_LABEL)?)
 }
