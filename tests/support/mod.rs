@@ -78,6 +78,7 @@ pub fn workerbundle_ok(args: &[&str]) -> String {
 pub fn base_layout() -> &'static str {
     static BASE: OnceLock<String> = OnceLock::new();
     BASE.get_or_init(|| {
+        remove_bases_of_finished_runs();
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("base-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let reference = format!("oci:{}:workerd", dir.display());
@@ -89,6 +90,19 @@ pub fn base_layout() -> &'static str {
         );
         reference
     })
+}
+
+/// A static is never dropped, so each test binary's base layout (62 MB) outlives it: without this
+/// sweep every `cargo test` left ten more of them in the target directory.
+fn remove_bases_of_finished_runs() {
+    let Ok(entries) = fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("base-")) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The testdata workers, as `--worker` arguments.
