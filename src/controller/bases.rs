@@ -13,6 +13,10 @@ use crate::registry::Registries;
 /// A base reference as configured, and the digest it was pinned at.
 type BaseKey = (String, Option<Digest>);
 
+fn base_key(reference: &ImageRef, pinned: Option<&Digest>) -> BaseKey {
+    (reference.to_string(), pinned.cloned())
+}
+
 #[derive(Default)]
 pub struct Bases {
     resolved: tokio::sync::Mutex<HashMap<BaseKey, Arc<ResolvedBase>>>,
@@ -21,7 +25,7 @@ pub struct Bases {
 impl Bases {
     /// The base `reference` names if it was resolved already: never a registry request.
     pub async fn cached(&self, reference: &ImageRef, pinned: Option<&Digest>) -> Option<Arc<ResolvedBase>> {
-        self.resolved.lock().await.get(&(reference.to_string(), pinned.cloned())).cloned()
+        self.resolved.lock().await.get(&base_key(reference, pinned)).cloned()
     }
 
     /// The base `reference` names, read at `pinned` when a digest was recorded for it before.
@@ -31,7 +35,7 @@ impl Bases {
         pinned: Option<&Digest>,
         registries: &Registries,
     ) -> Result<Arc<ResolvedBase>, BuildError> {
-        let key = (reference.to_string(), pinned.cloned());
+        let key = base_key(reference, pinned);
         let mut resolved = self.resolved.lock().await;
         if let Some(base) = resolved.get(&key) {
             return Ok(base.clone());

@@ -310,9 +310,6 @@ pub async fn open_sessions_ahead(client: &RegistryClient, memory: &PushMemory, r
 /// repository's next image push, or at shutdown ([`cancel_every_session`]); one the registry has
 /// expired meanwhile costs a fresh POST.
 pub async fn keep_sessions(client: &RegistryClient, memory: &PushMemory, repo: &str, count: usize) {
-    if memory.single_request() == Some(true) {
-        return;
-    }
     let Some(missing) = memory.claim_opening(repo, count) else { return };
     open_sessions_ahead(client, memory, repo, missing).await;
     memory.opened(repo);
