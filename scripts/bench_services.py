@@ -54,7 +54,7 @@ class Services:
         """Starts the registry with the base image (BASE_LAYOUT) in it as workerd-base:1; returns HOST:PORT."""
         port = free_port()
         with open(os.path.join(self.work, "registry.yml"), "w") as f:
-            f.write(f"version: 0.1\nlog: {{ level: error }}\nstorage: {{ filesystem: {{ rootdirectory: {self.work}/registry }}, delete: {{ enabled: true }} }}\n"
+            f.write(f"version: 0.1\nlog: {{ level: {os.environ.get('REGISTRY_LOG_LEVEL', 'error')} }}\nstorage: {{ filesystem: {{ rootdirectory: {self.work}/registry }}, delete: {{ enabled: true }} }}\n"
                     f"http: {{ addr: 127.0.0.1:{port}, secret: bench }}\n")
         self.start(["docker-registry", "serve", os.path.join(self.work, "registry.yml")], "registry.log")
         self.wait_http(f"http://127.0.0.1:{port}/v2/")
