@@ -17,9 +17,10 @@ use super::cache::Caches;
 use super::events::Recorders;
 use super::metrics::Metrics;
 use super::Error;
-use crate::build::BuildContext;
+use crate::build::bundle::BundleWorkerLayer;
+use crate::build::{BuildContext, ResolvedBase};
 use crate::digest::Digest;
-use crate::image::assemble::ImageWorker;
+use crate::image::assemble::{AssembleOptions, ImageWorker};
 use crate::image::reference::ImageRef;
 use crate::registry::Registries;
 
@@ -76,6 +77,23 @@ pub struct AssemblyInputs {
     pub base_name: String,
     pub source_date_epoch: i64,
     pub workers: Vec<ImageWorker>,
+}
+
+impl AssemblyInputs {
+    pub fn of(
+        repository: &str,
+        base: &ResolvedBase,
+        options: &AssembleOptions,
+        workers: &[BundleWorkerLayer],
+    ) -> Self {
+        AssemblyInputs {
+            repository: repository.to_owned(),
+            base: base.image.manifest_digest.clone(),
+            base_name: base.name.clone(),
+            source_date_epoch: options.source_date_epoch,
+            workers: workers.iter().map(|w| w.worker.clone()).collect(),
+        }
+    }
 }
 
 impl Context {
@@ -141,9 +159,9 @@ impl Context {
         Ok(registries)
     }
 
-    /// Whether this process pushed `image` for the bundle `uid` last.
-    pub fn pushed_last(&self, uid: &str, image: &str) -> bool {
-        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).is_some_and(|i| i == image)
+    /// The image this process pushed last under the bundle `uid`'s tag, if any since it started.
+    pub fn last_push(&self, uid: &str) -> Option<String> {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
     }
 
     pub fn record_push(&self, uid: &str, image: &str) {

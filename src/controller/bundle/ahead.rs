@@ -1,29 +1,43 @@
-//! The bundle image a release is about to make, worked out while the release's layer goes up.
+//! The bundle image a release is about to make, worked out and pushed while the release's layer
+//! goes up.
 //!
-//! A changed worker used to cost the bundle a config upload a debounce after its layer's (the
-//! account and the bundle wait for releases to settle): two PUTs on a registry gone idle, one
-//! after the other. Here the account's plan and the bundle's image inputs, both pure, run on the
-//! caches as they will be once the release is Ready. When that release is all that changes, the
-//! image's config is known before the account even writes the bundle, and goes up beside the
-//! layer; the bundle's own push then finds it there and sends the manifest alone. The request
-//! count is the same. When something else changes meanwhile, the bundle's image differs and it
-//! sends its own config: the early one cost its upload and nothing else.
+//! A changed worker used to cost the bundle its config upload and its manifest a debounce after
+//! the layer (the account and the bundle wait for releases to settle): PUTs on a registry gone
+//! idle. On this kind of machine a request that follows 50-300 ms of quiet takes 3-4x as long as
+//! the same request back to back (the manifest PUT: ~16 ms against ~4.6; see the note on
+//! `scripts/bench-controller-push`). Here the account's plan and the bundle's image inputs, both
+//! pure, run on the caches as they will be once the release is Ready. When that release is all
+//! that changes, the bundle's image is known before the account even writes the bundle: its
+//! config goes up beside the layer and its manifest, under the bundle's tag, right after both.
+//! The bundle's reconcile then finds the image pushed by this process and sends nothing. The
+//! request count is the same.
+//!
+//! When something else changes meanwhile, the bundle's image differs and it pushes its own (the
+//! early one cost its uploads and nothing else, and is left untagged for the registry's garbage
+//! collection). When the bundle ends up running the image it ran before (a change undone within
+//! the debounce), its reconcile tags that image again ([`super::plan::needs_push`]): the tag
+//! always names the image the bundle runs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use tracing::{debug, info};
 
 use super::plan;
-use crate::build::bundle::assemble_bundle;
+
+use crate::build::bundle::{assemble_bundle, push_bundle, BundleWorkerLayer};
+use crate::build::{ResolvedBase, Target};
 use crate::controller::account::{self, plan::BundlePlan};
+use crate::controller::context::AssemblyInputs;
 use crate::controller::Context;
 use crate::crd::{WorkerAccount, WorkerBundle, WorkerRelease, WorkerReleaseStatus, ACCOUNT_LABEL};
-use crate::image::assemble::{AssembleOptions, Blob};
+use crate::image::assemble::{AssembleOptions, AssembledImage};
+use crate::registry::{Registries, RegistryRef};
 
 /// Whether `release` changes a worker its account's bundle runs already: the case where the
-/// bundle's next image can be worked out ahead ([`next_image_config`]), known before the release
+/// bundle's next image can be worked out ahead ([`next_image`]), known before the release
 /// is built (so that an upload session for that image's config is opened with the layer's).
 pub fn changes_a_running_worker(release: &WorkerRelease, ctx: &Context) -> bool {
     let running = || {
@@ -35,18 +49,16 @@ pub fn changes_a_running_worker(release: &WorkerRelease, ctx: &Context) -> bool 
     running().unwrap_or(false)
 }
 
-/// The config blob of the image `release` will make of its bundle, for the repository
-/// `repository`; `None` when it cannot be known yet: another release of the account still being
-/// built (the account holds its bundle for it), a bundle that does not exist yet or would not
-/// change, another repository, a base not read yet. Only the config: the image's config layer
-/// (workers' names and ports) does not change with a worker's code, and when it does change the
-/// bundle's push, which first learns what the repository holds, decides whether it goes up.
-pub async fn next_image_config(
+/// The image `release` will make of its bundle, for the repository `repository`; `None` when it
+/// cannot be known yet: another release of the account still being built (the account holds its
+/// bundle for it), a bundle that does not exist yet or would not change, another repository, a
+/// base not read yet.
+pub async fn next_image(
     release: &WorkerRelease,
     ready: &WorkerReleaseStatus,
     repository: &str,
     ctx: &Context,
-) -> Option<Blob> {
+) -> Option<NextImage> {
     let account = account_of(release, ctx)?;
     if account.metadata.deletion_timestamp.is_some() {
         return None;
@@ -87,10 +99,65 @@ pub async fn next_image_config(
     let options =
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
     let image = assemble_bundle(&base, &inputs.workers, &options).ok()?;
-    Some(image.config)
+    let assembly = AssemblyInputs::of(repository, &base, &options, &inputs.workers);
+    let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.clone());
+    Some(NextImage {
+        bundle_uid: bundle.uid()?,
+        tag: plan::image_tag(&bundle),
+        bundle,
+        pull_secret,
+        image,
+        base,
+        workers: inputs.workers,
+        assembly,
+    })
+}
+
+/// A bundle's next image, worked out ahead, with what its push needs.
+pub struct NextImage {
+    pub bundle_uid: String,
+    pub tag: String,
+    /// The bundle as it will be (its events are about it).
+    pub bundle: WorkerBundle,
+    /// The bundle's image pull secret: its push goes through the registries the bundle uses.
+    pub pull_secret: Option<String>,
+    pub image: AssembledImage,
+    pub base: Arc<ResolvedBase>,
+    pub workers: Vec<BundleWorkerLayer>,
+    /// What the bundle's reconcile will assemble the image from (so that it need not again).
+    pub assembly: AssemblyInputs,
 }
 
 /// The account `release` belongs to (its label), from the cache.
 fn account_of(release: &WorkerRelease, ctx: &Context) -> Option<Arc<WorkerAccount>> {
     ctx.caches.accounts.get(&release.namespace()?, release.labels().get(ACCOUNT_LABEL)?)
+}
+
+/// Pushes a bundle's next image (its layer and config are up already: the push sends what the
+/// repository still lacks, then the manifest) and records it as the bundle's last push and
+/// assembly, so that the bundle's reconcile sends nothing for it. Only through the registries the
+/// bundle's own push uses: another set has its own memory of what the repository holds. A failure
+/// is not the release's: the bundle pushes its image itself.
+pub async fn push_next_image(
+    repository: &RegistryRef,
+    next: NextImage,
+    registries: &Arc<Registries>,
+    namespace: &str,
+    ctx: &Context,
+) {
+    match ctx.registries(namespace, next.pull_secret.as_deref()).await {
+        Ok(bundle_registries) if Arc::ptr_eq(&bundle_registries, registries) => {}
+        _ => return,
+    }
+    match push_bundle(&next.image, &next.base, &next.workers, repository, &next.tag, registries).await {
+        Ok(report) => {
+            let image = Target::Registry(repository.clone()).image_ref(&next.image.manifest.digest);
+            ctx.record_assembly(&next.bundle_uid, next.assembly, &image);
+            ctx.record_push(&next.bundle_uid, &image);
+            info!(%image, requests = report.requests, bundle = next.bundle.name_any(), "bundle image pushed ahead");
+            let note = format!("pushed {image} ({} registry requests), ahead of the bundle", report.requests);
+            ctx.event(&next.bundle, false, "ImagePushed", "BuildImage", note).await;
+        }
+        Err(e) => debug!(error = %e, "the bundle's next image did not go up ahead"),
+    }
 }

@@ -151,13 +151,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let options =
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
     let uid = bundle.uid().unwrap_or_default();
-    let assembly = AssemblyInputs {
-        repository: repository.clone(),
-        base: base.image.manifest_digest.clone(),
-        base_name: base.name.clone(),
-        source_date_epoch: options.source_date_epoch,
-        workers: inputs.workers.iter().map(|w| w.worker.clone()).collect(),
-    };
+    let assembly = AssemblyInputs::of(&repository, &base, &options, &inputs.workers);
     let assemble = || -> Result<_, Failure> {
         let assembling = Instant::now();
         let image = assemble_bundle(&base, &inputs.workers, &options)?;
@@ -179,8 +173,9 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
     let current = status.and_then(|s| s.image.as_deref()) == Some(image_ref.as_str());
-    if !current && !ctx.pushed_last(&uid, &image_ref) {
-        // Known but not pushed (the push after that assembly failed): the bytes are needed now.
+    if plan::needs_push(current, ctx.last_push(&uid).as_deref(), &image_ref) {
+        // Known but not pushed (the push after that assembly failed, or an image pushed ahead
+        // took the tag): the bytes are needed now.
         let image = match assembled.take() {
             Some(image) => image,
             None => assemble()?,

@@ -189,6 +189,17 @@ pub fn image_tag(bundle: &WorkerBundle) -> String {
     bundle.name_any()
 }
 
+/// Whether the bundle's `image` must be pushed under its tag. Not when this process pushed it
+/// last; when it pushed another image last (a change, or an image pushed ahead by a release that
+/// the bundle did not adopt): the tag must name the image the bundle runs. With no push since
+/// this process started, only an image the bundle does not run yet (a restart writes nothing).
+pub fn needs_push(runs_it: bool, last_pushed: Option<&str>, image: &str) -> bool {
+    match last_pushed {
+        Some(last) => last != image,
+        None => !runs_it,
+    }
+}
+
 /// How far the Deployment has rolled `image` out.
 pub fn rollout(deployment: Option<&Deployment>, image: &str) -> RolloutStatus {
     let Some(d) = deployment else { return RolloutStatus::default() };
@@ -412,6 +423,19 @@ mod tests {
 
     fn served<'a>(inputs: &'a ImageInputs, name: &str) -> &'a ServedWorker {
         &inputs.workers.iter().find(|w| w.worker.served.name == name).unwrap().worker.served
+    }
+
+    #[test]
+    fn the_tag_follows_the_image_the_bundle_runs() {
+        // Never pushed by this process (a restart): only an image the bundle does not run yet.
+        assert!(needs_push(false, None, "img@sha256:b"));
+        assert!(!needs_push(true, None, "img@sha256:a"));
+        // Pushed last (by the bundle, or ahead by a release): nothing to send.
+        assert!(!needs_push(false, Some("img@sha256:b"), "img@sha256:b"));
+        assert!(!needs_push(true, Some("img@sha256:a"), "img@sha256:a"));
+        // Another image took the tag since: a new image goes up, the running one is tagged again.
+        assert!(needs_push(false, Some("img@sha256:c"), "img@sha256:b"));
+        assert!(needs_push(true, Some("img@sha256:c"), "img@sha256:a"));
     }
 
     #[test]
