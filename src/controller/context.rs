@@ -66,6 +66,9 @@ pub struct Context {
     /// bundle reconciles change nothing the image is made of (a release settling, a Deployment's
     /// status): they get the image's reference from here instead of assembling it again.
     assembled: Mutex<HashMap<String, (AssemblyInputs, String)>>,
+    /// The image a release pushed ahead under each bundle's tag (by uid), and the bundle's
+    /// generation it was worked out from, until the bundle adopts it or pushes another.
+    ahead: Mutex<HashMap<String, (String, i64)>>,
 }
 
 /// Everything a bundle's image is assembled from (the base by its manifest's digest), and the
@@ -113,6 +116,7 @@ impl Context {
             account_registries: Mutex::default(),
             pushed: Mutex::default(),
             assembled: Mutex::default(),
+            ahead: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -164,6 +168,25 @@ impl Context {
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
     }
 
+    /// The image a release pushed ahead for the bundle `uid`, and the bundle's generation then.
+    pub fn ahead_push(&self, uid: &str) -> Option<(String, i64)> {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
+    }
+
+    /// Records an image pushed ahead for the bundle `uid` (also its last push), or forgets it.
+    pub fn record_ahead_push(&self, uid: &str, pushed: Option<(String, i64)>) {
+        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        match pushed {
+            Some((image, generation)) => {
+                self.record_push(uid, &image);
+                ahead.insert(uid.to_owned(), (image, generation));
+            }
+            None => {
+                ahead.remove(uid);
+            }
+        }
+    }
+
     pub fn record_push(&self, uid: &str, image: &str) {
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), image.to_owned());
     }
@@ -181,6 +204,7 @@ impl Context {
 
     /// Forgets what this process pushed and assembled for a bundle that is gone.
     pub fn forget_bundle(&self, uid: &str) {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
         self.assembled.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
     }

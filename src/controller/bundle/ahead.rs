@@ -14,9 +14,10 @@
 //!
 //! When something else changes meanwhile, the bundle's image differs and it pushes its own (the
 //! early one cost its uploads and nothing else, and is left untagged for the registry's garbage
-//! collection). When the bundle ends up running the image it ran before (a change undone within
-//! the debounce), its reconcile tags that image again ([`super::plan::needs_push`]): the tag
-//! always names the image the bundle runs.
+//! collection). When the bundle's spec is rewritten and it still runs the image it ran before (a
+//! change undone within the debounce), its reconcile tags that image again
+//! ([`super::plan::needs_push`]): the tag names the image the bundle runs. A reconcile on the
+//! bundle as it was before the release (a cache not yet caught up) changes nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -103,6 +104,7 @@ pub async fn next_image(
     let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.clone());
     Some(NextImage {
         bundle_uid: bundle.uid()?,
+        generation: existing.metadata.generation.unwrap_or(0),
         tag: plan::image_tag(&bundle),
         bundle,
         pull_secret,
@@ -116,6 +118,8 @@ pub async fn next_image(
 /// A bundle's next image, worked out ahead, with what its push needs.
 pub struct NextImage {
     pub bundle_uid: String,
+    /// The generation of the bundle the image was worked out from (before the release's change).
+    pub generation: i64,
     pub tag: String,
     /// The bundle as it will be (its events are about it).
     pub bundle: WorkerBundle,
@@ -153,7 +157,8 @@ pub async fn push_next_image(
         Ok(report) => {
             let image = Target::Registry(repository.clone()).image_ref(&next.image.manifest.digest);
             ctx.record_assembly(&next.bundle_uid, next.assembly, &image);
-            ctx.record_push(&next.bundle_uid, &image);
+            let generation = next.generation;
+            ctx.record_ahead_push(&next.bundle_uid, Some((image.clone(), generation)));
             info!(%image, requests = report.requests, bundle = next.bundle.name_any(), "bundle image pushed ahead");
             let note = format!("pushed {image} ({} registry requests), ahead of the bundle", report.requests);
             ctx.event(&next.bundle, false, "ImagePushed", "BuildImage", note).await;

@@ -189,15 +189,26 @@ pub fn image_tag(bundle: &WorkerBundle) -> String {
     bundle.name_any()
 }
 
-/// Whether the bundle's `image` must be pushed under its tag. Not when this process pushed it
-/// last; when it pushed another image last (a change, or an image pushed ahead by a release that
-/// the bundle did not adopt): the tag must name the image the bundle runs. With no push since
-/// this process started, only an image the bundle does not run yet (a restart writes nothing).
-pub fn needs_push(runs_it: bool, last_pushed: Option<&str>, image: &str) -> bool {
-    match last_pushed {
-        Some(last) => last != image,
-        None => !runs_it,
+/// Whether the bundle's `image` must be pushed under its tag: not when this process pushed it
+/// last; when the bundle does not run it yet; and when it does, only to take the tag back from an
+/// image a release pushed `ahead` that the bundle did not adopt, as its spec, rewritten since
+/// (`generation` past the one the early image was worked out from), now shows. With no push since
+/// this process started, a restart writes nothing; a reconcile on the bundle as it was before
+/// the release (a cache not yet caught up) neither.
+pub fn needs_push(
+    runs_it: bool,
+    last_pushed: Option<&str>,
+    ahead: Option<(&str, i64)>,
+    image: &str,
+    generation: i64,
+) -> bool {
+    if last_pushed == Some(image) {
+        return false;
     }
+    if !runs_it {
+        return true;
+    }
+    ahead.is_some_and(|(early, from)| early != image && generation > from)
 }
 
 /// How far the Deployment has rolled `image` out.
@@ -427,15 +438,21 @@ mod tests {
 
     #[test]
     fn the_tag_follows_the_image_the_bundle_runs() {
+        let (a, b, c) = ("img@sha256:a", "img@sha256:b", "img@sha256:c");
         // Never pushed by this process (a restart): only an image the bundle does not run yet.
-        assert!(needs_push(false, None, "img@sha256:b"));
-        assert!(!needs_push(true, None, "img@sha256:a"));
+        assert!(needs_push(false, None, None, b, 3));
+        assert!(!needs_push(true, None, None, a, 3));
         // Pushed last (by the bundle, or ahead by a release): nothing to send.
-        assert!(!needs_push(false, Some("img@sha256:b"), "img@sha256:b"));
-        assert!(!needs_push(true, Some("img@sha256:a"), "img@sha256:a"));
-        // Another image took the tag since: a new image goes up, the running one is tagged again.
-        assert!(needs_push(false, Some("img@sha256:c"), "img@sha256:b"));
-        assert!(needs_push(true, Some("img@sha256:c"), "img@sha256:a"));
+        assert!(!needs_push(false, Some(b), Some((b, 3)), b, 3));
+        assert!(!needs_push(true, Some(a), None, a, 3));
+        // Another image pushed last and the bundle does not run this one: it goes up.
+        assert!(needs_push(false, Some(c), None, b, 3));
+        assert!(needs_push(false, Some(c), Some((c, 3)), b, 4));
+        // The bundle runs this image and a release pushed another ahead: on the bundle as it was
+        // (same generation: the account has not written it yet), nothing; once its spec was
+        // rewritten without adopting the early image (a change undone), the tag comes back.
+        assert!(!needs_push(true, Some(c), Some((c, 3)), a, 3));
+        assert!(needs_push(true, Some(c), Some((c, 3)), a, 4));
     }
 
     #[test]

@@ -77,10 +77,11 @@ async fn build_and_push(
     let recorded_layer = release.status.as_ref().and_then(|s| s.layer.as_ref()).map(|l| l.digest.clone());
     let s3 = ctx.build.sources.s3().await;
     let reads = urls.iter().map(|url| async move { Ok::<_, Error>((url.clone(), s3.read(url).await?)) });
+    let changes_a_running_worker = bundle::ahead::changes_a_running_worker(release, ctx);
     let session_ahead = async {
         if recorded_layer.is_none() {
             // The layer's session, and the bundle's next image config's when it can go up too.
-            let count = if bundle::ahead::changes_a_running_worker(release, ctx) { 2 } else { 1 };
+            let count = if changes_a_running_worker { 2 } else { 1 };
             target.open_upload_sessions(&registries, count).await;
         }
     };
@@ -133,7 +134,11 @@ async fn build_and_push(
         None
     });
     let config_sent_ahead = next.is_some();
-    if let (Target::Registry(out), Some(next)) = (&target, next) {
+    // The manifest only for a change to a worker the bundle runs: a new account's bundle is
+    // still being written while its releases finish (1,000 accounts at once: a third of the
+    // images pushed ahead were not the ones the bundles made, each a wasted manifest and config
+    // layer), and its first image does not follow an idle pause anyway.
+    if let (Target::Registry(out), Some(next), true) = (&target, next, changes_a_running_worker) {
         bundle::ahead::push_next_image(out, next, &registries, &namespace, ctx).await;
     }
     ctx.metrics.observe_push(started.elapsed());
