@@ -4,13 +4,13 @@
 //! A changed worker used to cost the bundle its config upload and its manifest a debounce after
 //! the layer (the account and the bundle wait for releases to settle): PUTs on a registry gone
 //! idle. On this kind of machine a request that follows 50-300 ms of quiet takes 3-4x as long as
-//! the same request back to back (the manifest PUT: ~16 ms against ~4.6; see the note on
-//! `scripts/bench-controller-push`). Here the account's plan and the bundle's image inputs, both
+//! the same request back to back (the manifest PUT: ~16 ms against ~4.6, measured with
+//! `scripts/replay-requests --gap`). Here the account's plan and the bundle's image inputs, both
 //! pure, run on the caches as they will be once the release is Ready. When that release is all
 //! that changes, the bundle's image is known before the account even writes the bundle: its
-//! config goes up beside the layer and its manifest, under the bundle's tag, right after both.
-//! The bundle's reconcile then finds the image pushed by this process and sends nothing. The
-//! request count is the same.
+//! config goes up beside the layer and, when the release changes a worker the bundle runs
+//! already, its manifest under the bundle's tag right after both. The bundle's reconcile then
+//! finds the image pushed by this process and sends nothing. The request count is the same.
 //!
 //! When something else changes meanwhile, the bundle's image differs and it pushes its own (the
 //! early one cost its uploads and nothing else, and is left untagged for the registry's garbage
@@ -27,7 +27,6 @@ use kube::ResourceExt;
 use tracing::{debug, info};
 
 use super::plan;
-
 use crate::build::bundle::{assemble_bundle, push_bundle, BundleWorkerLayer};
 use crate::build::{ResolvedBase, Target};
 use crate::controller::account::{self, plan::BundlePlan};
@@ -157,8 +156,7 @@ pub async fn push_next_image(
         Ok(report) => {
             let image = Target::Registry(repository.clone()).image_ref(&next.image.manifest.digest);
             ctx.record_assembly(&next.bundle_uid, next.assembly, &image);
-            let generation = next.generation;
-            ctx.record_ahead_push(&next.bundle_uid, Some((image.clone(), generation)));
+            ctx.record_ahead_push(&next.bundle_uid, Some((image.clone(), next.generation)));
             info!(%image, requests = report.requests, bundle = next.bundle.name_any(), "bundle image pushed ahead");
             let note = format!("pushed {image} ({} registry requests), ahead of the bundle", report.requests);
             ctx.event(&next.bundle, false, "ImagePushed", "BuildImage", note).await;
