@@ -61,14 +61,20 @@ pub struct Context {
     account_registries: Mutex<HashMap<String, AccountRegistries>>,
     /// The image this process last pushed for each bundle (by uid): a reconcile that runs on a
     /// cached bundle older than our own status write must not push the same image again.
-    pushed: Mutex<HashMap<String, String>>,
+    pushed: Mutex<HashMap<String, LastPush>>,
     /// The image last assembled for each bundle (by uid) and what it was assembled from. Most
     /// bundle reconciles change nothing the image is made of (a release settling, a Deployment's
     /// status): they get the image's reference from here instead of assembling it again.
     assembled: Mutex<HashMap<String, (AssemblyInputs, String)>>,
-    /// The image a release pushed ahead under each bundle's tag (by uid), and the bundle's
-    /// generation it was worked out from, until the bundle adopts it or pushes another.
-    ahead: Mutex<HashMap<String, (String, i64)>>,
+}
+
+/// The image this process pushed last under a bundle's tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastPush {
+    pub image: String,
+    /// Set when a release pushed it ahead of the bundle: the bundle's generation it was worked
+    /// out from.
+    pub ahead_of: Option<i64>,
 }
 
 /// Everything a bundle's image is assembled from (the base by its manifest's digest), and the
@@ -116,7 +122,6 @@ impl Context {
             account_registries: Mutex::default(),
             pushed: Mutex::default(),
             assembled: Mutex::default(),
-            ahead: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -164,31 +169,21 @@ impl Context {
     }
 
     /// The image this process pushed last under the bundle `uid`'s tag, if any since it started.
-    pub fn last_push(&self, uid: &str) -> Option<String> {
+    pub fn last_push(&self, uid: &str) -> Option<LastPush> {
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
     }
 
-    /// The image a release pushed ahead for the bundle `uid`, and the bundle's generation then.
-    pub fn ahead_push(&self, uid: &str) -> Option<(String, i64)> {
-        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
-    }
-
-    /// Records an image pushed ahead for the bundle `uid` (also its last push), or forgets it.
-    pub fn record_ahead_push(&self, uid: &str, pushed: Option<(String, i64)>) {
-        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-        match pushed {
-            Some((image, generation)) => {
-                self.record_push(uid, &image);
-                ahead.insert(uid.to_owned(), (image, generation));
-            }
-            None => {
-                ahead.remove(uid);
-            }
-        }
-    }
-
     pub fn record_push(&self, uid: &str, image: &str) {
-        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), image.to_owned());
+        self.set_last_push(uid, LastPush { image: image.to_owned(), ahead_of: None });
+    }
+
+    /// Records an image a release pushed for the bundle `uid`, worked out from its `generation`.
+    pub fn record_ahead_push(&self, uid: &str, image: &str, generation: i64) {
+        self.set_last_push(uid, LastPush { image: image.to_owned(), ahead_of: Some(generation) });
+    }
+
+    fn set_last_push(&self, uid: &str, push: LastPush) {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), push);
     }
 
     /// The image last assembled for the bundle `uid`, if it was assembled from `inputs`.
@@ -204,7 +199,6 @@ impl Context {
 
     /// Forgets what this process pushed and assembled for a bundle that is gone.
     pub fn forget_bundle(&self, uid: &str) {
-        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
         self.pushed.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
         self.assembled.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
     }

@@ -156,7 +156,7 @@ pub async fn push_next_image(
         Ok(report) => {
             let image = Target::Registry(repository.clone()).image_ref(&next.image.manifest.digest);
             ctx.record_assembly(&next.bundle_uid, next.assembly, &image);
-            ctx.record_ahead_push(&next.bundle_uid, Some((image.clone(), next.generation)));
+            ctx.record_ahead_push(&next.bundle_uid, &image, next.generation);
             info!(%image, requests = report.requests, bundle = next.bundle.name_any(), "bundle image pushed ahead");
             let note = format!("pushed {image} ({} registry requests), ahead of the bundle", report.requests);
             ctx.event(&next.bundle, false, "ImagePushed", "BuildImage", note).await;

@@ -173,13 +173,8 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     let status = bundle.status.as_ref();
     let (last_image, stale_images) = plan::after_push(status, &image_ref);
     let current = status.and_then(|s| s.image.as_deref()) == Some(image_ref.as_str());
-    let ahead = ctx.ahead_push(&uid);
     let generation = bundle.metadata.generation.unwrap_or(0);
-    let early = ahead.as_ref().map(|(image, from)| (image.as_str(), *from));
-    if ahead.as_ref().is_some_and(|(image, _)| *image == image_ref) {
-        ctx.record_ahead_push(&uid, None); // adopted: from now on the bundle's own push
-    }
-    if plan::needs_push(current, ctx.last_push(&uid).as_deref(), early, &image_ref, generation) {
+    if plan::needs_push(current, ctx.last_push(&uid).as_ref(), &image_ref, generation) {
         // Known but not pushed (the push after that assembly failed, or an image pushed ahead
         // and not adopted took the tag): the bytes are needed now.
         let image = match assembled.take() {
@@ -199,7 +194,6 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         };
         ctx.metrics.observe_push(pushing.elapsed());
         ctx.record_push(&uid, &image_ref);
-        ctx.record_ahead_push(&uid, None);
         info!(image = %image_ref, requests, elapsed_ms = started.elapsed().as_millis() as u64, "image pushed");
         ctx.event(
             bundle,

@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest as _, Sha256};
 
-use super::super::context::Settings;
+use super::super::context::{LastPush, Settings};
 use super::super::release::plan::{account_repository, worker_settings};
 use super::super::Error;
 use crate::build::bundle::BundleWorkerLayer;
@@ -191,24 +191,17 @@ pub fn image_tag(bundle: &WorkerBundle) -> String {
 
 /// Whether the bundle's `image` must be pushed under its tag: not when this process pushed it
 /// last; when the bundle does not run it yet; and when it does, only to take the tag back from an
-/// image a release pushed `ahead` that the bundle did not adopt, as its spec, rewritten since
+/// image a release pushed ahead that the bundle did not adopt, as its spec, rewritten since
 /// (`generation` past the one the early image was worked out from), now shows. With no push since
 /// this process started, a restart writes nothing; a reconcile on the bundle as it was before
 /// the release (a cache not yet caught up) neither.
-pub fn needs_push(
-    runs_it: bool,
-    last_pushed: Option<&str>,
-    ahead: Option<(&str, i64)>,
-    image: &str,
-    generation: i64,
-) -> bool {
-    if last_pushed == Some(image) {
-        return false;
+pub fn needs_push(runs_it: bool, last: Option<&LastPush>, image: &str, generation: i64) -> bool {
+    match last {
+        Some(last) if last.image == image => false,
+        _ if !runs_it => true,
+        Some(LastPush { ahead_of: Some(from), .. }) => generation > *from,
+        _ => false,
     }
-    if !runs_it {
-        return true;
-    }
-    ahead.is_some_and(|(early, from)| early != image && generation > from)
 }
 
 /// How far the Deployment has rolled `image` out.
@@ -439,20 +432,22 @@ mod tests {
     #[test]
     fn the_tag_follows_the_image_the_bundle_runs() {
         let (a, b, c) = ("img@sha256:a", "img@sha256:b", "img@sha256:c");
+        let pushed = |image: &str| LastPush { image: image.to_owned(), ahead_of: None };
+        let ahead = |image: &str, from| LastPush { image: image.to_owned(), ahead_of: Some(from) };
         // Never pushed by this process (a restart): only an image the bundle does not run yet.
-        assert!(needs_push(false, None, None, b, 3));
-        assert!(!needs_push(true, None, None, a, 3));
+        assert!(needs_push(false, None, b, 3));
+        assert!(!needs_push(true, None, a, 3));
         // Pushed last (by the bundle, or ahead by a release): nothing to send.
-        assert!(!needs_push(false, Some(b), Some((b, 3)), b, 3));
-        assert!(!needs_push(true, Some(a), None, a, 3));
+        assert!(!needs_push(false, Some(&ahead(b, 3)), b, 3));
+        assert!(!needs_push(true, Some(&pushed(a)), a, 3));
         // Another image pushed last and the bundle does not run this one: it goes up.
-        assert!(needs_push(false, Some(c), None, b, 3));
-        assert!(needs_push(false, Some(c), Some((c, 3)), b, 4));
+        assert!(needs_push(false, Some(&pushed(c)), b, 3));
+        assert!(needs_push(false, Some(&ahead(c, 3)), b, 4));
         // The bundle runs this image and a release pushed another ahead: on the bundle as it was
         // (same generation: the account has not written it yet), nothing; once its spec was
         // rewritten without adopting the early image (a change undone), the tag comes back.
-        assert!(!needs_push(true, Some(c), Some((c, 3)), a, 3));
-        assert!(needs_push(true, Some(c), Some((c, 3)), a, 4));
+        assert!(!needs_push(true, Some(&ahead(c, 3)), a, 3));
+        assert!(needs_push(true, Some(&ahead(c, 3)), a, 4));
     }
 
     #[test]
