@@ -100,13 +100,9 @@ pub async fn next_image(
         AssembleOptions { source_date_epoch: ctx.settings.source_date_epoch, base_name: base.name.clone() };
     let image = assemble_bundle(&base, &inputs.workers, &options).ok()?;
     let assembly = AssemblyInputs::of(repository, &base, &options, &inputs.workers);
-    let pull_secret = bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.clone());
     Some(NextImage {
-        bundle_uid: bundle.uid()?,
         generation: existing.metadata.generation.unwrap_or(0),
-        tag: plan::image_tag(&bundle),
         bundle,
-        pull_secret,
         image,
         base,
         workers: inputs.workers,
@@ -116,14 +112,10 @@ pub async fn next_image(
 
 /// A bundle's next image, worked out ahead, with what its push needs.
 pub struct NextImage {
-    pub bundle_uid: String,
     /// The generation of the bundle the image was worked out from (before the release's change).
     pub generation: i64,
-    pub tag: String,
-    /// The bundle as it will be (its events are about it).
+    /// The bundle as it will be: its uid, tag, pull secret, and what its events are about.
     pub bundle: WorkerBundle,
-    /// The bundle's image pull secret: its push goes through the registries the bundle uses.
-    pub pull_secret: Option<String>,
     pub image: AssembledImage,
     pub base: Arc<ResolvedBase>,
     pub workers: Vec<BundleWorkerLayer>,
@@ -148,15 +140,18 @@ pub async fn push_next_image(
     namespace: &str,
     ctx: &Context,
 ) {
-    match ctx.registries(namespace, next.pull_secret.as_deref()).await {
+    let Some(uid) = next.bundle.uid() else { return };
+    let pull_secret = next.bundle.spec.pod_template.as_ref().and_then(|p| p.image_pull_secret.as_deref());
+    match ctx.registries(namespace, pull_secret).await {
         Ok(bundle_registries) if Arc::ptr_eq(&bundle_registries, registries) => {}
         _ => return,
     }
-    match push_bundle(&next.image, &next.base, &next.workers, repository, &next.tag, registries).await {
+    let tag = plan::image_tag(&next.bundle);
+    match push_bundle(&next.image, &next.base, &next.workers, repository, &tag, registries).await {
         Ok(report) => {
             let image = Target::Registry(repository.clone()).image_ref(&next.image.manifest.digest);
-            ctx.record_assembly(&next.bundle_uid, next.assembly, &image);
-            ctx.record_ahead_push(&next.bundle_uid, &image, next.generation);
+            ctx.record_assembly(&uid, next.assembly, &image);
+            ctx.record_ahead_push(&uid, &image, next.generation);
             info!(%image, requests = report.requests, bundle = next.bundle.name_any(), "bundle image pushed ahead");
             let note = format!("pushed {image} ({} registry requests), ahead of the bundle", report.requests);
             ctx.event(&next.bundle, false, "ImagePushed", "BuildImage", note).await;
