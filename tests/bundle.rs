@@ -180,6 +180,12 @@ fn bundle_image_deployment_secrets_and_restart() {
     let first_ms = started.elapsed().as_millis();
     eprintln!("{}", log_interval(&controller.log(), "release created", "deployment applied"));
     assert!(first.starts_with(&format!("{}/{REPO}@sha256:", registry.host())), "{first}");
+    // A new bundle's first push does not ask what its tag points at: it never pushed one.
+    let tag_reads: usize = [200, 404]
+        .into_iter()
+        .map(|status| registry.answered("GET", &format!("/v2/{REPO}/manifests/"), status))
+        .sum();
+    assert_eq!(tag_reads, 0, "the first image read its tag:\n{}", controller.log());
     let deployment = cluster.get("deployment", "workers-1234").unwrap();
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "WorkerBundle");
     let ports: Vec<(String, u64)> = container(&deployment)["ports"]

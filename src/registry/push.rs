@@ -351,6 +351,15 @@ async fn cancel(client: &RegistryClient, sessions: Vec<String>) {
     futures::future::join_all(cancels).await;
 }
 
+/// Skips the GET of [`learn_repository`] for a repository the caller knows holds nothing of its
+/// own to reuse (the first image of a new bundle); a blob that is there all the same is uploaded
+/// again, which the registry takes as any upload.
+pub fn assume_new_repository(memory: &PushMemory, repo: &str) {
+    if let Ok(mut learned) = memory.learned.lock() {
+        learned.insert(repo.to_owned());
+    }
+}
+
 /// One GET of the manifest the tag points at now tells which blobs the repository holds; done
 /// once per repository and process (later pushes know what they pushed).
 pub async fn learn_repository(

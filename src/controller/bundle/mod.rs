@@ -33,6 +33,7 @@ use crate::build::bundle::{assemble_bundle, push_bundle};
 use crate::build::Target;
 use crate::crd::{BaseImageStatus, WorkerBundle, WorkerRelease, KEEP_IMAGES_ANNOTATION};
 use crate::image::assemble::AssembleOptions;
+use crate::registry::push::assume_new_repository;
 
 /// Held by every bundle until its images are deleted.
 pub const FINALIZER: &str = "workerbundle.dev/images";
@@ -185,6 +186,9 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         let tag = plan::image_tag(bundle);
         let requests = match &target {
             Target::Registry(r) => {
+                if plan::first_image(status) {
+                    assume_new_repository(&registries.memory(&r.registry), &r.repository);
+                }
                 push_bundle(&image, &base, &inputs.workers, r, &tag, &registries).await?.requests
             }
             Target::Layout(dir) => {

@@ -242,6 +242,15 @@ pub fn purgeable(
     stale.iter().filter(|i| *i != current && !referenced.contains(*i)).cloned().collect()
 }
 
+/// Whether the bundle has never run an image: then its repository holds nothing this bundle
+/// pushed, and its first push skips the GET that learns what the tag points at (1 of 14 registry
+/// requests of a new account). A repository that holds blobs all the same (a bundle deleted and
+/// made again under its name, a push whose status write was lost) gets them uploaded again: a
+/// few requests, never a wrong image, as the manifest still goes up only after every blob.
+pub fn first_image(status: Option<&WorkerBundleStatus>) -> bool {
+    status.is_none_or(|s| s.image.is_none() && s.last_image.is_none() && s.stale_images.is_empty())
+}
+
 /// `images` with `pushed` made current: the image it replaces becomes the last and stale one.
 pub fn after_push(status: Option<&WorkerBundleStatus>, pushed: &str) -> (Option<String>, Vec<String>) {
     let previous = status.and_then(|s| s.image.clone());
@@ -607,6 +616,21 @@ mod tests {
         assert!(!rollout(Some(&rolled("i@1", 2, 2, 2, 1, 2)), "i@1").complete, "not yet available");
         assert!(!rollout(Some(&rolled("i@0", 2, 2, 2, 2, 2)), "i@1").complete, "another image");
         assert!(!rollout(None, "i@1").complete);
+    }
+
+    #[test]
+    fn only_a_bundle_that_never_had_an_image_skips_learning_its_repository() {
+        assert!(first_image(None));
+        assert!(first_image(Some(&WorkerBundleStatus::default())));
+        let with = |image: Option<&str>, last: Option<&str>, stale: &[&str]| WorkerBundleStatus {
+            image: image.map(str::to_owned),
+            last_image: last.map(str::to_owned),
+            stale_images: stale.iter().map(|s| s.to_string()).collect(),
+            ..WorkerBundleStatus::default()
+        };
+        assert!(!first_image(Some(&with(Some("r@1"), None, &[]))), "it runs one");
+        assert!(!first_image(Some(&with(None, Some("r@1"), &[]))), "emptied, its last image kept");
+        assert!(!first_image(Some(&with(None, None, &["r@1"]))), "stale images not deleted yet");
     }
 
     #[test]
