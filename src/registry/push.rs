@@ -1,7 +1,8 @@
 //! Pushing an image at the floor of round trips.
 //!
 //! - Blobs the repository is known to hold are not sent: known from this process's own pushes,
-//!   or learned with ONE GET of the manifest the tag points at now (never a HEAD per base layer).
+//!   or learned with ONE GET of the manifest the tag points at now (never a HEAD per base layer);
+//!   not even that GET where the caller knows the repository is new ([`assume_new_repository`]).
 //! - Base layers in another repository of the same registry are mounted; a 202 answer (mount
 //!   refused) cancels the stray session and falls back to an upload.
 //! - Blobs under 4 MiB go up in one request (`POST ?digest=`) where the registry takes it, else
