@@ -133,3 +133,64 @@ fn each_change_touches_exactly_its_layers() {
     let again = build(&workers_in(&src, ""), &format!("oci:{}:again", out.display()));
     assert_eq!(layers_of(&out, &again).config, v1.config);
 }
+
+/// The block cache of `build` may only spare work: with it empty, full, or off, and with it
+/// unusable, the same inputs give the same image; a change to a small module after a big one
+/// deflates none of the big one's blocks again.
+#[test]
+fn the_block_cache_changes_no_byte_and_spares_unchanged_blocks_their_deflate() {
+    let work = tempdir();
+    let src = work.path().join("big");
+    fs::create_dir_all(&src).unwrap();
+    // 1 MiB of JavaScript-like text: two whole 512 KiB blocks, ahead of index.js in the tar.
+    let mut big = String::new();
+    let mut i = 0u64;
+    while big.len() < 1 << 20 {
+        i += 1;
+        big.push_str(&format!("export const v{i:x} = \"{:x}\";\n", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    }
+    big.truncate(1 << 20);
+    fs::write(src.join("big.js"), big).unwrap();
+    let index = src.join("index.js");
+    fs::write(&index, "export default { fetch() { return new Response('v1'); } };\n").unwrap();
+
+    let cache = work.path().join("cache").display().to_string();
+    let build_with = |cache_args: &[&str], tag: &str| {
+        let mut args = vec!["build", "--base", base_layout(), "--worker"];
+        let worker = format!("big={}", src.display());
+        let output = format!("oci:{}:{tag}", work.path().join(tag).display());
+        args.extend([worker.as_str(), "--output", output.as_str()]);
+        args.extend(cache_args);
+        let out = workerbundle_env(&args, &[("RUST_LOG".into(), "warn,workerbundle::build=debug".into())]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "build {cache_args:?} failed:\n{stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        (stdout.lines().last().unwrap_or_default().to_owned(), stderr)
+    };
+    let cached = ["--cache-dir", cache.as_str()];
+
+    let (empty, log) = build_with(&cached, "empty");
+    assert!(log.contains("found=0 deflated=2"), "the first build must fill the cache:\n{log}");
+    let entries =
+        fs::read_dir(&cache).unwrap().filter(|e| e.as_ref().unwrap().file_name().len() == 64).count();
+    assert_eq!(entries, 2, "one entry per whole block");
+    let (full, log) = build_with(&cached, "full");
+    assert!(log.contains("found=2 deflated=0"), "the second build must find both blocks:\n{log}");
+    let (off, _) = build_with(&["--no-cache"], "off");
+    assert_eq!(empty, full);
+    assert_eq!(empty, off);
+
+    fs::write(&index, "export default { fetch() { return new Response('v2'); } };\n").unwrap();
+    let (changed, log) = build_with(&cached, "changed");
+    assert!(log.contains("found=2 deflated=0"), "a change after the big module deflates none of it:\n{log}");
+    let (changed_off, _) = build_with(&["--no-cache"], "changed-off");
+    assert_eq!(changed, changed_off);
+    assert_ne!(changed, empty);
+
+    // A cache that cannot be made is a warning, not a failed build.
+    let not_a_dir = work.path().join("file");
+    fs::write(&not_a_dir, "").unwrap();
+    let (unusable, log) = build_with(&["--cache-dir", &not_a_dir.display().to_string()], "unusable");
+    assert_eq!(unusable, changed);
+    assert!(log.contains("building without it"), "{log}");
+}

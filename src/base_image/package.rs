@@ -92,7 +92,7 @@ pub fn package_image_into(
     let mtime = u64::try_from(source_date_epoch).map_err(|_| AssembleError::Epoch(source_date_epoch))?;
     let mut written = Vec::with_capacity(layers.len());
     for packaged in layers {
-        let digests = writer.write_layer(packaged.layer, mtime)?;
+        let digests = writer.write_layer(packaged.layer, mtime, None)?;
         info!(layer = packaged.role, digest = %digests.digest, size = digests.size, "layer written");
         written.push(digests);
     }

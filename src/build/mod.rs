@@ -18,6 +18,7 @@ pub use pipeline::{build, BuildOutcome, BuildRequest};
 pub use target::Target;
 
 use crate::image::assemble::AssembleError;
+use crate::image::block_cache::BlockCache;
 use crate::image::layout::LayoutError;
 use crate::registry::{Registries, RegistryError};
 use crate::source::{LoadError, S3Options, Sources};
@@ -42,15 +43,26 @@ pub enum BuildError {
     Internal(String),
 }
 
-/// What builds share for the life of a process: registry clients (and what they pushed) and the
-/// source clients (and what they downloaded).
+/// What builds share for the life of a process: registry clients (and what they pushed), the
+/// source clients (and what they downloaded), and where deflated layer blocks are kept.
 pub struct BuildContext {
     pub registries: std::sync::Arc<Registries>,
     pub sources: Sources,
+    /// Worker layers read the blocks they share with earlier builds from here.
+    pub block_cache: Option<std::sync::Arc<BlockCache>>,
 }
 
 impl BuildContext {
     pub fn new(registries: Registries, s3_options: S3Options) -> Self {
-        BuildContext { registries: std::sync::Arc::new(registries), sources: Sources::new(s3_options) }
+        BuildContext {
+            registries: std::sync::Arc::new(registries),
+            sources: Sources::new(s3_options),
+            block_cache: None,
+        }
+    }
+
+    pub fn with_block_cache(mut self, cache: Option<BlockCache>) -> Self {
+        self.block_cache = cache.map(std::sync::Arc::new);
+        self
     }
 }

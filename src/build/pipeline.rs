@@ -1,6 +1,8 @@
 //! The CLI's build: read every worker and the base, check everything, then assemble and write.
 //! Nothing is written until every input has been read and validated.
 
+use std::sync::Arc;
+
 use tracing::{debug, info, info_span, Instrument};
 
 use super::base::{read_base, ResolvedBase};
@@ -10,6 +12,7 @@ use crate::image::assemble::{
     assemble, build_worker_layer, worker_layer, AssembleOptions, AssembledImage, ImageWorker, LayerRef,
     NewLayer,
 };
+use crate::image::block_cache::BlockCache;
 use crate::image::layer::LayerBuilder;
 use crate::image::layout::LayoutWriter;
 use crate::image::reference::ImageRef;
@@ -74,27 +77,33 @@ fn make_worker_layer(
     worker: &crate::worker::WorkerCode,
     mtime: u64,
     layout: Option<&LayoutWriter>,
+    cache: Option<&Arc<BlockCache>>,
 ) -> Result<WorkerLayer, BuildError> {
     if !worker.streams_modules() {
-        return Ok(WorkerLayer::Memory(build_worker_layer(worker, mtime)?));
+        return Ok(WorkerLayer::Memory(build_worker_layer(worker, mtime, cache)?));
     }
     let builder = worker_layer(worker);
     match layout {
         Some(layout) => {
-            let digests = layout.write_layer(&builder, mtime).map_err(BuildError::Output)?;
+            let digests = layout.write_layer(&builder, mtime, cache).map_err(BuildError::Output)?;
             Ok(WorkerLayer::InLayout(LayerRef::from(&digests)))
         }
-        None => spool_layer(&builder, mtime),
+        None => spool_layer(&builder, mtime, cache),
     }
 }
 
-fn spool_layer(builder: &LayerBuilder, mtime: u64) -> Result<WorkerLayer, BuildError> {
+fn spool_layer(
+    builder: &LayerBuilder,
+    mtime: u64,
+    cache: Option<&Arc<BlockCache>>,
+) -> Result<WorkerLayer, BuildError> {
     let spool_err =
         |e: std::io::Error| BuildError::Internal(format!("cannot write a layer to a temporary file: {e}"));
     let file = tempfile::NamedTempFile::new().map_err(spool_err)?;
     let (spool, path) = file.into_parts();
-    let (digests, writer) =
-        builder.write(std::io::BufWriter::with_capacity(1 << 20, spool), mtime).map_err(spool_err)?;
+    let (digests, writer) = builder
+        .write_cached(std::io::BufWriter::with_capacity(1 << 20, spool), mtime, cache)
+        .map_err(spool_err)?;
     writer.into_inner().map_err(|e| spool_err(e.into_error()))?;
     Ok(WorkerLayer::Spooled { layer: LayerRef::from(&digests), file: path })
 }
@@ -145,6 +154,7 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     let options = AssembleOptions { source_date_epoch: request.source_date_epoch, base_name };
     // Assembly is CPU work: off the async threads.
     let base_image = base.image.clone();
+    let cache = context.block_cache.clone();
     let assembling =
         tokio::task::spawn_blocking(move || -> Result<(Built, Option<LayoutWriter>), BuildError> {
             let _span = info_span!("assemble").entered();
@@ -152,7 +162,7 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
             let mut worker_layers = Vec::with_capacity(workers.len());
             let mut entries = Vec::with_capacity(workers.len());
             for (worker, port) in workers {
-                let layer = make_worker_layer(&worker.code, mtime, layout.as_ref())?;
+                let layer = make_worker_layer(&worker.code, mtime, layout.as_ref(), cache.as_ref())?;
                 let served = ServedWorker { name: worker.code.name.clone(), port, settings: worker.settings };
                 entries.push(ImageWorker { served, layer: layer.layer_ref() });
                 worker_layers.push(layer);
@@ -162,7 +172,13 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
         });
     let (built, layout) =
         assembling.await.map_err(|e| BuildError::Internal(format!("image assembly stopped: {e}")))??;
-    debug!("image assembled");
+    match &context.block_cache {
+        Some(cache) => {
+            let (found, deflated) = cache.counts();
+            debug!(found, deflated, "image assembled; layer blocks found in the cache, and deflated");
+        }
+        None => debug!("image assembled"),
+    }
     let requests_before = match learning {
         Some(learning) => learning
             .await

@@ -139,6 +139,8 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let build = BuildContext {
         registries: registries.clone(),
         sources: crate::source::Sources::new(s3_options.clone()),
+        // The controller keeps what it pushed in memory; it reads no block cache.
+        block_cache: None,
     };
     let controllers = tokio::spawn(controller::run_with(client.clone(), run_options, build, stopped()));
 

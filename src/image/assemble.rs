@@ -7,6 +7,7 @@
 //! once. Either way only the config layer, the image config and the manifest are made here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use oci_spec::image::{
@@ -15,6 +16,7 @@ use oci_spec::image::{
 };
 use serde_json::{json, Value};
 
+use super::block_cache::BlockCache;
 use super::canonical::{rfc3339, to_canonical_json};
 use super::layer::{LayerBuilder, LayerDigests, MEDIA_TYPE_LAYER_GZIP};
 use super::workerd_config::{self, CONFIG_PATH};
@@ -183,9 +185,13 @@ pub fn worker_layer(code: &WorkerCode) -> LayerBuilder {
     layer
 }
 
-/// Builds a worker's layer in memory.
-pub fn build_worker_layer(code: &WorkerCode, mtime: u64) -> Result<NewLayer, AssembleError> {
-    make_layer(&worker_layer(code), mtime)
+/// Builds a worker's layer in memory, with the deflated blocks `cache` holds read from it.
+pub fn build_worker_layer(
+    code: &WorkerCode,
+    mtime: u64,
+    cache: Option<&Arc<BlockCache>>,
+) -> Result<NewLayer, AssembleError> {
+    make_layer(&worker_layer(code), mtime, cache)
 }
 
 /// The image of `workers` over `base`.
@@ -205,7 +211,7 @@ pub fn assemble(
 
     let mut config_layer = LayerBuilder::new();
     config_layer.file(CONFIG_PATH, workerd_config::top_level_config(&served).into_bytes(), 0o644);
-    let config_layer = make_layer(&config_layer, mtime)?;
+    let config_layer = make_layer(&config_layer, mtime, None)?;
 
     let worker_layers: Vec<LayerRef> = sorted.iter().map(|w| w.layer.clone()).collect();
     let mut roles: Vec<(String, &Digest)> =
@@ -243,8 +249,12 @@ pub fn assemble(
     Ok(AssembledImage { manifest, config, config_layer, base_layers, worker_layers })
 }
 
-fn make_layer(layer: &LayerBuilder, mtime: u64) -> Result<NewLayer, AssembleError> {
-    let (digests, bytes) = layer.to_blob(mtime)?;
+fn make_layer(
+    layer: &LayerBuilder,
+    mtime: u64,
+    cache: Option<&Arc<BlockCache>>,
+) -> Result<NewLayer, AssembleError> {
+    let (digests, bytes) = layer.to_blob_cached(mtime, cache)?;
     let blob =
         Blob { media_type: MediaType::Other(MEDIA_TYPE_LAYER_GZIP.into()), digest: digests.digest, bytes };
     Ok(NewLayer { diff_id: digests.diff_id, blob })
@@ -309,7 +319,7 @@ mod tests {
                 content: Bytes::from(code.to_owned()).into(),
             }],
         };
-        let layer = build_worker_layer(&code, 0).unwrap().layer_ref();
+        let layer = build_worker_layer(&code, 0, None).unwrap().layer_ref();
         let settings = WorkerSettings {
             compatibility_date: "2024-09-23".into(),
             env_prefix: "P_".into(),
@@ -360,7 +370,7 @@ mod tests {
                 },
             ],
         };
-        let in_memory = build_worker_layer(&code(Bytes::from(bytes.clone()).into()), 7).unwrap();
+        let in_memory = build_worker_layer(&code(Bytes::from(bytes.clone()).into()), 7, None).unwrap();
         let streamed =
             code(ModuleContent::File(super::super::file_source::FileSource::path(path, bytes.len() as u64)));
         assert!(streamed.streams_modules());

@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::block_cache::BlockCache;
 use super::file_source::FileSource;
 use super::pgzip::{self, ParallelGzip};
 use crate::digest::{Digest, HashingWriter};
@@ -121,6 +123,17 @@ impl LayerBuilder {
         self.write_with_threads(sink, mtime, pgzip::default_threads())
     }
 
+    /// [`write`](Self::write), reading the deflated blocks it has seen before from `cache` (and
+    /// storing the others there): the bytes are the same with or without it.
+    pub fn write_cached<W: Write>(
+        &self,
+        sink: W,
+        mtime: u64,
+        cache: Option<&Arc<BlockCache>>,
+    ) -> io::Result<(LayerDigests, W)> {
+        self.write_with(sink, mtime, pgzip::default_threads(), cache.cloned())
+    }
+
     /// [`write`](Self::write) with `threads` compression threads: the bytes are the same for any.
     pub fn write_with_threads<W: Write>(
         &self,
@@ -128,8 +141,18 @@ impl LayerBuilder {
         mtime: u64,
         threads: usize,
     ) -> io::Result<(LayerDigests, W)> {
+        self.write_with(sink, mtime, threads, None)
+    }
+
+    fn write_with<W: Write>(
+        &self,
+        sink: W,
+        mtime: u64,
+        threads: usize,
+        cache: Option<Arc<BlockCache>>,
+    ) -> io::Result<(LayerDigests, W)> {
         let compressed = HashingWriter::new(sink);
-        let gzip = ParallelGzip::new(compressed, GZIP_LEVEL, threads);
+        let gzip = ParallelGzip::new(compressed, GZIP_LEVEL, threads).with_cache(cache);
         let uncompressed = HashingWriter::new(gzip);
         let mut tar = tar::Builder::new(uncompressed);
         for (path, entry) in &self.entries {
@@ -142,6 +165,15 @@ impl LayerBuilder {
 
     /// The layer in memory, for small layers and for pushing.
     pub fn to_blob(&self, mtime: u64) -> io::Result<(LayerDigests, Bytes)> {
+        self.to_blob_cached(mtime, None)
+    }
+
+    /// [`to_blob`](Self::to_blob) with a block cache, as in [`write_cached`](Self::write_cached).
+    pub fn to_blob_cached(
+        &self,
+        mtime: u64,
+        cache: Option<&Arc<BlockCache>>,
+    ) -> io::Result<(LayerDigests, Bytes)> {
         // Room for the worst case (stored, not shrunk) up front: growing by doubling would copy
         // the blob again and again; capacity never written to costs no memory.
         let files: u64 = self
@@ -153,7 +185,7 @@ impl LayerBuilder {
             })
             .sum();
         let capacity = usize::try_from(files + files / 64 + 4096).unwrap_or(0);
-        let (digests, bytes) = self.write(Vec::with_capacity(capacity), mtime)?;
+        let (digests, bytes) = self.write_cached(Vec::with_capacity(capacity), mtime, cache)?;
         Ok((digests, Bytes::from(bytes)))
     }
 }

@@ -8,9 +8,11 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType, ANNOTATION_REF_NAME};
 
+use super::block_cache::BlockCache;
 use super::canonical::to_canonical_json;
 use super::layer::{LayerBuilder, LayerDigests};
 use crate::digest::{Digest, HashingWriter};
@@ -293,15 +295,21 @@ impl LayoutWriter {
     }
 
     /// Writes a layer straight into the layout as it is compressed (a temporary file renamed to
-    /// its digest at the end): the blob is never held in memory, whatever its size.
-    pub fn write_layer(&self, layer: &LayerBuilder, mtime: u64) -> Result<LayerDigests, LayoutError> {
+    /// its digest at the end): the blob is never held in memory, whatever its size. Deflated
+    /// blocks `cache` holds are read from it.
+    pub fn write_layer(
+        &self,
+        layer: &LayerBuilder,
+        mtime: u64,
+        cache: Option<&Arc<BlockCache>>,
+    ) -> Result<LayerDigests, LayoutError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = self.work.join("blobs/sha256");
         let tmp =
             dir.join(format!(".layer-{}-{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         let written = (|| {
             let file = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-            let (digests, file) = layer.write(file, mtime)?;
+            let (digests, file) = layer.write_cached(file, mtime, cache)?;
             file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             let dest = self.blob_path(&digests.digest);
             if dest.exists() {

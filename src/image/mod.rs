@@ -3,6 +3,7 @@
 //! controller.
 
 pub mod assemble;
+pub mod block_cache;
 pub mod canonical;
 pub mod capnp;
 pub mod file_source;

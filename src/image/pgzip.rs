@@ -11,6 +11,9 @@
 //! same for any thread count. Blocks are compressed on a few worker threads while the caller keeps
 //! writing; at most [`IN_FLIGHT_PER_THREAD`] blocks per thread are held, so memory is bounded
 //! whatever the stream's size. A stream of one block is compressed on the caller's thread.
+//!
+//! For the same reason a block's bytes can be kept and used again: with a [`BlockCache`], a block
+//! seen before (same input, same dictionary) is read back instead of deflated.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -19,6 +22,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
+
+use super::block_cache::{BlockCache, BlockKey, MIN_CACHED_INPUT};
 
 /// Bytes of uncompressed input per block. Fixed: a different size gives different bytes.
 pub const BLOCK: usize = 512 * 1024;
@@ -66,6 +71,30 @@ struct Compressed {
     crc: crc32fast::Hasher,
     /// The block's input buffer, handed back for the next block (fresh pages cost page faults).
     input: Vec<u8>,
+}
+
+/// Deflates one block, or reads its bytes from `cache` when a block with the same input and
+/// dictionary was deflated before (and stores them when not).
+fn deflate_block(
+    level: u32,
+    cache: Option<&BlockCache>,
+    input: &[u8],
+    dictionary: &[u8],
+    last: bool,
+    mut output: Vec<u8>,
+) -> io::Result<Compressed> {
+    let Some(cache) = cache.filter(|_| input.len() >= MIN_CACHED_INPUT) else {
+        return compress_block(level, input, dictionary, last, output);
+    };
+    let key = BlockKey::new(level, last, dictionary, input);
+    if cache.get(&key, &mut output) {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(input);
+        return Ok(Compressed { output, crc, input: Vec::new() });
+    }
+    let compressed = compress_block(level, input, dictionary, last, output)?;
+    cache.put(&key, &compressed.output);
+    Ok(compressed)
 }
 
 /// Deflates one block with a fresh compressor. Not a reused one: a reset compressor can carry
@@ -119,12 +148,12 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(threads: usize, level: u32) -> io::Result<Pool> {
+    fn start(threads: usize, level: u32, cache: Option<Arc<BlockCache>>) -> io::Result<Pool> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(threads * IN_FLIGHT_PER_THREAD);
         let queue = Arc::new(std::sync::Mutex::new(queue));
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
-            let queue = queue.clone();
+            let (queue, cache) = (queue.clone(), cache.clone());
             let handle = std::thread::Builder::new().name(format!("gzip-{i}")).spawn(move || {
                 loop {
                     let job = match queue.lock() {
@@ -132,8 +161,15 @@ impl Pool {
                         Err(_) => return,
                     };
                     let Ok(job) = job else { return };
-                    let result = compress_block(level, &job.input, &job.dictionary, job.last, job.output)
-                        .map(|c| Compressed { input: job.input, ..c });
+                    let result = deflate_block(
+                        level,
+                        cache.as_deref(),
+                        &job.input,
+                        &job.dictionary,
+                        job.last,
+                        job.output,
+                    )
+                    .map(|c| Compressed { input: job.input, ..c });
                     // The writer may have given up (an error elsewhere): nothing to tell it then.
                     let _ = job.done.send(result);
                 }
@@ -166,6 +202,7 @@ pub struct ParallelGzip<W: Write> {
     /// Results of the blocks handed out, oldest first.
     pending: VecDeque<Receiver<io::Result<Compressed>>>,
     pool: Option<Pool>,
+    cache: Option<Arc<BlockCache>>,
     crc: crc32fast::Hasher,
     /// Input buffers of blocks already written, for the next blocks.
     spare: Vec<Vec<u8>>,
@@ -189,12 +226,19 @@ impl<W: Write> ParallelGzip<W> {
             dictionary: Arc::new(Vec::new()),
             pending: VecDeque::new(),
             pool: None,
+            cache: None,
             crc: crc32fast::Hasher::new(),
             spare: Vec::new(),
             spare_output: Vec::new(),
             total_in: 0,
             header_written: false,
         }
+    }
+
+    /// Reads blocks seen before from `cache`, and stores the others there: the bytes are the same.
+    pub fn with_cache(mut self, cache: Option<Arc<BlockCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Compresses what is left, writes the trailer and returns the sink.
@@ -228,7 +272,7 @@ impl<W: Write> ParallelGzip<W> {
         let one_block_stream = last && self.pending.is_empty() && self.pool.is_none();
         if self.threads == 1 || one_block_stream {
             let output = self.spare_output.pop().unwrap_or_default();
-            let result = compress_block(self.level, &input, &dictionary, last, output)
+            let result = deflate_block(self.level, self.cache.as_deref(), &input, &dictionary, last, output)
                 .map(|c| Compressed { input, ..c });
             // Keep the order: blocks handed out before this one go first.
             while let Some(earlier) = self.pending.pop_front() {
@@ -239,7 +283,7 @@ impl<W: Write> ParallelGzip<W> {
             return self.emit(receiver);
         }
         if self.pool.is_none() {
-            self.pool = Some(Pool::start(self.threads, self.level)?);
+            self.pool = Some(Pool::start(self.threads, self.level, self.cache.clone())?);
         }
         if self.pending.len() >= self.threads * IN_FLIGHT_PER_THREAD {
             if let Some(oldest) = self.pending.pop_front() {
@@ -342,6 +386,33 @@ mod tests {
             flate2::read::GzDecoder::new(&one[..]).read_to_end(&mut back).unwrap();
             assert!(back == data, "len {len}: the stream does not decompress to its input");
         }
+    }
+
+    #[test]
+    fn a_cache_gives_the_same_bytes_and_deflates_only_the_changed_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(BlockCache::open(dir.path(), 1 << 30).unwrap());
+        let cached = |data: &[u8], threads: usize| {
+            let mut writer = ParallelGzip::new(Vec::new(), 1, threads).with_cache(Some(cache.clone()));
+            writer.write_all(data).unwrap();
+            writer.finish().unwrap()
+        };
+        let mut data = sample(3 * BLOCK + 100 * 1024);
+        let plain = gzip(&data, 1, data.len());
+        assert!(cached(&data, 2) == plain, "an empty cache changed the bytes");
+        assert_eq!(cache.counts(), (0, 4));
+        assert!(cached(&data, 1) == plain, "a full cache changed the bytes");
+        assert_eq!(cache.counts(), (4, 4));
+
+        // A change in the second block: it and the block after it (whose dictionary it holds)
+        // are deflated again; the first and the last are read back.
+        data[2 * BLOCK - 10] ^= 0x20;
+        assert!(cached(&data, 8) == gzip(&data, 1, data.len()));
+        assert_eq!(cache.counts(), (6, 6));
+        // The stream cut short: its first block is read back, its new last one deflated.
+        let short = &data[..BLOCK + 200 * 1024];
+        assert!(cached(short, 2) == gzip(short, 1, short.len()));
+        assert_eq!(cache.counts(), (7, 7));
     }
 
     #[test]

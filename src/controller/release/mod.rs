@@ -95,7 +95,7 @@ async fn build_and_push(
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
     let code = worker.code.clone();
     let started = Instant::now();
-    let layer = tokio::task::spawn_blocking(move || build_worker_layer(&code, mtime))
+    let layer = tokio::task::spawn_blocking(move || build_worker_layer(&code, mtime, None))
         .await
         .map_err(|e| Error::internal("the layer build stopped", e))?
         .map_err(|e| Error::internal("cannot write the worker's layer", e))?;

@@ -1,0 +1,318 @@
+//! A disk cache of deflated layer blocks, so that a build which changes one module of a worker
+//! deflates only the blocks whose input changed.
+//!
+//! [`pgzip`](super::pgzip) cuts a layer's tar stream into fixed blocks, and a block's deflated
+//! bytes depend only on its input, the 32 KiB before it (the dictionary), the level, whether it
+//! ends the stream, and the compressor's code. The key of an entry is the sha256 of all of
+//! those, so a hit gives exactly the bytes compressing would: a layer's digest is the same with an
+//! empty cache, a full one, or none. Entries carry a checksum of their bytes; an entry that fails
+//! it (a torn disk, a stray edit) is compressed again and replaced, never used.
+//!
+//! Everything here is best effort: a cache that cannot be read or written costs the deflate it
+//! would have saved, and a warning once per process, never a failed build.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, warn};
+
+/// The compressor whose bytes the entries hold. Part of every key, so that entries written by
+/// another deflate implementation are never taken for ours; a test checks it against Cargo.lock.
+pub const CODEC: &str = "flate2 1.1.11, zlib-rs 0.6.8, raw deflate";
+/// Blocks with less input are compressed, not cached: reading an entry (open, read, checksum)
+/// costs more than deflating a few KiB, and small blocks are mostly the changing tail of a layer.
+pub const MIN_CACHED_INPUT: usize = 64 * 1024;
+/// The default bound on the cache's size on disk.
+pub const DEFAULT_MAX_BYTES: u64 = 512 << 20;
+/// How often the cache is trimmed to its bound: the trim lists every entry.
+const TRIM_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Temporary files older than this were left by a process that died mid-write.
+const STALE_TEMP: Duration = Duration::from_secs(60 * 60);
+/// The first bytes of every entry, then the crc32 of the deflated bytes (little-endian), then
+/// the deflated bytes.
+const MAGIC: &[u8; 8] = b"wbdflt1\n";
+const HEADER: usize = MAGIC.len() + 4;
+
+/// The key of one block: see the module docs for what it covers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct BlockKey([u8; 32]);
+
+impl BlockKey {
+    pub fn new(level: u32, last: bool, dictionary: &[u8], input: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"workerbundle deflate block\0");
+        hasher.update(CODEC.as_bytes());
+        hasher.update([0]);
+        hasher.update(level.to_le_bytes());
+        hasher.update([u8::from(last)]);
+        hasher.update((dictionary.len() as u64).to_le_bytes());
+        hasher.update(dictionary);
+        hasher.update(input);
+        BlockKey(hasher.finalize().into())
+    }
+
+    fn file_name(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// The cache in one directory. Shared by the compression threads of every layer of a process.
+#[derive(Debug)]
+pub struct BlockCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    written: AtomicU64,
+    warned: AtomicBool,
+}
+
+impl BlockCache {
+    /// The cache in `dir`, made if missing.
+    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> io::Result<BlockCache> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        Ok(BlockCache {
+            dir,
+            max_bytes,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// `$XDG_CACHE_HOME/workerbundle/blocks`, else `~/.cache/workerbundle/blocks`; none without
+    /// a home.
+    pub fn default_dir() -> Option<PathBuf> {
+        let cache = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()).map(PathBuf::from).or_else(
+            || std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")),
+        )?;
+        Some(cache.join("workerbundle/blocks"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Blocks found, and blocks compressed (and stored) for lack of an entry.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    /// The deflated bytes of the block with `key`, into `output` (cleared first).
+    pub fn get(&self, key: &BlockKey, output: &mut Vec<u8>) -> bool {
+        let path = self.dir.join(key.file_name());
+        let found = match read_entry(&path, output) {
+            Ok(found) => found,
+            Err(e) => {
+                self.warn_once("read", &path, &e);
+                false
+            }
+        };
+        if found {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Stores a block's deflated bytes: written to a temporary file, then renamed, so a reader
+    /// sees a whole entry or none.
+    pub fn put(&self, key: &BlockKey, deflated: &[u8]) {
+        let path = self.dir.join(key.file_name());
+        let stored = (|| {
+            let mut file = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&self.dir)?;
+            let mut header = [0u8; HEADER];
+            header[..MAGIC.len()].copy_from_slice(MAGIC);
+            header[MAGIC.len()..].copy_from_slice(&crc32fast::hash(deflated).to_le_bytes());
+            file.write_all(&header)?;
+            file.write_all(deflated)?;
+            file.persist(&path).map_err(|e| e.error)?;
+            Ok::<_, io::Error>(())
+        })();
+        match stored {
+            Ok(()) => {
+                self.written.fetch_add((HEADER + deflated.len()) as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.warn_once("write", &path, &e),
+        }
+    }
+
+    fn warn_once(&self, what: &str, path: &Path, error: &io::Error) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                "cannot {what} the layer block cache entry {} ({error}); the build goes on, \
+                 deflating what it cannot find (--no-cache turns the cache off)",
+                path.display()
+            );
+        } else {
+            debug!(path = %path.display(), %error, "block cache {what} failed");
+        }
+    }
+
+    /// Keeps the cache within its bound: at most once a day, and only by a process that added to
+    /// it, removes the least recently used entries until it holds three quarters of the bound.
+    /// Call it when the build's pushing is done: it lists every entry.
+    pub fn trim_if_due(&self) {
+        if self.written.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let stamp = self.dir.join(".trimmed");
+        let due = match fs::metadata(&stamp).and_then(|m| m.modified()) {
+            Ok(at) => at.elapsed().map_or(true, |age| age >= TRIM_EVERY),
+            Err(_) => true,
+        };
+        if !due {
+            return;
+        }
+        let trimmed = File::create(&stamp).and_then(|_| self.trim());
+        if let Err(e) = trimmed {
+            self.warn_once("trim", &self.dir, &e);
+        }
+    }
+
+    /// Removes stale temporary files and, oldest first, entries over three quarters of the bound.
+    pub fn trim(&self) -> io::Result<()> {
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        let now = SystemTime::now();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Ok(meta) = entry.metadata() else { continue };
+            let modified = meta.modified().unwrap_or(now);
+            if name.to_string_lossy().starts_with(".tmp-") {
+                if now.duration_since(modified).is_ok_and(|age| age > STALE_TEMP) {
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
+            if !meta.is_file() || name.len() != 64 {
+                continue;
+            }
+            total += meta.len();
+            entries.push((modified, meta.len(), entry.path()));
+        }
+        if total <= self.max_bytes {
+            return Ok(());
+        }
+        entries.sort();
+        let keep = self.max_bytes / 4 * 3;
+        for (_, len, path) in entries {
+            if total <= keep {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+        debug!(dir = %self.dir.display(), bytes = total, "block cache trimmed");
+        Ok(())
+    }
+}
+
+/// Reads one entry; `Ok(false)` when there is none or it fails its checksum.
+fn read_entry(path: &Path, output: &mut Vec<u8>) -> io::Result<bool> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len() as usize;
+    if len < HEADER {
+        return Ok(false);
+    }
+    let mut header = [0u8; HEADER];
+    file.read_exact(&mut header)?;
+    output.clear();
+    output.reserve(len - HEADER);
+    file.read_to_end(output)?;
+    let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if &header[..MAGIC.len()] != MAGIC || crc32fast::hash(output) != crc {
+        debug!(path = %path.display(), "block cache entry fails its checksum; compressing again");
+        return Ok(false);
+    }
+    // The entry's time says when it was last used, for the trim: the build goes on if it cannot.
+    let _ = file.set_modified(SystemTime::now());
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_reads_back_and_a_damaged_one_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path().join("blocks"), DEFAULT_MAX_BYTES).unwrap();
+        let key = BlockKey::new(1, false, b"", b"input");
+        let mut out = Vec::new();
+        assert!(!cache.get(&key, &mut out));
+        cache.put(&key, b"deflated bytes");
+        assert!(cache.get(&key, &mut out));
+        assert_eq!(out, b"deflated bytes");
+
+        let path = cache.dir().join(key.file_name());
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(!cache.get(&key, &mut out), "a flipped bit must not be served");
+        fs::write(&path, &bytes[..5]).unwrap();
+        assert!(!cache.get(&key, &mut out), "a torn entry must not be served");
+        assert_eq!(cache.counts(), (1, 3));
+    }
+
+    #[test]
+    fn the_key_covers_level_end_dictionary_and_input() {
+        let base = BlockKey::new(1, false, b"dict", b"input");
+        assert!(base == BlockKey::new(1, false, b"dict", b"input"));
+        assert!(base != BlockKey::new(2, false, b"dict", b"input"));
+        assert!(base != BlockKey::new(1, true, b"dict", b"input"));
+        assert!(base != BlockKey::new(1, false, b"dicT", b"input"));
+        assert!(base != BlockKey::new(1, false, b"dict", b"inpuT"));
+        // The boundary between dictionary and input is part of the key.
+        assert!(base != BlockKey::new(1, false, b"dic", b"tinput"));
+    }
+
+    #[test]
+    fn trimming_removes_the_least_recently_used_entries_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 3000).unwrap();
+        let keys: Vec<BlockKey> = (0..4u8).map(|i| BlockKey::new(1, false, b"", &[i])).collect();
+        for (i, key) in keys.iter().enumerate() {
+            cache.put(key, &[0u8; 1000]);
+            let at = SystemTime::now() - Duration::from_secs(100 - i as u64);
+            File::options()
+                .write(true)
+                .open(cache.dir().join(key.file_name()))
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+        // Using the oldest makes it the newest.
+        assert!(cache.get(&keys[0], &mut Vec::new()));
+        cache.trim().unwrap();
+        let left: Vec<bool> = keys.iter().map(|k| cache.dir().join(k.file_name()).exists()).collect();
+        // 4 x 1012 bytes over a bound of 3000: down to 2250, so two entries stay.
+        assert_eq!(left, [true, false, false, true]);
+    }
+
+    #[test]
+    fn the_codec_names_the_compressor_in_cargo_lock() {
+        let lock = include_str!("../../Cargo.lock");
+        let version = |name: &str| {
+            let entry = format!("name = \"{name}\"\nversion = \"");
+            let rest = &lock[lock.find(&entry).unwrap() + entry.len()..];
+            rest[..rest.find('"').unwrap()].to_owned()
+        };
+        let expected = format!("flate2 {}, zlib-rs {}, raw deflate", version("flate2"), version("zlib-rs"));
+        assert_eq!(CODEC, expected, "a new compressor may give other bytes: name it in CODEC");
+    }
+}
