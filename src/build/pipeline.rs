@@ -130,12 +130,33 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
                     let client = registries.client(&out.registry)?;
                     let requests_before = client.request_count();
                     let memory = registries.memory(&out.registry);
-                    learn_repository(&client, &memory, &out.repository, &tag).await?;
-                    debug!("repository learned");
-                    // After the GET, not beside it: on a registry that asks for a token, requests
-                    // sent before the first answer would each be refused and sent again.
-                    open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
-                    debug!("upload sessions opened");
+                    let learn = async {
+                        learn_repository(&client, &memory, &out.repository, &tag).await?;
+                        debug!("repository learned");
+                        Ok::<(), crate::registry::RegistryError>(())
+                    };
+                    if client.has_credentials() {
+                        // After the GET, not beside it: on a registry that asks for a token,
+                        // requests sent before the first answer would each be refused and sent
+                        // again.
+                        learn.await?;
+                        open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
+                        debug!("upload sessions opened");
+                    } else {
+                        // Without credentials there is no token to wait for, so the POSTs go
+                        // beside the GET as soon as its connection is made: a round trip less.
+                        // (A registry that wants a token then refuses the push anyway, or, if it
+                        // hands anonymous ones out for pushing, costs one refused POST each.) A
+                        // registry that takes no connection gets the GET's attempts alone.
+                        let open = async {
+                            if client.first_connection().await {
+                                open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
+                                debug!("upload sessions opened");
+                            }
+                        };
+                        let (learned, ()) = tokio::join!(learn, open);
+                        learned?;
+                    }
                     Ok::<u64, crate::registry::RegistryError>(requests_before)
                 }
                 .in_current_span(),

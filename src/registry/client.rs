@@ -11,6 +11,7 @@ use reqwest::{Method, Response, StatusCode};
 use tracing::{debug, warn};
 
 use super::auth::{parse_challenge, Challenge, Credentials};
+use super::connected::ConnectionWatch;
 use super::RegistryError;
 use crate::error_chain;
 
@@ -104,6 +105,7 @@ pub struct RegistryClient {
     /// Whether the registry has sent any HTTP response (whatever its status) in this process.
     answered: AtomicBool,
     pacer: Option<super::pacer::Pacer>,
+    connections: ConnectionWatch,
 }
 
 impl RegistryClient {
@@ -118,7 +120,8 @@ impl RegistryClient {
         } else {
             "https"
         };
-        let mut builder = reqwest::Client::builder();
+        let connections = ConnectionWatch::new();
+        let mut builder = reqwest::Client::builder().connector_layer(connections.clone());
         if loopback {
             // A registry on this machine is never reached through a proxy from the environment.
             builder = builder.no_proxy();
@@ -142,11 +145,23 @@ impl RegistryClient {
             bytes_sent: AtomicU64::new(0),
             answered: AtomicBool::new(false),
             pacer: super::pacer::Pacer::new(options.requests_per_second),
+            connections,
         })
     }
 
     pub fn registry(&self) -> &str {
         &self.registry
+    }
+
+    /// Whether credentials were given for this registry: without any, a registry that asks for
+    /// them refuses the push whatever is sent first.
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// Waits until the first connection to the registry is made (`true`) or fails (`false`).
+    pub async fn first_connection(&self) -> bool {
+        self.connections.first_connection().await
     }
 
     /// Requests sent so far, retries and token requests included.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod auth;
 pub mod client;
+pub mod connected;
 mod pacer;
 pub mod pull;
 pub mod push;
