@@ -3,7 +3,7 @@
 //!
 //! [`pgzip`](super::pgzip) cuts a layer's tar stream into fixed blocks, and a block's deflated
 //! bytes depend only on its input, the 32 KiB before it (the dictionary), the level, whether it
-//! ends the stream, and the compressor's code. The key of an entry is the sha256 of all of
+//! ends the stream, and the compressor's code. The key of an entry is the BLAKE3 hash of all of
 //! those, so a hit gives exactly the bytes compressing would: a layer's digest is the same with an
 //! empty cache, a full one, or none. Entries carry a checksum of their bytes; an entry that fails
 //! it (a torn disk, a stray edit) is compressed again and replaced, never used.
@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
 /// The compressor whose bytes the entries hold. Part of every key, so that entries written by
@@ -43,16 +42,16 @@ pub struct BlockKey([u8; 32]);
 
 impl BlockKey {
     pub fn new(level: u32, last: bool, dictionary: &[u8], input: &[u8]) -> Self {
-        let mut hasher = Sha256::new();
+        let mut hasher = blake3::Hasher::new();
         hasher.update(b"workerbundle deflate block\0");
         hasher.update(CODEC.as_bytes());
-        hasher.update([0]);
-        hasher.update(level.to_le_bytes());
-        hasher.update([u8::from(last)]);
-        hasher.update((dictionary.len() as u64).to_le_bytes());
+        hasher.update(&[0]);
+        hasher.update(&level.to_le_bytes());
+        hasher.update(&[u8::from(last)]);
+        hasher.update(&(dictionary.len() as u64).to_le_bytes());
         hasher.update(dictionary);
         hasher.update(input);
-        BlockKey(hasher.finalize().into())
+        BlockKey(*hasher.finalize().as_bytes())
     }
 
     fn file_name(&self) -> String {
