@@ -147,15 +147,16 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
                         // beside the GET as soon as its connection is made: a round trip less.
                         // (A registry that wants a token then refuses the push anyway, or, if it
                         // hands anonymous ones out for pushing, costs one refused POST each.) A
-                        // registry that takes no connection gets the GET's attempts alone.
+                        // registry that takes no connection gets the GET's attempts alone, and a GET
+                        // that fails ends the build at once, whatever the POSTs are waiting for.
                         let open = async {
                             if client.first_connection().await {
                                 open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
                                 debug!("upload sessions opened");
                             }
+                            Ok(())
                         };
-                        let (learned, ()) = tokio::join!(learn, open);
-                        learned?;
+                        futures::future::try_join(learn, open).await?;
                     }
                     Ok::<u64, crate::registry::RegistryError>(requests_before)
                 }

@@ -13,6 +13,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -35,6 +36,9 @@ const STALE_TEMP: Duration = Duration::from_secs(60 * 60);
 /// the deflated bytes.
 const MAGIC: &[u8; 8] = b"wbdflt1\n";
 const HEADER: usize = MAGIC.len() + 4;
+/// Larger than any entry (a block's input is at most 512 KiB, and deflate never grows it much): a
+/// bigger file under an entry's name is not read, whatever put it there.
+const MAX_ENTRY: u64 = 2 << 20;
 
 /// The key of one block: see the module docs for what it covers.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -71,10 +75,12 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// The cache in `dir`, made if missing.
+    /// The cache in `dir`, made if missing: readable by its owner alone, since its entries are
+    /// the workers' code. Whoever can write to it decides what the next builds' layers hold, so
+    /// it is never a directory that others can write to.
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> io::Result<BlockCache> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         Ok(BlockCache {
             dir,
             max_bytes,
@@ -223,10 +229,11 @@ fn read_entry(path: &Path, output: &mut Vec<u8>) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let len = file.metadata()?.len() as usize;
-    if len < HEADER {
+    let len = file.metadata()?.len();
+    if !(HEADER as u64..=MAX_ENTRY).contains(&len) {
         return Ok(false);
     }
+    let len = len as usize;
     let mut header = [0u8; HEADER];
     file.read_exact(&mut header)?;
     output.clear();
@@ -265,7 +272,22 @@ mod tests {
         assert!(!cache.get(&key, &mut out), "a flipped bit must not be served");
         fs::write(&path, &bytes[..5]).unwrap();
         assert!(!cache.get(&key, &mut out), "a torn entry must not be served");
-        assert_eq!(cache.counts(), (1, 3));
+        fs::write(&path, vec![0u8; MAX_ENTRY as usize + 1]).unwrap();
+        assert!(!cache.get(&key, &mut out), "a file no entry can be is not read");
+        assert_eq!(cache.counts(), (1, 4));
+    }
+
+    #[test]
+    fn a_new_cache_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path().join("a/blocks"), DEFAULT_MAX_BYTES).unwrap();
+        let mode = fs::metadata(cache.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let key = BlockKey::new(1, false, b"", b"module code");
+        cache.put(&key, b"deflated");
+        let mode = fs::metadata(cache.dir().join(key.file_name())).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
