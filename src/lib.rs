@@ -16,6 +16,7 @@
 pub mod api;
 pub mod base_image;
 pub mod build;
+pub mod cache_dir;
 pub mod controller;
 pub mod crd;
 pub mod dev;

@@ -46,11 +46,8 @@ pub fn default_archive_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("WORKERBUNDLE_ARCHIVES") {
         return dir.into();
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("workerbundle/archives")
+    crate::cache_dir::workerbundle_cache("archives")
+        .unwrap_or_else(|| PathBuf::from(".cache/workerbundle/archives"))
 }
 
 /// The two layers, ready to write.

@@ -94,10 +94,7 @@ impl BlockCache {
     /// `$XDG_CACHE_HOME/workerbundle/blocks`, else `~/.cache/workerbundle/blocks`; none without
     /// a home.
     pub fn default_dir() -> Option<PathBuf> {
-        let cache = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()).map(PathBuf::from).or_else(
-            || std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")),
-        )?;
-        Some(cache.join("workerbundle/blocks"))
+        crate::cache_dir::workerbundle_cache("blocks")
     }
 
     pub fn dir(&self) -> &Path {
