@@ -14,7 +14,8 @@ impl Digest {
         Self::from_hasher(Sha256::new_with_prefix(bytes))
     }
 
-    fn from_hasher(hasher: Sha256) -> Self {
+    /// The digest of what `hasher` has seen.
+    pub fn from_hasher(hasher: Sha256) -> Self {
         Digest(format!("sha256:{}", hex::encode(hasher.finalize())))
     }
 

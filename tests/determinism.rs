@@ -170,19 +170,25 @@ fn the_block_cache_changes_no_byte_and_spares_unchanged_blocks_their_deflate() {
     let cached = ["--cache-dir", cache.as_str()];
 
     let (empty, log) = build_with(&cached, "empty");
-    assert!(log.contains("found=0 deflated=2"), "the first build must fill the cache:\n{log}");
+    assert!(log.contains("found=0 deflated=2 unhashed=0"), "the first build must fill the cache:\n{log}");
     let entries =
         fs::read_dir(&cache).unwrap().filter(|e| e.as_ref().unwrap().file_name().len() == 64).count();
-    assert_eq!(entries, 2, "one entry per whole block");
+    assert_eq!(entries, 4, "one entry per whole block, and the hasher states after each");
     let (full, log) = build_with(&cached, "full");
-    assert!(log.contains("found=2 deflated=0"), "the second build must find both blocks:\n{log}");
+    assert!(
+        log.contains("found=2 deflated=0 unhashed=2"),
+        "the second build must find both blocks, and hash neither again:\n{log}"
+    );
     let (off, _) = build_with(&["--no-cache"], "off");
     assert_eq!(empty, full);
     assert_eq!(empty, off);
 
     fs::write(&index, "export default { fetch() { return new Response('v2'); } };\n").unwrap();
     let (changed, log) = build_with(&cached, "changed");
-    assert!(log.contains("found=2 deflated=0"), "a change after the big module deflates none of it:\n{log}");
+    assert!(
+        log.contains("found=2 deflated=0 unhashed=2"),
+        "a change after the big module deflates and hashes none of it:\n{log}"
+    );
     let (changed_off, _) = build_with(&["--no-cache"], "changed-off");
     assert_eq!(changed, changed_off);
     assert_ne!(changed, empty);

@@ -197,7 +197,13 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     match &context.block_cache {
         Some(cache) => {
             let (found, deflated) = cache.counts();
-            debug!(found, deflated, "image assembled; layer blocks found in the cache, and deflated");
+            let unhashed = cache.blocks_not_hashed();
+            debug!(
+                found,
+                deflated,
+                unhashed,
+                "image assembled; layer blocks found in the cache, deflated, and not hashed again"
+            );
         }
         None => debug!("image assembled"),
     }

@@ -8,6 +8,11 @@
 //! empty cache, a full one, or none. Entries carry a checksum of their bytes; an entry that fails
 //! it (a torn disk, a stray edit) is compressed again and replaced, never used.
 //!
+//! It also keeps, at each block boundary of a stream, the states of the stream's two sha256
+//! hashers (of the tar and of the gzip bytes), keyed by every block before the boundary
+//! ([`PrefixKey`]): a layer whose first blocks did not change is then hashed from the first block
+//! that did, not from its start, and still gets the digests hashing all of it would give.
+//!
 //! Everything here is best effort: a cache that cannot be read or written costs the deflate it
 //! would have saved, and a warning once per process, never a failed build.
 
@@ -23,6 +28,10 @@ use tracing::{debug, warn};
 /// The compressor whose bytes the entries hold. Part of every key, so that entries written by
 /// another deflate implementation are never taken for ours; a test checks it against Cargo.lock.
 pub const CODEC: &str = "flate2 1.1.11, zlib-rs 0.6.8, raw deflate";
+/// The hasher whose saved states the prefix entries hold, in every prefix key: sha2 promises that
+/// a state saved by one 0.11 release restores in another, not across releases. A test checks it
+/// against Cargo.lock.
+pub const HASH_STATE: &str = "sha2 0.11, Sha256 state";
 /// Blocks with less input are compressed, not cached: reading an entry (open, read, checksum)
 /// costs more than deflating a few KiB, and small blocks are mostly the changing tail of a layer.
 pub const MIN_CACHED_INPUT: usize = 64 * 1024;
@@ -32,8 +41,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 512 << 20;
 const TRIM_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 /// Temporary files older than this were left by a process that died mid-write.
 const STALE_TEMP: Duration = Duration::from_secs(60 * 60);
-/// The first bytes of every entry, then the crc32 of the deflated bytes (little-endian), then
-/// the deflated bytes.
+/// The first bytes of every entry, then the crc32 of its bytes (little-endian), then the bytes:
+/// a block's deflated bytes, or a prefix's hasher states.
 const MAGIC: &[u8; 8] = b"wbdflt1\n";
 const HEADER: usize = MAGIC.len() + 4;
 /// Larger than any entry (a block's input is at most 512 KiB, and deflate never grows it much): a
@@ -63,6 +72,31 @@ impl BlockKey {
     }
 }
 
+/// The key of a stream's first blocks, up to one boundary: the keys of all of them, in order
+/// (each block's key covers its input, the one before's tail, the level and the compressor).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PrefixKey([u8; 32]);
+
+impl PrefixKey {
+    /// The prefix that ends with `block`, after `before` (none: `block` is the stream's first).
+    pub fn extend(before: Option<&PrefixKey>, block: &BlockKey) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"workerbundle stream prefix\0");
+        hasher.update(HASH_STATE.as_bytes());
+        hasher.update(&[0]);
+        match before {
+            Some(before) => hasher.update(&[1]).update(&before.0),
+            None => hasher.update(&[0]),
+        };
+        hasher.update(&block.0);
+        PrefixKey(*hasher.finalize().as_bytes())
+    }
+
+    fn file_name(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
 /// The cache in one directory. Shared by the compression threads of every layer of a process.
 #[derive(Debug)]
 pub struct BlockCache {
@@ -70,6 +104,7 @@ pub struct BlockCache {
     max_bytes: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    states_taken: AtomicU64,
     written: AtomicU64,
     warned: AtomicBool,
 }
@@ -86,6 +121,7 @@ impl BlockCache {
             max_bytes,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            states_taken: AtomicU64::new(0),
             written: AtomicU64::new(0),
             warned: AtomicBool::new(false),
         })
@@ -108,14 +144,7 @@ impl BlockCache {
 
     /// The deflated bytes of the block with `key`, into `output` (cleared first).
     pub fn get(&self, key: &BlockKey, output: &mut Vec<u8>) -> bool {
-        let path = self.dir.join(key.file_name());
-        let found = match read_entry(&path, output) {
-            Ok(found) => found,
-            Err(e) => {
-                self.warn_once("read", &path, &e);
-                false
-            }
-        };
+        let found = self.read(&key.file_name(), output);
         if found {
             self.hits.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -124,23 +153,60 @@ impl BlockCache {
         found
     }
 
-    /// Stores a block's deflated bytes: written to a temporary file, then renamed, so a reader
-    /// sees a whole entry or none.
+    /// Stores a block's deflated bytes.
     pub fn put(&self, key: &BlockKey, deflated: &[u8]) {
-        let path = self.dir.join(key.file_name());
+        self.write(&key.file_name(), deflated);
+    }
+
+    /// Blocks whose hashing the saved states spared: one per state taken, the states of a block
+    /// boundary standing for the block before it.
+    pub fn blocks_not_hashed(&self) -> u64 {
+        self.states_taken.load(Ordering::Relaxed)
+    }
+
+    /// The hasher states saved at the end of the prefix `key`, if any.
+    pub fn get_state(&self, key: &PrefixKey) -> Option<Vec<u8>> {
+        let mut state = Vec::new();
+        self.read(&key.file_name(), &mut state).then_some(state)
+    }
+
+    /// Counts a state [`get_state`](Self::get_state) gave that was taken.
+    pub fn state_taken(&self) {
+        self.states_taken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Saves the hasher states at the end of the prefix `key`.
+    pub fn put_state(&self, key: &PrefixKey, state: &[u8]) {
+        self.write(&key.file_name(), state);
+    }
+
+    fn read(&self, name: &str, output: &mut Vec<u8>) -> bool {
+        let path = self.dir.join(name);
+        match read_entry(&path, output) {
+            Ok(found) => found,
+            Err(e) => {
+                self.warn_once("read", &path, &e);
+                false
+            }
+        }
+    }
+
+    /// Written to a temporary file, then renamed, so a reader sees a whole entry or none.
+    fn write(&self, name: &str, bytes: &[u8]) {
+        let path = self.dir.join(name);
         let stored = (|| {
             let mut file = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&self.dir)?;
             let mut header = [0u8; HEADER];
             header[..MAGIC.len()].copy_from_slice(MAGIC);
-            header[MAGIC.len()..].copy_from_slice(&crc32fast::hash(deflated).to_le_bytes());
+            header[MAGIC.len()..].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
             file.write_all(&header)?;
-            file.write_all(deflated)?;
+            file.write_all(bytes)?;
             file.persist(&path).map_err(|e| e.error)?;
             Ok::<_, io::Error>(())
         })();
         match stored {
             Ok(()) => {
-                self.written.fetch_add((HEADER + deflated.len()) as u64, Ordering::Relaxed);
+                self.written.fetch_add((HEADER + bytes.len()) as u64, Ordering::Relaxed);
             }
             Err(e) => self.warn_once("write", &path, &e),
         }
@@ -332,5 +398,32 @@ mod tests {
         };
         let expected = format!("flate2 {}, zlib-rs {}, raw deflate", version("flate2"), version("zlib-rs"));
         assert_eq!(CODEC, expected, "a new compressor may give other bytes: name it in CODEC");
+        let sha2 = version("sha2");
+        let minor = &sha2[..sha2.rfind('.').unwrap()];
+        assert!(
+            HASH_STATE.starts_with(&format!("sha2 {minor},")),
+            "saved states may not restore: name sha2 {minor}"
+        );
+    }
+
+    #[test]
+    fn a_prefix_key_covers_every_block_before_it_in_order() {
+        let (a, b) = (BlockKey::new(1, false, b"", b"a"), BlockKey::new(1, false, b"a", b"b"));
+        let ab = PrefixKey::extend(Some(&PrefixKey::extend(None, &a)), &b);
+        assert!(ab == PrefixKey::extend(Some(&PrefixKey::extend(None, &a)), &b));
+        assert!(ab != PrefixKey::extend(Some(&PrefixKey::extend(None, &b)), &a));
+        assert!(ab != PrefixKey::extend(None, &b), "the first block is part of the key");
+        assert!(PrefixKey::extend(None, &a).0 != a.0, "never a block entry's name");
+    }
+
+    #[test]
+    fn a_state_reads_back_and_is_not_counted_as_a_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
+        let key = PrefixKey::extend(None, &BlockKey::new(1, false, b"", b"a"));
+        assert_eq!(cache.get_state(&key), None);
+        cache.put_state(&key, b"states");
+        assert_eq!(cache.get_state(&key).as_deref(), Some(&b"states"[..]));
+        assert_eq!(cache.counts(), (0, 0));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Entries are written sorted by path, owned by 0:0, with fixed modes and one mtime (from
 //! SOURCE_DATE_EPOCH); no host metadata (user names, inode times, xattrs) is read or written. The
-//! tar stream is hashed (the diffID), gzipped with a fixed level and header, and hashed again (the
-//! blob digest) in ONE pass while it streams to the sink: no temp file, no second read.
+//! tar stream is gzipped with a fixed level and header, and both it (the diffID) and the gzip bytes
+//! (the blob digest) are hashed in ONE pass while it streams to the sink: no temp file, no second
+//! read.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use super::block_cache::BlockCache;
 use super::file_source::FileSource;
 use super::pgzip::{self, ParallelGzip};
-use crate::digest::{Digest, HashingWriter};
+use crate::digest::Digest;
 
 /// Fixed for reproducibility: a different level gives different bytes. Level 1 because layer
 /// assembly must outpace `gzip -1`; workerd's deflate quick mode still shrinks code ~3-4x.
@@ -151,15 +152,15 @@ impl LayerBuilder {
         threads: usize,
         cache: Option<Arc<BlockCache>>,
     ) -> io::Result<(LayerDigests, W)> {
-        let compressed = HashingWriter::new(sink);
-        let gzip = ParallelGzip::new(compressed, GZIP_LEVEL, threads).with_cache(cache);
-        let uncompressed = HashingWriter::new(gzip);
-        let mut tar = tar::Builder::new(uncompressed);
+        // The gzip writer hashes both the tar and the gzip bytes: with a cache, it can take the
+        // hashes of a layer's unchanged first blocks instead of hashing them again.
+        let gzip = ParallelGzip::new(sink, GZIP_LEVEL, threads).with_cache(cache);
+        let mut tar = tar::Builder::new(gzip);
         for (path, entry) in &self.entries {
             append(&mut tar, path, entry, mtime)?;
         }
-        let (diff_id, tar_size, gzip) = tar.into_inner()?.finish();
-        let (digest, size, sink) = gzip.finish()?.finish();
+        let (digests, sink) = tar.into_inner()?.finish_with_digests()?;
+        let ((diff_id, tar_size), (digest, size)) = (digests.input, digests.output);
         Ok((LayerDigests { digest, diff_id, size, tar_size }, sink))
     }
 

@@ -14,6 +14,11 @@
 //!
 //! For the same reason a block's bytes can be kept and used again: with a [`BlockCache`], a block
 //! seen before (same input, same dictionary) is read back instead of deflated.
+//!
+//! The writer also hashes both streams (sha256 of the input, of the gzip bytes), in order, as each
+//! block is written out. With a cache, it saves both hashers' states at each block boundary
+//! under the keys of all the blocks before it; a stream whose first blocks were seen before takes
+//! the states instead of hashing those blocks again.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -22,8 +27,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+use sha2::{Digest as _, Sha256};
 
-use super::block_cache::{BlockCache, BlockKey, MIN_CACHED_INPUT};
+use super::block_cache::{BlockCache, BlockKey, PrefixKey, MIN_CACHED_INPUT};
+use crate::digest::Digest;
 
 /// Bytes of uncompressed input per block. Fixed: a different size gives different bytes.
 pub const BLOCK: usize = 512 * 1024;
@@ -69,6 +77,8 @@ struct Job {
 struct Compressed {
     output: Vec<u8>,
     crc: crc32fast::Hasher,
+    /// The block's cache key, when it has one (a cache, and enough input).
+    key: Option<BlockKey>,
     /// The block's input buffer, handed back for the next block (fresh pages cost page faults).
     input: Vec<u8>,
 }
@@ -90,11 +100,11 @@ fn deflate_block(
     if cache.get(&key, &mut output) {
         let mut crc = crc32fast::Hasher::new();
         crc.update(input);
-        return Ok(Compressed { output, crc, input: Vec::new() });
+        return Ok(Compressed { output, crc, key: Some(key), input: Vec::new() });
     }
     let compressed = compress_block(level, input, dictionary, last, output)?;
     cache.put(&key, &compressed.output);
-    Ok(compressed)
+    Ok(Compressed { key: Some(key), ..compressed })
 }
 
 /// Deflates one block with a fresh compressor. Not a reused one: a reset compressor can carry
@@ -133,7 +143,7 @@ fn compress_block(
     }
     let mut crc = crc32fast::Hasher::new();
     crc.update(input);
-    Ok(Compressed { output, crc, input: Vec::new() })
+    Ok(Compressed { output, crc, key: None, input: Vec::new() })
 }
 
 fn new_compressor(level: u32) -> Compress {
@@ -212,6 +222,25 @@ pub struct ParallelGzip<W: Write> {
     /// Uncompressed bytes so far (the trailer's ISIZE is this modulo 2^32).
     total_in: u64,
     header_written: bool,
+    /// The input, hashed block by block as blocks are written out.
+    input_hash: Sha256,
+    /// The gzip bytes written, and their count.
+    output_hash: Sha256,
+    output_len: u64,
+    /// The key of the blocks written so far, while each of them had one.
+    prefix: Option<PrefixKey>,
+    /// True while every block written so far took its hasher states from the cache (nothing has
+    /// been hashed yet, nor needs to be).
+    restoring: bool,
+}
+
+/// What [`ParallelGzip::finish_with_digests`] learned of both streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamDigests {
+    /// sha256 and length of the uncompressed input.
+    pub input: (Digest, u64),
+    /// sha256 and length of the gzip bytes.
+    pub output: (Digest, u64),
 }
 
 impl<W: Write> ParallelGzip<W> {
@@ -232,17 +261,28 @@ impl<W: Write> ParallelGzip<W> {
             spare_output: Vec::new(),
             total_in: 0,
             header_written: false,
+            input_hash: Sha256::new(),
+            output_hash: Sha256::new(),
+            output_len: 0,
+            prefix: None,
+            restoring: false,
         }
     }
 
     /// Reads blocks seen before from `cache`, and stores the others there: the bytes are the same.
     pub fn with_cache(mut self, cache: Option<Arc<BlockCache>>) -> Self {
+        self.restoring = cache.is_some();
         self.cache = cache;
         self
     }
 
     /// Compresses what is left, writes the trailer and returns the sink.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub fn finish(self) -> io::Result<W> {
+        Ok(self.finish_with_digests()?.1)
+    }
+
+    /// [`finish`](Self::finish), with the digests and lengths of the input and of the gzip bytes.
+    pub fn finish_with_digests(mut self) -> io::Result<(StreamDigests, W)> {
         let block = std::mem::take(&mut self.block);
         self.submit(block, true)?;
         while let Some(result) = self.pending.pop_front() {
@@ -250,18 +290,32 @@ impl<W: Write> ParallelGzip<W> {
         }
         self.write_header()?;
         let crc = std::mem::replace(&mut self.crc, crc32fast::Hasher::new());
-        self.sink.write_all(&crc.finalize().to_le_bytes())?;
-        self.sink.write_all(&(self.total_in as u32).to_le_bytes())?;
-        let ParallelGzip { sink, pool, .. } = self;
+        let mut trailer = [0u8; 8];
+        trailer[..4].copy_from_slice(&crc.finalize().to_le_bytes());
+        trailer[4..].copy_from_slice(&(self.total_in as u32).to_le_bytes());
+        self.write_out(&trailer)?;
+        let ParallelGzip { sink, pool, input_hash, output_hash, output_len, total_in, .. } = self;
         drop(pool);
-        Ok(sink)
+        let digests = StreamDigests {
+            input: (Digest::from_hasher(input_hash), total_in),
+            output: (Digest::from_hasher(output_hash), output_len),
+        };
+        Ok((digests, sink))
     }
 
     fn write_header(&mut self) -> io::Result<()> {
         if !self.header_written {
-            self.sink.write_all(&header(self.level))?;
+            self.write_out(&header(self.level))?;
             self.header_written = true;
         }
+        Ok(())
+    }
+
+    /// Writes gzip bytes to the sink, hashing and counting them.
+    fn write_out(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sink.write_all(bytes)?;
+        self.output_hash.update(bytes);
+        self.output_len += bytes.len() as u64;
         Ok(())
     }
 
@@ -305,7 +359,7 @@ impl<W: Write> ParallelGzip<W> {
         let compressed =
             result.recv().map_err(|_| io::Error::other("a gzip worker thread stopped mid-block"))??;
         self.write_header()?;
-        self.sink.write_all(&compressed.output)?;
+        self.hash_block(&compressed)?;
         self.crc.combine(&compressed.crc);
         if self.spare_output.len() < self.threads * IN_FLIGHT_PER_THREAD {
             self.spare_output.push(compressed.output);
@@ -317,6 +371,55 @@ impl<W: Write> ParallelGzip<W> {
         }
         Ok(())
     }
+}
+
+impl<W: Write> ParallelGzip<W> {
+    /// Writes a block's gzip bytes out and hashes both of its sides, or, while the stream so far
+    /// is one seen before, takes both hashers' states at its end from the cache.
+    fn hash_block(&mut self, block: &Compressed) -> io::Result<()> {
+        let boundary = (block.input.len() == BLOCK).then_some(block.key).flatten();
+        self.prefix = boundary.map(|key| PrefixKey::extend(self.prefix.as_ref(), &key));
+        let cache = self.cache.clone().filter(|_| self.prefix.is_some());
+        let (Some(cache), Some(prefix)) = (cache, self.prefix) else {
+            self.restoring = false;
+            self.input_hash.update(&block.input);
+            return self.write_out(&block.output);
+        };
+        if self.restoring {
+            if let Some((input_hash, output_hash)) = cache.get_state(&prefix).and_then(|s| restore(&s)) {
+                self.sink.write_all(&block.output)?;
+                self.output_len += block.output.len() as u64;
+                self.input_hash = input_hash;
+                self.output_hash = output_hash;
+                cache.state_taken();
+                return Ok(());
+            }
+            self.restoring = false;
+        }
+        self.input_hash.update(&block.input);
+        self.write_out(&block.output)?;
+        cache.put_state(&prefix, &save(&self.input_hash, &self.output_hash));
+        Ok(())
+    }
+}
+
+/// Both hashers' states, one after the other.
+fn save(input: &Sha256, output: &Sha256) -> Vec<u8> {
+    let mut state = input.serialize().to_vec();
+    state.extend_from_slice(&output.serialize());
+    state
+}
+
+/// The hashers [`save`] saved; none from bytes of another shape.
+fn restore(state: &[u8]) -> Option<(Sha256, Sha256)> {
+    let size = SerializedState::<Sha256>::default().len();
+    if state.len() != 2 * size {
+        return None;
+    }
+    let (input, output) = state.split_at(size);
+    let input = SerializedState::<Sha256>::try_from(input).ok()?;
+    let output = SerializedState::<Sha256>::try_from(output).ok()?;
+    Some((Sha256::deserialize(&input).ok()?, Sha256::deserialize(&output).ok()?))
 }
 
 /// The last [`DICTIONARY`] bytes of a block.
@@ -413,6 +516,61 @@ mod tests {
         let short = &data[..BLOCK + 200 * 1024];
         assert!(cached(short, 2) == gzip(short, 1, short.len()));
         assert_eq!(cache.counts(), (7, 7));
+    }
+
+    #[test]
+    fn the_digests_are_of_both_streams_with_and_without_saved_hasher_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(BlockCache::open(dir.path(), 1 << 30).unwrap());
+        let digests = |data: &[u8], threads: usize, cache: Option<Arc<BlockCache>>| {
+            let mut writer = ParallelGzip::new(Vec::new(), 1, threads).with_cache(cache);
+            writer.write_all(data).unwrap();
+            let (digests, blob) = writer.finish_with_digests().unwrap();
+            let expected = StreamDigests {
+                input: (Digest::of(data), data.len() as u64),
+                output: (Digest::of(&blob), blob.len() as u64),
+            };
+            assert_eq!(digests, expected, "{} bytes, {threads} threads", data.len());
+            blob
+        };
+        for len in [0, 1000, BLOCK, 3 * BLOCK + 100] {
+            let data = sample(len);
+            let plain = digests(&data, 2, None);
+            // Empty cache (states saved), full cache (states taken), and one thread.
+            assert!(digests(&data, 2, Some(cache.clone())) == plain);
+            assert!(digests(&data, 2, Some(cache.clone())) == plain);
+            assert!(digests(&data, 1, Some(cache.clone())) == plain);
+        }
+        // A change in the third block: the states end with the second block, and the rest is
+        // hashed; a change in the first: nothing is taken.
+        let mut data = sample(3 * BLOCK + 100);
+        data[2 * BLOCK + 5] ^= 0x20;
+        digests(&data, 2, Some(cache.clone()));
+        data[5] ^= 0x20;
+        digests(&data, 8, Some(cache.clone()));
+
+        // Saved states of another shape (another hasher, a stray file) are not taken.
+        let data = sample(2 * BLOCK + 100);
+        digests(&data, 2, Some(cache.clone()));
+        let first = PrefixKey::extend(None, &BlockKey::new(1, false, b"", &data[..BLOCK]));
+        assert!(cache.get_state(&first).is_some(), "the first boundary's states were saved");
+        cache.put_state(&first, b"not hasher states");
+        digests(&data, 2, Some(cache.clone()));
+
+        // And states of the right shape are taken as they are, not hashed again: states saved
+        // for other input give other digests (which is why the cache is its owner's alone).
+        let other = sample(BLOCK + 1);
+        let mut writer = ParallelGzip::new(Vec::new(), 1, 1);
+        writer.write_all(&other[..BLOCK]).unwrap();
+        writer.write_header().unwrap();
+        writer.input_hash.update(&other[..BLOCK]);
+        cache.put_state(&first, &save(&writer.input_hash, &writer.output_hash));
+        // (One boundary only: the second's states, saved above, would replace the first's.)
+        let one_boundary = &data[..BLOCK + 100];
+        let mut writer = ParallelGzip::new(Vec::new(), 1, 2).with_cache(Some(cache.clone()));
+        writer.write_all(one_boundary).unwrap();
+        let (taken, _) = writer.finish_with_digests().unwrap();
+        assert_ne!(taken.input.0, Digest::of(one_boundary), "the saved states were not used");
     }
 
     #[test]
