@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+use sha2::Sha256;
 use tracing::{debug, warn};
 
 /// The compressor whose bytes the entries hold. Part of every key, so that entries written by
@@ -158,26 +160,32 @@ impl BlockCache {
         self.write(&key.file_name(), deflated);
     }
 
-    /// Blocks whose hashing the saved states spared: one per state taken, the states of a block
-    /// boundary standing for the block before it.
+    /// Blocks whose hashing saved states spared: one per state found, the states at a block's
+    /// end standing for the block.
     pub fn blocks_not_hashed(&self) -> u64 {
         self.states_taken.load(Ordering::Relaxed)
     }
 
-    /// The hasher states saved at the end of the prefix `key`, if any.
-    pub fn get_state(&self, key: &PrefixKey) -> Option<Vec<u8>> {
+    /// The two hashers (of the input, of the gzip bytes) saved at the end of the prefix `key`;
+    /// none when there is no entry or it holds anything else.
+    pub fn get_state(&self, key: &PrefixKey) -> Option<(Sha256, Sha256)> {
         let mut state = Vec::new();
-        self.read(&key.file_name(), &mut state).then_some(state)
-    }
-
-    /// Counts a state [`get_state`](Self::get_state) gave that was taken.
-    pub fn state_taken(&self) {
+        let hashers = self.read(&key.file_name(), &mut state).then(|| restore(&state)).flatten()?;
         self.states_taken.fetch_add(1, Ordering::Relaxed);
+        Some(hashers)
     }
 
-    /// Saves the hasher states at the end of the prefix `key`.
-    pub fn put_state(&self, key: &PrefixKey, state: &[u8]) {
-        self.write(&key.file_name(), state);
+    /// Saves both hashers at the end of the prefix `key`.
+    pub fn put_state(&self, key: &PrefixKey, input: &Sha256, output: &Sha256) {
+        let mut state = input.serialize().to_vec();
+        state.extend_from_slice(&output.serialize());
+        self.write(&key.file_name(), &state);
+    }
+
+    /// Any bytes under a prefix's name, as a stray file or another version might leave there.
+    #[cfg(test)]
+    pub(super) fn put_state_bytes(&self, key: &PrefixKey, bytes: &[u8]) {
+        self.write(&key.file_name(), bytes);
     }
 
     fn read(&self, name: &str, output: &mut Vec<u8>) -> bool {
@@ -285,6 +293,18 @@ impl BlockCache {
     }
 }
 
+/// The hashers [`BlockCache::put_state`] saved; none from bytes of another shape.
+fn restore(state: &[u8]) -> Option<(Sha256, Sha256)> {
+    let size = SerializedState::<Sha256>::default().len();
+    if state.len() != 2 * size {
+        return None;
+    }
+    let (input, output) = state.split_at(size);
+    let input = SerializedState::<Sha256>::try_from(input).ok()?;
+    let output = SerializedState::<Sha256>::try_from(output).ok()?;
+    Some((Sha256::deserialize(&input).ok()?, Sha256::deserialize(&output).ok()?))
+}
+
 /// Reads one entry; `Ok(false)` when there is none or it fails its checksum.
 fn read_entry(path: &Path, output: &mut Vec<u8>) -> io::Result<bool> {
     let mut file = match File::open(path) {
@@ -314,6 +334,8 @@ fn read_entry(path: &Path, output: &mut Vec<u8>) -> io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    use sha2::Digest as _;
+
     use super::*;
 
     #[test]
@@ -421,9 +443,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = BlockCache::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
         let key = PrefixKey::extend(None, &BlockKey::new(1, false, b"", b"a"));
-        assert_eq!(cache.get_state(&key), None);
-        cache.put_state(&key, b"states");
-        assert_eq!(cache.get_state(&key).as_deref(), Some(&b"states"[..]));
+        assert!(cache.get_state(&key).is_none());
+        let (input, output) = (Sha256::new_with_prefix(b"tar"), Sha256::new_with_prefix(b"gzip"));
+        cache.put_state(&key, &input, &output);
+        let (back_input, back_output) = cache.get_state(&key).unwrap();
+        assert_eq!(back_input.finalize(), input.finalize());
+        assert_eq!(back_output.finalize(), output.finalize());
         assert_eq!(cache.counts(), (0, 0));
     }
 }

@@ -159,7 +159,7 @@ impl LayerBuilder {
         for (path, entry) in &self.entries {
             append(&mut tar, path, entry, mtime)?;
         }
-        let (digests, sink) = tar.into_inner()?.finish_with_digests()?;
+        let (digests, sink) = tar.into_inner()?.finish()?;
         let ((diff_id, tar_size), (digest, size)) = (digests.input, digests.output);
         Ok((LayerDigests { digest, diff_id, size, tar_size }, sink))
     }

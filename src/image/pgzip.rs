@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
-use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest as _, Sha256};
 
 use super::block_cache::{BlockCache, BlockKey, PrefixKey, MIN_CACHED_INPUT};
@@ -234,7 +233,7 @@ pub struct ParallelGzip<W: Write> {
     restoring: bool,
 }
 
-/// What [`ParallelGzip::finish_with_digests`] learned of both streams.
+/// What [`ParallelGzip::finish`] learned of both streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamDigests {
     /// sha256 and length of the uncompressed input.
@@ -276,13 +275,9 @@ impl<W: Write> ParallelGzip<W> {
         self
     }
 
-    /// Compresses what is left, writes the trailer and returns the sink.
-    pub fn finish(self) -> io::Result<W> {
-        Ok(self.finish_with_digests()?.1)
-    }
-
-    /// [`finish`](Self::finish), with the digests and lengths of the input and of the gzip bytes.
-    pub fn finish_with_digests(mut self) -> io::Result<(StreamDigests, W)> {
+    /// Compresses what is left, writes the trailer, and returns the digests and lengths of the
+    /// input and of the gzip bytes, and the sink.
+    pub fn finish(mut self) -> io::Result<(StreamDigests, W)> {
         let block = std::mem::take(&mut self.block);
         self.submit(block, true)?;
         while let Some(result) = self.pending.pop_front() {
@@ -386,40 +381,20 @@ impl<W: Write> ParallelGzip<W> {
             return self.write_out(&block.output);
         };
         if self.restoring {
-            if let Some((input_hash, output_hash)) = cache.get_state(&prefix).and_then(|s| restore(&s)) {
+            if let Some((input_hash, output_hash)) = cache.get_state(&prefix) {
                 self.sink.write_all(&block.output)?;
                 self.output_len += block.output.len() as u64;
                 self.input_hash = input_hash;
                 self.output_hash = output_hash;
-                cache.state_taken();
                 return Ok(());
             }
             self.restoring = false;
         }
         self.input_hash.update(&block.input);
         self.write_out(&block.output)?;
-        cache.put_state(&prefix, &save(&self.input_hash, &self.output_hash));
+        cache.put_state(&prefix, &self.input_hash, &self.output_hash);
         Ok(())
     }
-}
-
-/// Both hashers' states, one after the other.
-fn save(input: &Sha256, output: &Sha256) -> Vec<u8> {
-    let mut state = input.serialize().to_vec();
-    state.extend_from_slice(&output.serialize());
-    state
-}
-
-/// The hashers [`save`] saved; none from bytes of another shape.
-fn restore(state: &[u8]) -> Option<(Sha256, Sha256)> {
-    let size = SerializedState::<Sha256>::default().len();
-    if state.len() != 2 * size {
-        return None;
-    }
-    let (input, output) = state.split_at(size);
-    let input = SerializedState::<Sha256>::try_from(input).ok()?;
-    let output = SerializedState::<Sha256>::try_from(output).ok()?;
-    Some((Sha256::deserialize(&input).ok()?, Sha256::deserialize(&output).ok()?))
 }
 
 /// The last [`DICTIONARY`] bytes of a block.
@@ -471,7 +446,7 @@ mod tests {
         for chunk in data.chunks(piece.max(1)) {
             writer.write_all(chunk).unwrap();
         }
-        writer.finish().unwrap()
+        writer.finish().unwrap().1
     }
 
     #[test]
@@ -498,7 +473,7 @@ mod tests {
         let cached = |data: &[u8], threads: usize| {
             let mut writer = ParallelGzip::new(Vec::new(), 1, threads).with_cache(Some(cache.clone()));
             writer.write_all(data).unwrap();
-            writer.finish().unwrap()
+            writer.finish().unwrap().1
         };
         let mut data = sample(3 * BLOCK + 100 * 1024);
         let plain = gzip(&data, 1, data.len());
@@ -525,7 +500,7 @@ mod tests {
         let digests = |data: &[u8], threads: usize, cache: Option<Arc<BlockCache>>| {
             let mut writer = ParallelGzip::new(Vec::new(), 1, threads).with_cache(cache);
             writer.write_all(data).unwrap();
-            let (digests, blob) = writer.finish_with_digests().unwrap();
+            let (digests, blob) = writer.finish().unwrap();
             let expected = StreamDigests {
                 input: (Digest::of(data), data.len() as u64),
                 output: (Digest::of(&blob), blob.len() as u64),
@@ -554,19 +529,19 @@ mod tests {
         digests(&data, 2, Some(cache.clone()));
         let first = PrefixKey::extend(None, &BlockKey::new(1, false, b"", &data[..BLOCK]));
         assert!(cache.get_state(&first).is_some(), "the first boundary's states were saved");
-        cache.put_state(&first, b"not hasher states");
+        cache.put_state_bytes(&first, b"not hasher states");
         digests(&data, 2, Some(cache.clone()));
 
         // And states of the right shape are taken as they are, not hashed again: states saved
         // for other input give other digests (which is why the cache is its owner's alone).
         let (other_input, other_output) =
             (Sha256::new_with_prefix(b"other input"), Sha256::new_with_prefix(b"other output"));
-        cache.put_state(&first, &save(&other_input, &other_output));
+        cache.put_state(&first, &other_input, &other_output);
         // (One boundary only: the second's states, saved above, would replace the first's.)
         let one_boundary = &data[..BLOCK + 100];
         let mut writer = ParallelGzip::new(Vec::new(), 1, 2).with_cache(Some(cache.clone()));
         writer.write_all(one_boundary).unwrap();
-        let (taken, _) = writer.finish_with_digests().unwrap();
+        let (taken, _) = writer.finish().unwrap();
         assert_ne!(taken.input.0, Digest::of(one_boundary), "the saved states were not used");
     }
 
