@@ -154,13 +154,15 @@ enum Command {
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0, value_name = "SECONDS")]
         source_date_epoch: i64,
         /// Where the deflated blocks of worker layers are kept between builds, so that a build
-        /// which changes one module of a worker deflates only the blocks whose bytes changed. The
-        /// image is the same with or without it. Kept under 512 MiB (least recently used entries
-        /// go first). Default: $XDG_CACHE_HOME/workerbundle/blocks, else
-        /// ~/.cache/workerbundle/blocks.
+        /// which changes one module of a worker deflates only the blocks whose bytes changed; and
+        /// what the last push to each repository left there, so that a push within the hour
+        /// after it need not ask the registry. The image is the same with or without it. Kept
+        /// under 512 MiB (least recently used entries go first). Default:
+        /// $XDG_CACHE_HOME/workerbundle/blocks, else ~/.cache/workerbundle/blocks.
         #[arg(long, env = "WORKERBUNDLE_CACHE_DIR", value_name = "DIR")]
         cache_dir: Option<PathBuf>,
-        /// Deflate every block; neither read nor write the block cache.
+        /// Deflate every block and ask the registry what the repository holds; neither read nor
+        /// write the cache.
         #[arg(long)]
         no_cache: bool,
         #[command(flatten)]

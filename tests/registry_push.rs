@@ -198,6 +198,71 @@ fn a_fresh_process_adds_at_most_the_ping_and_one_manifest_get() {
     }
 }
 
+/// A fresh process that pushed to the repository within the hour knows what it holds from the
+/// record that push left in the cache: no GET, only the five requests of the change (plus the one
+/// challenge of a registry that wants credentials). A record that a registry made wrong by losing
+/// everything costs a refused manifest PUT and the uploads, never a broken image.
+#[test]
+fn the_record_of_the_last_push_replaces_the_get_and_a_wrong_one_is_recovered() {
+    for auth in [false, true] {
+        let work = tempdir();
+        let workers = editable_workers(work.path());
+        let port = registry::free_port();
+        let push = |registry: &Registry, marker: &str| {
+            change_hello(work.path(), marker);
+            let mut extra = registry.creds_args();
+            extra.extend(["--cache-dir".to_owned(), work.path().join("cache").display().to_string()]);
+            let out = push_cli(&registry.host(), &extra, &workers, "acct/app:live");
+            assert!(out.status.success(), "auth={auth}: {}", String::from_utf8_lossy(&out.stderr));
+            (
+                String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        // Answered or not: the first push's GET finds no tag (404).
+        let manifest_gets = |registry: &Registry| {
+            registry.answered("GET", "/v2/acct/app/manifests/", 200)
+                + registry.answered("GET", "/v2/acct/app/manifests/", 404)
+        };
+        {
+            let registry = Registry::start_on(port, auth);
+            push(&registry, "first");
+            assert_eq!(manifest_gets(&registry), 1, "auth={auth}: no record yet, so one GET");
+            let before = registry.requests().len();
+            let (digest, stderr) = push(&registry, "second");
+            let requests = registry.requests()[before..].to_vec();
+            let mut methods: Vec<&str> =
+                requests.iter().filter(|r| r.status != 401).map(|r| r.method.as_str()).collect();
+            methods.sort();
+            assert_eq!(methods, ["POST", "POST", "PUT", "PUT", "PUT"], "auth={auth}: {requests:#?}");
+            assert_eq!(
+                requests.iter().filter(|r| r.status == 401).count(),
+                usize::from(auth),
+                "{requests:#?}"
+            );
+            assert!(stderr.contains(&format!("; {} registry requests", 5 + usize::from(auth))), "{stderr}");
+            let remote = format!("docker://{}/acct/app:live", registry.host());
+            let creds = format!("{USER}:{PASSWORD}");
+            let inspect = skopeo_json(&["inspect", "--tls-verify=false", "--creds", &creds, &remote]);
+            assert_eq!(inspect["Digest"], digest.as_str());
+        }
+
+        // The same address, an empty registry: the record claims blobs it does not hold.
+        let registry = Registry::start_on(port, auth);
+        let (digest, _) = push(&registry, "third");
+        assert_eq!(manifest_gets(&registry), 0, "auth={auth}: the record was trusted");
+        let refused = registry.answered("PUT", "/v2/acct/app/manifests/live", 400);
+        assert_eq!(refused, 1, "auth={auth}: the manifest naming missing blobs is refused once");
+        let offline = build(&workers, &format!("oci:{}:v1", work.path().join("offline").display()));
+        assert_eq!(digest, offline, "auth={auth}");
+        // Every blob is there: skopeo copies the whole image out.
+        let pulled = format!("oci:{}:live", work.path().join("pulled").display());
+        let creds = format!("{USER}:{PASSWORD}");
+        let remote = format!("docker://{}/acct/app:live", registry.host());
+        skopeo(&["copy", "--src-tls-verify=false", "--src-creds", &creds, &remote, &pulled]);
+    }
+}
+
 /// A fresh CLI opens two upload sessions while it assembles; each is used by a new blob or
 /// cancelled after the push, so that none is left open on the registry.
 #[test]
@@ -484,26 +549,43 @@ fn big_modules_are_streamed_into_the_same_image_offline_and_pushed() {
 
 #[test]
 fn a_registry_that_refuses_connections_fails_at_once_and_says_so() {
+    use workerbundle::build::pushed;
+    use workerbundle::digest::Digest;
+    use workerbundle::image::block_cache::{BlockCache, DEFAULT_MAX_BYTES};
     // Bound and released: nothing listens on this port.
     let port = registry::free_port();
-    let output = format!("docker://127.0.0.1:{port}/acct/app:v1");
-    let mut args = vec!["build", "--base", base_layout(), "--output", &output, "--insecure"];
-    let workers = sample_worker_args();
-    args.extend(workers.iter().map(String::as_str));
-    // Debug lines of the registry client show every request it sends.
-    let env = [("RUST_LOG".to_owned(), "warn,workerbundle::registry::client=debug".to_owned())];
-    let out = workerbundle_env(&args, &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the push succeeded with no registry: {stderr}");
-    let sent = stderr.lines().filter(|l| l.contains("sending")).count();
-    let warnings = stderr.lines().filter(|l| l.contains("WARN")).count();
-    assert!((1..=2).contains(&sent), "{sent} attempts on a registry that never answered:\n{stderr}");
-    assert!(warnings <= 1, "{warnings} warnings:\n{stderr}");
-    let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
-    assert!(
-        error.contains(&format!("registry 127.0.0.1:{port}: connection refused")),
-        "the error does not say the registry refused connections:\n{stderr}"
-    );
+    let registry_host = format!("127.0.0.1:{port}");
+    let output = format!("docker://{registry_host}/acct/app:v1");
+    let work = tempdir();
+    let cache = work.path().join("cache");
+    // With a record of a push there, the first POST goes where the GET would: it must fail as fast.
+    let recorded = BlockCache::open(&cache, DEFAULT_MAX_BYTES).unwrap();
+    pushed::record(&recorded, &registry_host, "acct/app", &[Digest::of(b"a layer")]);
+    for cache_dir in [None, Some(cache.display().to_string())] {
+        let mut args = vec!["build", "--base", base_layout(), "--output", &output, "--insecure"];
+        let workers = sample_worker_args();
+        args.extend(workers.iter().map(String::as_str));
+        if let Some(dir) = &cache_dir {
+            args.extend(["--cache-dir", dir.as_str()]);
+        }
+        // Debug lines of the registry client show every request it sends.
+        let env = [("RUST_LOG".to_owned(), "warn,workerbundle::registry::client=debug".to_owned())];
+        let out = workerbundle_env(&args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the push succeeded with no registry: {stderr}");
+        let sent = stderr.lines().filter(|l| l.contains("sending")).count();
+        let warnings = stderr.lines().filter(|l| l.contains("WARN")).count();
+        assert!((1..=2).contains(&sent), "{sent} attempts on a registry that never answered:\n{stderr}");
+        assert!(warnings <= 1, "{warnings} warnings:\n{stderr}");
+        if cache_dir.is_some() {
+            assert!(!stderr.contains("sending request=GET"), "the record was not used:\n{stderr}");
+        }
+        let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+        assert!(
+            error.contains(&format!("registry {registry_host}: connection refused")),
+            "the error does not say the registry refused connections:\n{stderr}"
+        );
+    }
 }
 
 #[test]

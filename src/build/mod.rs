@@ -6,11 +6,13 @@
 //!   to an OCI layout or pushed to a registry;
 //! - [`bundle`]: the controller's bundle image — worker layers already in the repository, a new
 //!   config layer, pushed at the floor of round trips;
-//! - [`base`]: reading the base image, and where its layers are copied from.
+//! - [`base`]: reading the base image, and where its layers are copied from;
+//! - [`pushed`]: what the last push to a repository left there, for the next process.
 
 pub mod base;
 pub mod bundle;
 pub mod pipeline;
+pub mod pushed;
 pub mod target;
 
 pub use base::{read_base, BaseSource, ResolvedBase};

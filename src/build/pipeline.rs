@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tracing::{debug, info, info_span, Instrument};
 
 use super::base::{read_base, ResolvedBase};
+use super::pushed;
 use super::{BuildContext, BuildError};
 use crate::digest::Digest;
 use crate::image::assemble::{
@@ -16,7 +17,7 @@ use crate::image::block_cache::BlockCache;
 use crate::image::layer::LayerBuilder;
 use crate::image::layout::LayoutWriter;
 use crate::image::reference::ImageRef;
-use crate::registry::push::{learn_repository, open_sessions_ahead};
+use crate::registry::push::{assume_holds, learn_repository, open_sessions_ahead, open_sessions_without_get};
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryRef};
 use crate::source::{load_workers, WorkerInput};
 use crate::worker::ServedWorker;
@@ -121,15 +122,26 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
     // What the repository holds is learned (one GET of the tag's manifest, and the connection it
     // opens) on its own task from the very start, while the workers and the base are read and the
     // image is assembled, and the upload sessions the new blobs will most likely need are opened
-    // then too: those round trips then cost no wall-clock time.
+    // then too: those round trips then cost no wall-clock time. Where this machine pushed to the
+    // repository lately, the record of that push stands in for the GET.
     let learning = match &request.output {
         ImageRef::Registry(out) => {
             let (registries, out, tag) = (registries.clone(), out.clone(), output_tag.clone());
+            let cache = context.block_cache.clone();
             Some(tokio::spawn(
                 async move {
                     let client = registries.client(&out.registry)?;
                     let requests_before = client.request_count();
                     let memory = registries.memory(&out.registry);
+                    let recalled =
+                        cache.as_deref().and_then(|c| pushed::recall(c, &out.registry, &out.repository));
+                    if let Some(blobs) = recalled {
+                        assume_holds(&memory, &out.repository, &blobs);
+                        debug!(blobs = blobs.len(), "repository known from the last push from here");
+                        open_sessions_without_get(&client, &memory, &out.repository, SESSIONS_AHEAD).await?;
+                        debug!("upload sessions opened");
+                        return Ok(requests_before);
+                    }
                     let learn = async {
                         learn_repository(&client, &memory, &out.repository, &tag).await?;
                         debug!("repository learned");
@@ -223,7 +235,9 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
             return Err(BuildError::Internal("the output layout was not opened".into()))
         }
         (ImageRef::Registry(out), _) => {
-            let mut report = push_to_registry(out, &output_tag, &built, &base, registries).await?;
+            let mut report =
+                push_to_registry(out, &output_tag, &built, &base, registries, context.block_cache.as_deref())
+                    .await?;
             report.requests = registries.client(&out.registry)?.request_count() - requests_before;
             Some(report)
         }
@@ -265,6 +279,7 @@ async fn push_to_registry(
     built: &Built,
     base: &ResolvedBase,
     registries: &Registries,
+    cache: Option<&BlockCache>,
 ) -> Result<PushReport, BuildError> {
     let mut blobs = base.push_blobs(out, registries).await?;
     let image = &built.image;
@@ -286,7 +301,12 @@ async fn push_to_registry(
             source: BlobSource::Memory(blob.bytes.clone()),
         });
     }
-    push_manifest(out, tag, image, blobs, registries).await
+    let names: Vec<Digest> = blobs.iter().map(|blob| blob.digest.clone()).collect();
+    let report = push_manifest(out, tag, image, blobs, registries).await?;
+    if let Some(cache) = cache {
+        pushed::record(cache, &out.registry, &out.repository, &names);
+    }
+    Ok(report)
 }
 
 /// Pushes `blobs` (those the repository lacks) and then the image's manifest under `tag`.

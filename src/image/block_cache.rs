@@ -13,6 +13,9 @@
 //! ([`PrefixKey`]): a layer whose first blocks did not change is then hashed from the first block
 //! that did, not from its start, and still gets the digests hashing all of it would give.
 //!
+//! And it keeps small records for the build beside them ([`RecordKey`]): what the last push to a
+//! repository left there, so that the next process need not ask (see `build::pushed`).
+//!
 //! Everything here is best effort: a cache that cannot be read or written costs the deflate it
 //! would have saved, and a warning once per process, never a failed build.
 
@@ -92,6 +95,29 @@ impl PrefixKey {
         };
         hasher.update(&block.0);
         PrefixKey(*hasher.finalize().as_bytes())
+    }
+
+    fn file_name(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// The key of a small record kept in the cache: its kind and what it is about, hashed under a
+/// label no block or prefix key is made with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RecordKey([u8; 32]);
+
+impl RecordKey {
+    pub fn new(kind: &str, about: &[&str]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"workerbundle record\0");
+        hasher.update(kind.as_bytes());
+        for part in about {
+            // Lengths first, so that ("ab", "c") and ("a", "bc") are different records.
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        RecordKey(*hasher.finalize().as_bytes())
     }
 
     fn file_name(&self) -> String {
@@ -180,6 +206,17 @@ impl BlockCache {
         let mut state = input.serialize().to_vec();
         state.extend_from_slice(&output.serialize());
         self.write(&key.file_name(), &state);
+    }
+
+    /// The bytes of a record, if there is a whole one.
+    pub fn get_record(&self, key: &RecordKey) -> Option<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.read(&key.file_name(), &mut bytes).then_some(bytes)
+    }
+
+    /// Stores a record, replacing the one under the same key.
+    pub fn put_record(&self, key: &RecordKey, bytes: &[u8]) {
+        self.write(&key.file_name(), bytes);
     }
 
     /// Any bytes under a prefix's name, as a stray file or another version might leave there.
@@ -436,6 +473,20 @@ mod tests {
         assert!(ab != PrefixKey::extend(Some(&PrefixKey::extend(None, &b)), &a));
         assert!(ab != PrefixKey::extend(None, &b), "the first block is part of the key");
         assert!(PrefixKey::extend(None, &a).0 != a.0, "never a block entry's name");
+    }
+
+    #[test]
+    fn a_record_reads_back_is_replaced_and_has_a_name_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
+        let key = RecordKey::new("pushed", &["127.0.0.1:5000", "acct/app"]);
+        assert!(cache.get_record(&key).is_none());
+        cache.put_record(&key, b"first");
+        cache.put_record(&key, b"second");
+        assert_eq!(cache.get_record(&key).unwrap(), b"second");
+        assert!(key != RecordKey::new("pushed", &["127.0.0.1:500", "0acct/app"]));
+        assert!(key != RecordKey::new("other", &["127.0.0.1:5000", "acct/app"]));
+        assert_eq!(cache.counts(), (0, 0), "records are not blocks");
     }
 
     #[test]

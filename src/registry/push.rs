@@ -2,7 +2,8 @@
 //!
 //! - Blobs the repository is known to hold are not sent: known from this process's own pushes,
 //!   or learned with ONE GET of the manifest the tag points at now (never a HEAD per base layer);
-//!   not even that GET where the caller knows the repository is new ([`assume_new_repository`]).
+//!   not even that GET where the caller knows the repository is new ([`assume_new_repository`])
+//!   or what it holds ([`assume_holds`]: what this machine's last push left there).
 //! - Base layers in another repository of the same registry are mounted; a 202 answer (mount
 //!   refused) cancels the stray session and falls back to an upload.
 //! - Blobs under 4 MiB go up in one request (`POST ?digest=`) where the registry takes it, else
@@ -359,6 +360,55 @@ pub fn assume_new_repository(memory: &PushMemory, repo: &str) {
     if let Ok(mut learned) = memory.learned.lock() {
         learned.insert(repo.to_owned());
     }
+}
+
+/// Skips the GET of [`learn_repository`] for a repository the caller knows holds `blobs` (what
+/// its last push from this machine left there). Knowledge that turns out wrong costs the push a
+/// refused manifest PUT and the blobs the repository lacks, as for anything this process
+/// remembers ([`push_image`]).
+pub fn assume_holds(memory: &PushMemory, repo: &str, blobs: &[Digest]) {
+    assume_new_repository(memory, repo);
+    for blob in blobs {
+        memory.remember(repo, blob);
+    }
+}
+
+/// Opens `count` upload sessions ahead with no GET in front (the repository is known, see
+/// [`assume_holds`]): the first POST takes the GET's place. It makes the first connection, and
+/// where there are credentials it gets the token; the other POSTs wait for the one or the other,
+/// as they would for the GET's. And as the GET's would, its failure to reach the registry ends
+/// the build at once, before its retries are spent a second time by the upload.
+pub async fn open_sessions_without_get(
+    client: &RegistryClient,
+    memory: &PushMemory,
+    repo: &str,
+    count: usize,
+) -> Result<(), RegistryError> {
+    client.want_scope(repo, "pull,push");
+    let first = async {
+        let req = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+        let response = client.send(&req).await?;
+        match (response.status(), location(&response)) {
+            (StatusCode::ACCEPTED, Some(session)) => memory.add_session(repo, session),
+            // Left to the upload, which reports it with its context.
+            (status, _) => debug!(%status, "no upload session opened ahead"),
+        }
+        Ok::<(), RegistryError>(())
+    };
+    let rest = count.saturating_sub(1);
+    if client.has_credentials() {
+        first.await?;
+        open_sessions_ahead(client, memory, repo, rest).await;
+    } else {
+        let others = async {
+            if client.first_connection().await {
+                open_sessions_ahead(client, memory, repo, rest).await;
+            }
+            Ok(())
+        };
+        futures::future::try_join(first, others).await?;
+    }
+    Ok(())
 }
 
 /// One GET of the manifest the tag points at now tells which blobs the repository holds; done

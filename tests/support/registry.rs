@@ -129,12 +129,17 @@ impl Registry {
         std::thread::sleep(Duration::from_millis(100));
         let text = fs::read_to_string(&self.log).unwrap();
         let status = status.to_string();
-        text.lines()
+        // A request answered with several errors (a manifest naming five missing blobs) has a
+        // line for each: requests are counted by their id.
+        let ids: std::collections::HashSet<&str> = text
+            .lines()
             .filter(|l| l.contains("msg=\"response completed"))
             .filter(|l| field(l, "http.request.method=") == Some(method))
             .filter(|l| field(l, "http.request.uri=").is_some_and(|u| u.starts_with(prefix)))
             .filter(|l| field(l, "http.response.status=") == Some(status.as_str()))
-            .count()
+            .filter_map(|l| field(l, "http.request.id="))
+            .collect();
+        ids.len()
     }
 
     /// GET a manifest (OCI accept header); returns status and body.
