@@ -8,7 +8,7 @@ use workerbundle::api::{self, ApiOptions, Limits as ApiLimits, Placement, TokenS
 use workerbundle::base_image::{self, ControllerRecipe, Recipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE};
 use workerbundle::build::{build, BuildContext, BuildRequest};
 use workerbundle::controller::{self, RunOptions, Settings};
-use workerbundle::image::block_cache::{self, BlockCache};
+use workerbundle::image::block_cache::BlockCache;
 use workerbundle::image::reference::ImageRef;
 use workerbundle::registry::pull::delete_image;
 use workerbundle::registry::{Registries, RegistryOptions, RegistryRef};
@@ -314,6 +314,12 @@ enum Command {
         /// bundle goes).
         #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
         network_policies: bool,
+        /// Where deflated blocks of worker layers are kept, so that a release changing one module
+        /// of a big worker deflates only the blocks whose bytes changed (the layer is the same
+        /// with or without it). Kept under 512 MiB. In a pod, an emptyDir. Default: none, every
+        /// layer deflated whole.
+        #[arg(long, env = "WORKERBUNDLE_CACHE_DIR", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryArgs,
         #[command(flatten)]
@@ -611,6 +617,7 @@ async fn run(command: Command) -> Result<String, String> {
             build_concurrency,
             source_date_epoch,
             network_policies,
+            cache_dir,
             registry,
             s3,
             operations,
@@ -625,7 +632,8 @@ async fn run(command: Command) -> Result<String, String> {
                 health_listen: operations.health_listen,
                 leader_election: operations.lease(),
             };
-            let build = BuildContext::new(registry.registries(), s3.options());
+            let cache = cache_dir.and_then(|dir| open_block_cache(Some(dir)));
+            let build = BuildContext::new(registry.registries(), s3.options()).with_block_cache(cache);
             controller::run(options, build).await.map_err(|e| e.to_string())?;
             Ok(String::new())
         }
@@ -728,15 +736,5 @@ fn init_logging(format: LogFormat) {
 /// The block cache for `build`: `dir`, else the default one. A cache that cannot be opened is a
 /// warning, not an error: the build only deflates more.
 fn open_block_cache(dir: Option<PathBuf>) -> Option<BlockCache> {
-    let dir = dir.or_else(BlockCache::default_dir)?;
-    match BlockCache::open(&dir, block_cache::DEFAULT_MAX_BYTES) {
-        Ok(cache) => Some(cache),
-        Err(e) => {
-            tracing::warn!(
-                "cannot use {} as the layer block cache ({e}); building without it",
-                dir.display()
-            );
-            None
-        }
-    }
+    BlockCache::open_or_warn(&dir.or_else(BlockCache::default_dir)?)
 }

@@ -233,6 +233,100 @@ fn sorted(names: &[&String]) -> Vec<String> {
 
 /// A controller that starts (or restarts) while objects already exist must pick all of them up
 /// from its first list, not only the ones that change afterwards.
+/// With `--cache-dir`, a release that changes the end of a big module (not its length) deflates
+/// only its last blocks: the first ones are read back from the cache (no entry is added for them), and the layer
+/// the registry holds unpacks to exactly the new module.
+#[test]
+fn a_controller_with_a_block_cache_rebuilds_a_big_worker_from_its_unchanged_blocks() {
+    let registry = Registry::start(false);
+    let s3 = S3Server::start();
+    // 1.2 MiB of module: two whole 512 KiB blocks of the layer, then a tail block big enough to be
+    // cached too, which the change falls in.
+    let mut data: Vec<u8> = Vec::new();
+    let mut state = 7u64;
+    while data.len() < 1_200_000 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        data.extend(format!("export const v{:x} = {};\n", state >> 40, state % 100_000).as_bytes());
+    }
+    data.extend(b"export const last = 1;\n");
+    let put_version = |version: &str, data: &[u8]| {
+        let prefix = format!("1234/big/{version}/");
+        s3.put(
+            "workers",
+            &format!("{prefix}index.js"),
+            b"import \"./data.js\";\nexport default { fetch() { return new Response(\"big\"); } };\n",
+        );
+        s3.put("workers", &format!("{prefix}data.js"), data);
+        s3.put(
+            "workers",
+            &format!("{prefix}metadata.json"),
+            br#"{"main_module": "index.js", "compatibility_date": "2024-09-23"}"#,
+        );
+    };
+    put_version("v1", &data);
+    let cluster = Cluster::start("blockcache");
+    let cache = tempdir();
+    let cache_dir = cache.path().join("blocks");
+    let prefix = format!("{}/workers", registry.host());
+    let controller = Controller::start(
+        &cluster,
+        &[
+            "--repository-prefix",
+            &prefix,
+            "--insecure",
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+        ],
+        &s3.env(SECRET_KEY),
+    );
+    let entries = || {
+        std::fs::read_dir(&cache_dir)
+            .map_or(0, |d| d.filter(|e| e.as_ref().unwrap().file_name().len() == 64).count())
+    };
+    apply_ok(&cluster, ACCOUNT);
+    apply_ok(&cluster, &deployment_yaml("big", "big", "s3://workers/1234/big/v1/", 5));
+    let first = cluster.wait_for("workerdeployment", "big", WAIT, &controller, current_release);
+    cluster.wait_for("workerrelease", &first, WAIT, &controller, ready_layer);
+    let after_first = entries();
+    // Three blocks, and the hasher states at the two boundaries.
+    assert_eq!(after_first, 5, "the controller kept no blocks, or others");
+
+    // The same length (the tar header before the module, in the first block, stays the same).
+    let end = data.len() - 3;
+    data[end..].copy_from_slice(b"2;\n");
+    put_version("v2", &data);
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "big",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"scriptUrls":["s3://workers/1234/big/v2/"]}}}"#,
+    ]);
+    let second = cluster.wait_for("workerdeployment", "big", WAIT, &controller, |d| {
+        current_release(d).filter(|r| *r != first)
+    });
+    let layer = cluster.wait_for("workerrelease", &second, WAIT, &controller, ready_layer);
+    // The last block, which holds the change, is the one new entry: the two before it were found.
+    assert_eq!(entries(), after_first + 1, "a block before the change was deflated again");
+
+    let (status, blob) = registry.blob("workers/1234", &layer);
+    assert_eq!(status, 200);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+    let mut found = None;
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().ends_with("data.js") {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+            found = Some(bytes);
+        }
+    }
+    assert!(found == Some(data), "the layer does not hold the new module");
+}
+
 #[test]
 fn objects_made_before_the_controller_starts_are_built() {
     let registry = Registry::start(false);

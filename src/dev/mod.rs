@@ -139,8 +139,8 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let build = BuildContext {
         registries: registries.clone(),
         sources: crate::source::Sources::new(s3_options.clone()),
-        // The controller keeps what it pushed in memory; it reads no block cache.
-        block_cache: None,
+        // A redeploy that changes one module of a big worker deflates only its changed blocks.
+        block_cache: crate::image::block_cache::BlockCache::open_or_warn(&data.join("blocks")).map(Arc::new),
     };
     let controllers = tokio::spawn(controller::run_with(client.clone(), run_options, build, stopped()));
 

@@ -155,6 +155,17 @@ impl BlockCache {
         })
     }
 
+    /// The cache in `dir`, or none and a warning: a build goes on without a cache it cannot use.
+    pub fn open_or_warn(dir: &Path) -> Option<BlockCache> {
+        match BlockCache::open(dir, DEFAULT_MAX_BYTES) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                warn!("cannot use {} as the layer block cache ({e}); building without it", dir.display());
+                None
+            }
+        }
+    }
+
     /// `$XDG_CACHE_HOME/workerbundle/blocks`, else `~/.cache/workerbundle/blocks`; none without
     /// a home.
     pub fn default_dir() -> Option<PathBuf> {

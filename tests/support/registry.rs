@@ -142,6 +142,11 @@ impl Registry {
         ids.len()
     }
 
+    /// GET a blob; returns status and body.
+    pub fn blob(&self, repo: &str, digest: &str) -> (u16, Vec<u8>) {
+        http(self.port, "GET", &format!("/v2/{repo}/blobs/{digest}"), &self.auth_header())
+    }
+
     /// GET a manifest (OCI accept header); returns status and body.
     pub fn manifest(&self, repo: &str, reference: &str) -> (u16, Vec<u8>) {
         let mut headers = self.auth_header();

@@ -94,11 +94,19 @@ async fn build_and_push(
     // Build the layer off the async threads (large workers are CPU work), then push it.
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);
     let code = worker.code.clone();
+    let cache = ctx.build.block_cache.clone();
     let started = Instant::now();
-    let layer = tokio::task::spawn_blocking(move || build_worker_layer(&code, mtime, None))
-        .await
-        .map_err(|e| Error::internal("the layer build stopped", e))?
-        .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
+    let layer = tokio::task::spawn_blocking(move || {
+        let layer = build_worker_layer(&code, mtime, cache.as_ref());
+        // At most once a day, by a process that added to it: within its bound however long we run.
+        if let Some(cache) = &cache {
+            cache.trim_if_due();
+        }
+        layer
+    })
+    .await
+    .map_err(|e| Error::internal("the layer build stopped", e))?
+    .map_err(|e| Error::internal("cannot write the worker's layer", e))?;
     ctx.metrics.observe_build(started.elapsed());
     debug!(took = ?started.elapsed(), bytes = layer.blob.bytes.len(), "layer built");
     let status =
