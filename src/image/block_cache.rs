@@ -112,6 +112,7 @@ impl RecordKey {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"workerbundle record\0");
         hasher.update(kind.as_bytes());
+        hasher.update(&[0]);
         for part in about {
             // Lengths first, so that ("ab", "c") and ("a", "bc") are different records.
             hasher.update(&(part.len() as u64).to_le_bytes());
@@ -497,6 +498,7 @@ mod tests {
         assert_eq!(cache.get_record(&key).unwrap(), b"second");
         assert!(key != RecordKey::new("pushed", &["127.0.0.1:500", "0acct/app"]));
         assert!(key != RecordKey::new("other", &["127.0.0.1:5000", "acct/app"]));
+        assert!(key != RecordKey::new("pushe", &["d127.0.0.1:5000", "acct/app"]));
         assert_eq!(cache.counts(), (0, 0), "records are not blocks");
     }
 
