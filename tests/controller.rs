@@ -231,11 +231,9 @@ fn sorted(names: &[&String]) -> Vec<String> {
     names
 }
 
-/// A controller that starts (or restarts) while objects already exist must pick all of them up
-/// from its first list, not only the ones that change afterwards.
 /// With `--cache-dir`, a release that changes the end of a big module (not its length) deflates
-/// only its last blocks: the first ones are read back from the cache (no entry is added for them), and the layer
-/// the registry holds unpacks to exactly the new module.
+/// only its last blocks: the first ones are read back from the cache (no entry is added for
+/// them), and the layer the registry holds unpacks to exactly the new module.
 #[test]
 fn a_controller_with_a_block_cache_rebuilds_a_big_worker_from_its_unchanged_blocks() {
     let registry = Registry::start(false);
@@ -327,6 +325,8 @@ fn a_controller_with_a_block_cache_rebuilds_a_big_worker_from_its_unchanged_bloc
     assert!(found == Some(data), "the layer does not hold the new module");
 }
 
+/// A controller that starts (or restarts) while objects already exist must pick all of them up
+/// from its first list, not only the ones that change afterwards.
 #[test]
 fn objects_made_before_the_controller_starts_are_built() {
     let registry = Registry::start(false);
