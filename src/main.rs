@@ -632,7 +632,7 @@ async fn run(command: Command) -> Result<String, String> {
                 health_listen: operations.health_listen,
                 leader_election: operations.lease(),
             };
-            let cache = cache_dir.and_then(|dir| open_block_cache(Some(dir)));
+            let cache = cache_dir.and_then(|dir| BlockCache::open_or_warn(&dir));
             let build = BuildContext::new(registry.registries(), s3.options()).with_block_cache(cache);
             controller::run(options, build).await.map_err(|e| e.to_string())?;
             Ok(String::new())

@@ -17,7 +17,7 @@ use crate::image::block_cache::BlockCache;
 use crate::image::layer::LayerBuilder;
 use crate::image::layout::LayoutWriter;
 use crate::image::reference::ImageRef;
-use crate::registry::push::{assume_holds, learn_repository, open_sessions_ahead, open_sessions_without_get};
+use crate::registry::push::prepare_push;
 use crate::registry::{push_image, BlobSource, PushBlob, PushReport, Registries, RegistryRef};
 use crate::source::{load_workers, WorkerInput};
 use crate::worker::ServedWorker;
@@ -133,43 +133,14 @@ pub async fn build(request: &BuildRequest, context: &BuildContext) -> Result<Bui
                     let client = registries.client(&out.registry)?;
                     let requests_before = client.request_count();
                     let memory = registries.memory(&out.registry);
-                    let recalled =
+                    let known =
                         cache.as_deref().and_then(|c| pushed::recall(c, &out.registry, &out.repository));
-                    if let Some(blobs) = recalled {
-                        assume_holds(&memory, &out.repository, &blobs);
-                        debug!(blobs = blobs.len(), "repository known from the last push from here");
-                        open_sessions_without_get(&client, &memory, &out.repository, SESSIONS_AHEAD).await?;
-                        debug!("upload sessions opened");
-                        return Ok(requests_before);
-                    }
-                    let learn = async {
-                        learn_repository(&client, &memory, &out.repository, &tag).await?;
-                        debug!("repository learned");
-                        Ok::<(), crate::registry::RegistryError>(())
-                    };
-                    if client.has_credentials() {
-                        // After the GET, not beside it: on a registry that asks for a token,
-                        // requests sent before the first answer would each be refused and sent
-                        // again.
-                        learn.await?;
-                        open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
-                        debug!("upload sessions opened");
-                    } else {
-                        // Without credentials there is no token to wait for, so the POSTs go
-                        // beside the GET as soon as its connection is made: a round trip less.
-                        // (A registry that wants a token then refuses the push anyway, or, if it
-                        // hands anonymous ones out for pushing, costs one refused POST each.) A
-                        // registry that takes no connection gets the GET's attempts alone, and a GET
-                        // that fails ends the build at once, whatever the POSTs are waiting for.
-                        let open = async {
-                            if client.first_connection().await {
-                                open_sessions_ahead(&client, &memory, &out.repository, SESSIONS_AHEAD).await;
-                                debug!("upload sessions opened");
-                            }
-                            Ok(())
-                        };
-                        futures::future::try_join(learn, open).await?;
-                    }
+                    prepare_push(&client, &memory, &out.repository, &tag, known.as_deref(), SESSIONS_AHEAD)
+                        .await?;
+                    debug!(
+                        from_the_last_push = known.is_some(),
+                        "repository learned, upload sessions opened"
+                    );
                     Ok::<u64, crate::registry::RegistryError>(requests_before)
                 }
                 .in_current_span(),

@@ -373,29 +373,42 @@ pub fn assume_holds(memory: &PushMemory, repo: &str, blobs: &[Digest]) {
     }
 }
 
-/// Opens `count` upload sessions ahead with no GET in front (the repository is known, see
-/// [`assume_holds`]): the first POST takes the GET's place. It makes the first connection, and
-/// where there are credentials it gets the token; the other POSTs wait for the one or the other,
-/// as they would for the GET's. And as the GET's would, its failure to reach the registry ends
-/// the build at once, before its retries are spent a second time by the upload.
-pub async fn open_sessions_without_get(
+/// What a fresh process does before it pushes, while its image is assembled: learns what the
+/// repository holds, from `known` (what this machine's last push left there, see
+/// [`assume_holds`]) or else with the GET of [`learn_repository`], and opens `count` upload
+/// sessions ahead. The first request goes first: the GET, or with `known` the first POST in its
+/// place. The other POSTs wait for its answer where there are credentials (on a registry that asks
+/// for a token, requests sent before the first answer would each be refused and sent again), and
+/// otherwise only for its connection: a round trip less, and a registry that takes no connection
+/// gets the first request's attempts alone. (A registry that wants a token without credentials
+/// refuses the push anyway, or, if it hands anonymous ones out for pushing, costs one refused
+/// POST each.) A first request that cannot reach the registry ends the build at once.
+pub async fn prepare_push(
     client: &RegistryClient,
     memory: &PushMemory,
     repo: &str,
+    tag: &str,
+    known: Option<&[Digest]>,
     count: usize,
 ) -> Result<(), RegistryError> {
     client.want_scope(repo, "pull,push");
     let first = async {
-        let req = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-        let response = client.send(&req).await?;
-        match (response.status(), location(&response)) {
-            (StatusCode::ACCEPTED, Some(session)) => memory.add_session(repo, session),
-            // Left to the upload, which reports it with its context.
-            (status, _) => debug!(%status, "no upload session opened ahead"),
+        match known {
+            Some(blobs) => {
+                assume_holds(memory, repo, blobs);
+                let req = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+                let response = client.send(&req).await?;
+                match (response.status(), location(&response)) {
+                    (StatusCode::ACCEPTED, Some(session)) => memory.add_session(repo, session),
+                    // Left to the upload, which reports it with its context.
+                    (status, _) => debug!(%status, "no upload session opened ahead"),
+                }
+                Ok(())
+            }
+            None => learn_repository(client, memory, repo, tag).await,
         }
-        Ok::<(), RegistryError>(())
     };
-    let rest = count.saturating_sub(1);
+    let rest = if known.is_some() { count.saturating_sub(1) } else { count };
     if client.has_credentials() {
         first.await?;
         open_sessions_ahead(client, memory, repo, rest).await;
