@@ -329,9 +329,14 @@ async fn open_session(client: &RegistryClient, repo: &str) -> Option<String> {
     start_upload(client, repo).await.map_err(|e| debug!(error = %e, "no upload session opened ahead")).ok()
 }
 
+/// `POST /blobs/uploads/` with no body: asks for a new upload session.
+fn new_session(repo: &str) -> Req {
+    Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"))
+}
+
 /// `POST /blobs/uploads/`: a new upload session's Location.
 async fn start_upload(client: &RegistryClient, repo: &str) -> Result<String, RegistryError> {
-    let start = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
+    let start = new_session(repo);
     let response = client.send(&start).await?;
     if response.status() != StatusCode::ACCEPTED {
         return Err(client.status_error(&start, response, 1).await);
@@ -396,8 +401,7 @@ pub async fn prepare_push(
         match known {
             Some(blobs) => {
                 assume_holds(memory, repo, blobs);
-                let req = Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"));
-                let response = client.send(&req).await?;
+                let response = client.send(&new_session(repo)).await?;
                 match (response.status(), location(&response)) {
                     (StatusCode::ACCEPTED, Some(session)) => memory.add_session(repo, session),
                     // Left to the upload, which reports it with its context.
@@ -625,7 +629,7 @@ async fn upload_small(
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(bytes.clone())
     } else {
-        Req::new(Method::POST, format!("/v2/{repo}/blobs/uploads/"))
+        new_session(repo)
     };
     let response = client.send(&start).await?;
     match response.status() {
