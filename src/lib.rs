@@ -26,6 +26,7 @@ pub mod oci;
 pub mod registry;
 pub mod self_image;
 pub mod source;
+pub mod startup_check;
 pub mod worker;
 
 /// An error and its sources on one line (`outer: inner: root cause`), for messages that must

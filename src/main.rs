@@ -15,6 +15,7 @@ use workerbundle::registry::{Registries, RegistryOptions, RegistryRef};
 use workerbundle::self_image::{self, Destination};
 use workerbundle::source::s3::{S3Limits, S3Options};
 use workerbundle::source::WorkerInput;
+use workerbundle::startup_check::{self, StartupChecker};
 
 #[derive(Parser)]
 #[command(
@@ -326,6 +327,8 @@ enum Command {
         s3: Box<S3Args>,
         #[command(flatten)]
         operations: OperationsArgs,
+        #[command(flatten)]
+        startup: StartupCheckArgs,
     },
     /// Serve the Cloudflare-compatible API that unmodified wrangler deploys to.
     ///
@@ -431,6 +434,8 @@ struct ApiArgs {
     rate_limit: u32,
     #[command(flatten)]
     s3: S3Args,
+    #[command(flatten)]
+    startup: StartupCheckArgs,
 }
 
 fn parse_namespaced(text: &str) -> Result<(String, String), String> {
@@ -438,6 +443,55 @@ fn parse_namespaced(text: &str) -> Result<(String, String), String> {
         .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
         .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
         .ok_or_else(|| format!("{text:?} must look like NAMESPACE/NAME"))
+}
+
+/// The start-up check of `api` and `run`: each worker is loaded alone in workerd before it is
+/// stored or released, and refused with workerd's words when it cannot start.
+#[derive(clap::Args, Clone)]
+struct StartupCheckArgs {
+    /// The workerd that loads each worker for the check: the base image's own (same version as
+    /// the bundles run). Default: /usr/local/bin/workerd (where workerbundle's own image has it),
+    /// else `workerd` on PATH. Example: --workerd ./node_modules/.bin/workerd
+    #[arg(long, env = "WORKERBUNDLE_WORKERD", value_name = "PATH")]
+    workerd: Option<PathBuf>,
+    /// How long a worker may take to load and run its top-level code, in seconds; past it workerd
+    /// is killed and the worker refused (a top-level loop never ends).
+    #[arg(long, value_name = "SECONDS", default_value_t = startup_check::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=120))]
+    startup_timeout: u64,
+    /// Store and release workers without loading them first. One that throws at start-up then
+    /// stops every worker of its account until it is replaced.
+    #[arg(long, conflicts_with = "workerd")]
+    no_startup_check: bool,
+}
+
+impl StartupCheckArgs {
+    fn checker(&self) -> Result<Option<StartupChecker>, String> {
+        if self.no_startup_check {
+            tracing::warn!("--no-startup-check: workers are stored and released without loading them first");
+            return Ok(None);
+        }
+        let workerd = match &self.workerd {
+            Some(path) => path.clone(),
+            None => default_workerd().ok_or(
+                "no workerd for the start-up check: give --workerd PATH (the base image's workerd), \
+                 or --no-startup-check to store workers without loading them",
+            )?,
+        };
+        if !workerd.is_file() {
+            return Err(format!("--workerd {}: no such file", workerd.display()));
+        }
+        Ok(Some(StartupChecker::new(workerd, std::time::Duration::from_secs(self.startup_timeout))))
+    }
+}
+
+/// /usr/local/bin/workerd, else `workerd` on PATH.
+fn default_workerd() -> Option<PathBuf> {
+    let installed = PathBuf::from("/usr/local/bin/workerd");
+    if installed.is_file() {
+        return Some(installed);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("workerd")).find(|p| p.is_file())
 }
 
 /// Probes, metrics and leader election of `run`.
@@ -621,6 +675,7 @@ async fn run(command: Command) -> Result<String, String> {
             registry,
             s3,
             operations,
+            startup,
         } => {
             if let Some(prefix) = &repository_prefix {
                 RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
@@ -628,7 +683,13 @@ async fn run(command: Command) -> Result<String, String> {
             let options = RunOptions {
                 namespace,
                 concurrency: controller::Concurrency::new(concurrency, build_concurrency),
-                settings: Settings { repository_prefix, source_date_epoch, base_image, network_policies },
+                settings: Settings {
+                    repository_prefix,
+                    source_date_epoch,
+                    base_image,
+                    network_policies,
+                    startup_check: startup.checker()?,
+                },
                 health_listen: operations.health_listen,
                 leader_election: operations.lease(),
             };
@@ -665,6 +726,7 @@ async fn run(command: Command) -> Result<String, String> {
                 max_module_bytes,
                 rate_limit,
                 s3,
+                startup,
             } = *args;
             let tokens = match (tokens, tokens_secret) {
                 (Some(file), _) => TokenSource::File(file),
@@ -687,6 +749,7 @@ async fn run(command: Command) -> Result<String, String> {
                     requests_per_minute: rate_limit,
                 },
                 s3: s3.options(),
+                startup_check: startup.checker()?,
             };
             // The URL goes to stdout as soon as the port is bound: scripts and tests read it.
             api::serve(options, |addr| {

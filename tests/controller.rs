@@ -413,7 +413,13 @@ fn without_the_crds_the_controller_stops_and_says_how_to_install_them() {
     let dir = tempdir();
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig, "default").unwrap();
-    let out = workerbundle_env(&["run"], &[("KUBECONFIG".into(), kubeconfig.display().to_string())]);
+    let out = workerbundle_env(
+        &["run"],
+        &[
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+            ("WORKERBUNDLE_WORKERD".into(), workerd_binary().display().to_string()),
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -41,6 +41,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::source::s3::{S3Options, S3Source};
 use crate::source::S3Url;
+use crate::startup_check::StartupChecker;
 use envelope::ApiError;
 use limits::RateLimits;
 
@@ -53,6 +54,9 @@ pub struct ApiState {
     tokens: auth::Tokens,
     rate: RateLimits,
     limits: Limits,
+    /// Loads each upload in workerd before it is stored; `None` only when the operator turned it
+    /// off (`--no-startup-check`).
+    startup_check: Option<StartupChecker>,
 }
 
 type Shared = Arc<ApiState>;
@@ -216,6 +220,8 @@ pub struct ApiOptions {
     pub placement: Placement,
     pub limits: Limits,
     pub s3: S3Options,
+    /// See [`ApiState`]: `None` stores uploads without loading them first.
+    pub startup_check: Option<StartupChecker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +268,7 @@ pub async fn serve_with(
         tokens,
         rate: RateLimits::new(options.limits.requests_per_minute),
         limits: options.limits.clone(),
+        startup_check: options.startup_check.clone(),
     });
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await

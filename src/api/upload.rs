@@ -42,6 +42,8 @@ pub struct Upload {
     pub metadata: Value,
     /// Vars of the running version the upload asks to keep (see [`inherit_vars`]).
     pub keep: Keep,
+    /// The worker as workerd will load it, for the start-up check.
+    pub worker: Worker,
 }
 
 /// Vars an upload keeps from the version that runs now: all plain-text or all JSON ones
@@ -191,11 +193,11 @@ pub fn validate(script: &str, mut parts: Vec<Part>, limits: &Limits) -> Result<U
     // The same validation every worker source gets (issue A): module paths, the main module among
     // the modules and JavaScript, compatibility date and flags, binding names.
     let mut files: BTreeMap<String, ModuleContent> =
-        modules.iter().map(|(k, v)| (k.clone(), bytes::Bytes::from(v.to_vec()).into())).collect();
+        modules.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
     files.insert(METADATA_FILE.into(), bytes::Bytes::from(metadata.to_string().into_bytes()).into());
-    Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
+    let worker = Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
         .map_err(|e| ApiError::Invalid(e.message))?;
-    Ok(Upload { modules, metadata, keep })
+    Ok(Upload { modules, metadata, keep, worker })
 }
 
 /// `wrangler secret put` on a worker that does not exist yet first uploads a draft: one ES module

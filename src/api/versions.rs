@@ -216,6 +216,7 @@ pub async fn receive(
     let parts = read_parts(&mut multipart, &api.limits).await?;
     let mut upload = validate(script, parts, &api.limits)?;
     api.store.check_name_free(account, script).await?;
+    check_startup(api, &upload).await?;
     if !upload.keep.is_empty() {
         if let Some(running) = api.store.deployment(account, script).await? {
             inherit_vars(&mut upload.metadata, &upload.keep, &running.spec.template);
@@ -226,6 +227,28 @@ pub async fn receive(
         .map_err(ApiError::Backend)?;
     api.store.put_version(account, script, &version, &upload).await?;
     Ok((version, upload, template))
+}
+
+/// Loads the upload's worker alone in workerd and refuses it, as Cloudflare does (10021 with the
+/// exception and where it was thrown), when it cannot start: stored, it would stop every worker
+/// of its account at the next start of the account's workerd.
+async fn check_startup(api: &Shared, upload: &Upload) -> Result<(), ApiError> {
+    let Some(checker) = &api.startup_check else { return Ok(()) };
+    match checker.check(&upload.worker).await {
+        Ok(took) => {
+            tracing::debug!(took_ms = took.as_millis() as u64, "start-up check passed");
+            Ok(())
+        }
+        Err(e) if e.is_workers_fault() => Err(ApiError::Invalid(format!(
+            "{e}\n(the upload was not stored; the running version, if any, keeps serving)"
+        ))),
+        Err(e) => {
+            tracing::error!(error = %e, "the start-up check could not run");
+            Err(ApiError::Backend(
+                "the server could not check that the worker starts; its log says why".into(),
+            ))
+        }
+    }
 }
 
 /// `POST .../versions` (`wrangler deploy` of an existing worker, `wrangler versions upload`):

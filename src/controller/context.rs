@@ -39,6 +39,9 @@ pub struct Settings {
     pub base_image: Option<ImageRef>,
     /// Give each bundle's pods a NetworkPolicy (bundle/network_policy.rs).
     pub network_policies: bool,
+    /// Loads each release's worker alone in workerd before the release is Ready (releases made
+    /// with kubectl never met the API's check); `None` when the operator turned it off.
+    pub startup_check: Option<crate::startup_check::StartupChecker>,
 }
 
 /// Registry clients made from one account's pull secret, and a hash of the secret they came from.

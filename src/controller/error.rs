@@ -4,6 +4,7 @@ use crate::build::BuildError;
 use crate::error_chain;
 use crate::registry::RegistryError;
 use crate::source::SourceError;
+use crate::startup_check::StartupError;
 use crate::worker::WorkerError;
 
 /// Any error with its sources, for failures the controller did not expect.
@@ -21,6 +22,9 @@ pub enum Error {
     InvalidWorker(#[from] WorkerError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The worker does not start when workerd loads it alone (or the check could not run).
+    #[error(transparent)]
+    Startup(#[from] StartupError),
     /// The object asks for something that cannot be done as written.
     #[error("{0}")]
     Invalid(String),
@@ -46,6 +50,8 @@ impl Error {
             Error::Source(_) => "SourceUnavailable",
             Error::InvalidWorker(_) => "InvalidWorker",
             Error::Registry(_) => "RegistryError",
+            Error::Startup(e) if e.is_workers_fault() => "WorkerCannotStart",
+            Error::Startup(_) => "StartupCheckUnavailable",
             Error::Invalid(_) => "InvalidSpec",
             Error::Internal { .. } => "InternalError",
         }

@@ -31,6 +31,7 @@ use crate::controller::{self, RunOptions, Settings};
 use crate::image::reference::ImageRef;
 use crate::registry::Registries;
 use crate::source::S3Options;
+use crate::startup_check::StartupChecker;
 
 /// The bucket uploads go to.
 pub const BUCKET: &str = "workers";
@@ -99,6 +100,12 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
         None => ensure_base(&data, &options).map_err(setup)?,
     };
 
+    // The base image's own workerd loads each upload alone before it is stored (the start-up
+    // check): the same binary the bundles run.
+    let registries = Arc::new(registries);
+    let workerd = base_workerd(&base, &data, &registries).await.map_err(setup)?;
+    let startup_check = Some(StartupChecker::new(workerd, crate::startup_check::DEFAULT_TIMEOUT));
+
     // The control plane and the store.
     let control_plane =
         start_control_plane(&data.join("control-plane.json"), stopped()).await.map_err(setup)?;
@@ -122,7 +129,6 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     // The controllers.
     let repository_prefix =
         options.repository_prefix.clone().unwrap_or_else(|| format!("oci:{}", data.join("images").display()));
-    let registries = Arc::new(registries);
     let run_options = RunOptions {
         namespace: None,
         concurrency: controller::Concurrency::default(),
@@ -132,6 +138,7 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
             base_image: Some(base),
             // Workers run as local processes here: there is no pod network to police.
             network_policies: false,
+            startup_check: startup_check.clone(),
         },
         health_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         leader_election: None,
@@ -152,6 +159,7 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
         placement: Placement::Shared(NAMESPACE.into()),
         limits: Default::default(),
         s3: s3_options,
+        startup_check,
     };
     let account = identity.account.clone();
     let token = identity.token.clone();
@@ -201,6 +209,19 @@ fn ensure_base(data: &Path, options: &DevOptions) -> Result<ImageRef, String> {
         format!("{e} (fetch the archives with base-images/workerd/fetch.py, or give --base-image)")
     })?;
     Ok(reference)
+}
+
+/// The workerd binary of the base image, unpacked under `DATA/run` (once per base digest).
+async fn base_workerd(base: &ImageRef, data: &Path, registries: &Registries) -> Result<PathBuf, String> {
+    let resolved = crate::build::read_base(base, registries).await.map_err(|e| e.to_string())?;
+    let pinned = resolved.pinned();
+    let image = pinned.strip_prefix("docker://").unwrap_or(&pinned);
+    let unpacked = unpack::unpack(image, &data.join("run"), registries).await.map_err(|e| e.to_string())?;
+    let workerd = unpacked.rootfs.join("usr/local/bin/workerd");
+    if !workerd.is_file() {
+        return Err(format!("the base image {base} has no /usr/local/bin/workerd"));
+    }
+    Ok(workerd)
 }
 
 /// The in-memory API server, in this process, and a client of it.

@@ -5,6 +5,7 @@
 //!   and bindings: vars, secret names and ports touch only this file.
 
 use super::capnp::quote;
+use crate::worker::ports::HEALTH_PORT;
 use crate::worker::{Binding, ServedWorker, WorkerCode};
 
 /// Where the top-level config lives in the image; the entrypoint serves it.
@@ -40,11 +41,27 @@ pub fn modules_fragment(code: &WorkerCode) -> String {
     format!("{HEADER}\nconst modules :List(Workerd.Worker.Module) = [\n{}\n];\n", modules.join(",\n"))
 }
 
-/// The top-level config: one service and one socket (`*:PORT`, named after the worker) per worker.
-/// `workers` must already be checked for unique names and ports.
+/// The name of the platform's health service and of its socket. Worker names cannot start with
+/// `_` (see `worker::names`), so no tenant's worker can take it.
+pub const HEALTH_SOCKET: &str = "_health";
+
+/// The health service: our code, not a tenant's. It answers only once workerd has loaded every
+/// worker of the config (workerd accepts connections before that, and holds requests until then),
+/// and it shares the event loop of every worker, so a worker stuck in a loop makes it time out:
+/// one probe tells "every worker serves" from "loading", "crashed" and "stuck" without running
+/// any tenant's code. Probed by the pod's readiness and liveness probes and by `workerbundle dev`.
+const HEALTH_SERVICE: &str = r#"    (name = "_health", worker = (
+      modules = [(name = "health.js", esModule = "export default { fetch() { return new Response(\"ok\\n\"); } };")],
+      compatibilityDate = "2024-09-23"
+    ))"#;
+
+/// The top-level config: one service and one socket (`*:PORT`, named after the worker) per worker,
+/// and the platform's health service on [`HEALTH_PORT`]. `workers` must already be checked for
+/// unique names and ports.
 pub fn top_level_config(workers: &[&ServedWorker]) -> String {
-    let services: Vec<String> = workers.iter().map(|w| service(w)).collect();
-    let sockets: Vec<String> = workers
+    let mut services: Vec<String> = workers.iter().map(|w| service(w)).collect();
+    services.push(HEALTH_SERVICE.to_owned());
+    let mut sockets: Vec<String> = workers
         .iter()
         .map(|w| {
             format!(
@@ -54,10 +71,34 @@ pub fn top_level_config(workers: &[&ServedWorker]) -> String {
             )
         })
         .collect();
+    sockets.push(format!(
+        "    (name = {n}, address = {a}, http = (), service = {n})",
+        n = quote(HEALTH_SOCKET),
+        a = quote(&format!("*:{HEALTH_PORT}"))
+    ));
     format!(
         "{HEADER}\nconst config :Workerd.Config = (\n  services = [\n{}\n  ],\n  sockets = [\n{}\n  ]\n);\n",
         services.join(",\n"),
         sockets.join(",\n")
+    )
+}
+
+/// The name of the probe service in a start-up check's config: not a worker name (see
+/// [`HEALTH_SOCKET`]), so `workerd test` filtered on it never runs a tenant's own `test` handler.
+pub const PROBE_SERVICE: &str = "_probe";
+
+/// The config of a start-up check (`workerd test`): the worker alone, as the image would run it
+/// (modules from `workers/<name>/modules.capnp`, its date, flags and bindings; secrets read from an
+/// environment that has none), beside a probe service with an empty test. workerd loads every
+/// service and runs each worker's top-level code before it runs the probe, so the check passes
+/// exactly when the worker starts. No sockets: nothing listens.
+pub fn startup_check_config(worker: &ServedWorker) -> String {
+    format!(
+        "{HEADER}\nconst config :Workerd.Config = (\n  services = [\n{},\n    (name = {}, worker = (\n      \
+         modules = [(name = \"probe.js\", esModule = \"export default {{ async test() {{}} }};\")],\n      \
+         compatibilityDate = \"2024-09-23\"\n    ))\n  ]\n);\n",
+        service(worker),
+        quote(PROBE_SERVICE),
     )
 }
 

@@ -8,8 +8,17 @@ use std::collections::BTreeSet;
 /// The first port handed out when a worker asks for none.
 pub const FIRST_PORT: u16 = 8080;
 
+/// The port of the platform's health socket in every image (see `image::workerd_config`): no
+/// worker may have it.
+pub const HEALTH_PORT: u16 = 8079;
+
 /// Ports for `requests` (a name and the port it asks for), in the same order.
 pub fn assign_ports(requests: &[(&str, Option<u16>)]) -> Result<Vec<u16>, String> {
+    if let Some((name, _)) = requests.iter().find(|(_, port)| *port == Some(HEALTH_PORT)) {
+        return Err(format!(
+            "worker {name:?} asks for port {HEALTH_PORT}, which every image keeps for its health probe"
+        ));
+    }
     let mut taken = BTreeSet::new();
     let kept: Vec<Option<u16>> =
         requests.iter().map(|(_, port)| port.filter(|p| *p != 0 && taken.insert(*p))).collect();

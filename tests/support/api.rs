@@ -75,6 +75,7 @@ impl ApiServer {
             .args(["--s3-endpoint", &s3.endpoint()])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
+            .env("WORKERBUNDLE_WORKERD", super::workerd_binary())
             .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

@@ -196,6 +196,7 @@ impl Controller {
             .args(["--health-listen", "127.0.0.1:0"])
             .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
+            .env("WORKERBUNDLE_WORKERD", super::workerd_binary())
             // WB_CONTROLLER_LOG (a RUST_LOG filter) to see more of a failing run.
             .env("RUST_LOG", std::env::var("WB_CONTROLLER_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .env_remove("SOURCE_DATE_EPOCH")

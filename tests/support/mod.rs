@@ -92,13 +92,40 @@ pub fn base_layout() -> &'static str {
     })
 }
 
+/// The pinned workerd (the base image's), extracted once per test binary from its npm archive in
+/// the archive cache: what `api` and `run` load each worker with before storing or releasing it.
+pub fn workerd_binary() -> &'static Path {
+    static WORKERD: OnceLock<PathBuf> = OnceLock::new();
+    WORKERD.get_or_init(|| {
+        let recipe: serde_json::Value =
+            serde_json::from_slice(&fs::read(repo_path("base-images/workerd/recipe.json")).unwrap()).unwrap();
+        let archive = workerbundle::base_image::default_archive_dir()
+            .join(recipe["workerd"]["archive"].as_str().unwrap());
+        let member = recipe["workerd"]["binary"].as_str().unwrap();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("workerd-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let status =
+            Command::new("tar").args(["xzf"]).arg(&archive).arg("-C").arg(&dir).arg(member).status().unwrap();
+        assert!(
+            status.success(),
+            "cannot extract workerd from {} (run base-images/workerd/fetch.py)",
+            archive.display()
+        );
+        dir.join(member)
+    })
+}
+
 /// A static is never dropped, so each test binary's base layout (62 MB) outlives it: without this
 /// sweep every `cargo test` left ten more of them in the target directory.
 fn remove_bases_of_finished_runs() {
     let Ok(entries) = fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("base-")) else { continue };
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("base-").or_else(|| n.strip_prefix("workerd-")))
+        else {
+            continue;
+        };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
             let _ = fs::remove_dir_all(entry.path());
         }

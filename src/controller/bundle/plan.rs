@@ -668,6 +668,7 @@ mod tests {
             source_date_epoch: 0,
             base_image: None,
             network_policies: true,
+            startup_check: None,
         };
         let err = base_reference(&bundle(), &settings).unwrap_err();
         assert!(err.message().contains("--base-image"), "{}", err.message());

@@ -90,6 +90,12 @@ async fn build_and_push(
 
     // Plan.
     let (worker, modules) = plan::resolve_worker(template, &fetched)?;
+    // A worker that cannot start would stop every worker of its account's workerd: no layer,
+    // no Ready, so no bundle ever takes it.
+    if let Some(checker) = &ctx.settings.startup_check {
+        let took = checker.check(&worker).await?;
+        debug!(took = ?took, "start-up check passed");
+    }
 
     // Build the layer off the async threads (large workers are CPU work), then push it.
     let mtime = u64::try_from(ctx.settings.source_date_epoch).unwrap_or(0);

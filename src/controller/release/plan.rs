@@ -294,6 +294,7 @@ mod tests {
             source_date_epoch: 0,
             base_image: None,
             network_policies: true,
+            startup_check: None,
         };
         let labelled = release(&[(ACCOUNT_LABEL, "1234")]);
         assert_eq!(repository(&labelled, None, &settings).unwrap(), "127.0.0.1:5000/workers/1234");
