@@ -386,6 +386,12 @@ enum Command {
         /// ~/.cache/workerbundle/archives.
         #[arg(long, value_name = "DIR")]
         archives: Option<PathBuf>,
+        /// Host ports for the workers, on 127.0.0.1. Each worker keeps the port it got, across
+        /// redeploys and restarts (DATA/ports.json); a new worker takes the lowest free one, and
+        /// a port another process holds is skipped with a warning naming it.
+        /// Example: --worker-ports 9000-9099
+        #[arg(long, value_name = "FIRST-LAST", default_value = "8080-8179", value_parser = workerbundle::dev::PortRange::parse)]
+        worker_ports: workerbundle::dev::PortRange,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -698,7 +704,7 @@ async fn run(command: Command) -> Result<String, String> {
             controller::run(options, build).await.map_err(|e| e.to_string())?;
             Ok(String::new())
         }
-        Command::Dev { data, listen, base_image, repository_prefix, archives, registry } => {
+        Command::Dev { data, listen, base_image, repository_prefix, archives, worker_ports, registry } => {
             if let Some(prefix) = &repository_prefix {
                 RegistryRef::parse(prefix).map_err(|e| format!("--repository-prefix: {e}"))?;
             }
@@ -709,6 +715,7 @@ async fn run(command: Command) -> Result<String, String> {
                 repository_prefix,
                 archives: archives.unwrap_or_else(base_image::default_archive_dir),
                 source_date_epoch: 0,
+                worker_ports,
             };
             workerbundle::dev::run(options, registry.registries()).await.map_err(|e| e.to_string())?;
             Ok(String::new())

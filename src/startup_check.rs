@@ -21,7 +21,7 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 
 use crate::image::workerd_config::{
-    module_file, modules_fragment, startup_check_config, worker_dir, PROBE_SERVICE,
+    module_file, modules_fragment, startup_check_config, worker_dir, CONFIG_PATH, PROBE_SERVICE,
 };
 use crate::worker::{ServedWorker, Worker};
 
@@ -139,7 +139,8 @@ fn write_files(dir: &Path, worker: &Worker) -> std::io::Result<PathBuf> {
     std::fs::write(worker_dir.join("modules.capnp"), modules_fragment(&worker.code))?;
     // The port is never bound: the check's config has no sockets.
     let served = ServedWorker { name: worker.code.name.clone(), port: 0, settings: worker.settings.clone() };
-    let config = dir.join("config.capnp");
+    // Where the image has it: the config finds the worker's fragment by a relative path.
+    let config = dir.join(CONFIG_PATH);
     std::fs::write(&config, startup_check_config(&served))?;
     Ok(config)
 }

@@ -26,6 +26,12 @@ struct Dev {
 
 impl Dev {
     fn start(dir: &Path) -> Dev {
+        let first = support::registry::free_port();
+        Dev::start_with(dir, &format!("{first}-{}", first.saturating_add(20)))
+    }
+
+    /// `workers`: the `--worker-ports` range.
+    fn start_with(dir: &Path, workers: &str) -> Dev {
         let data = dir.join("data");
         let stderr = dir.join("dev.log");
         let port = support::registry::free_port();
@@ -33,6 +39,7 @@ impl Dev {
             .args(["dev", "--data"])
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--base-image", base_layout()])
+            .args(["--worker-ports", workers])
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())

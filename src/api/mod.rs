@@ -253,6 +253,20 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    let listener = std::net::TcpListener::bind(options.listen)
+        .map_err(|source| ServeError::Listen { addr: options.listen, source })?;
+    serve_on(options, listener, kube, shutdown, listening).await
+}
+
+/// [`serve_with`] on a listener bound by the caller (`workerbundle dev` binds every port it
+/// serves before it starts anything, so a port in use stops it at once).
+pub async fn serve_on(
+    options: ApiOptions,
+    listener: std::net::TcpListener,
+    kube: kube::Client,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
     S3Url::parse(&format!("s3://{}/", options.bucket)).map_err(ServeError::Bucket)?;
     let kube_for_tokens = matches!(options.tokens, TokenSource::Secret { .. }).then(|| kube.clone());
     let tokens =
@@ -270,10 +284,10 @@ pub async fn serve_with(
         limits: options.limits.clone(),
         startup_check: options.startup_check.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| ServeError::Listen { addr: options.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: options.listen, source })?;
+    let listen_error = |source| ServeError::Listen { addr: options.listen, source };
+    listener.set_nonblocking(true).map_err(listen_error)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
     info!(%addr, bucket = %options.bucket, placement = ?options.placement, "API listening");
     listening(addr);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.map_err(ServeError::Serve)?;

@@ -10,10 +10,16 @@
 //! ACCOUNT/SCRIPT on http://127.0.0.1:PORT` line per worker as it starts or changes. Logs go to
 //! stderr. SIGINT or SIGTERM stops everything, every workerd included.
 
+mod front_door;
 mod identity;
+mod lock;
+mod ports;
+mod process;
 mod runner;
 mod s3;
 mod unpack;
+
+pub use ports::PortRange;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,6 +57,8 @@ pub struct DevOptions {
     /// Where the base image's package archives are (see `base-image`).
     pub archives: PathBuf,
     pub source_date_epoch: i64,
+    /// Ports handed to new workers (each keeps its port for good).
+    pub worker_ports: PortRange,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +92,13 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     };
     std::fs::create_dir_all(&data).map_err(|e| setup(format!("cannot create {}: {e}", data.display())))?;
     let data = data.canonicalize().map_err(|e| setup(format!("{}: {e}", data.display())))?;
+    // Before anything else, so that a second dev, or a port in use, stops here, changing nothing:
+    // the data directory, then every port dev serves.
+    let _lock = lock::lock(&data).map_err(setup)?;
+    let ports = ports::PortTable::load(&data.join("ports.json"), options.worker_ports).map_err(setup)?;
+    let bound = ports.bind_all().map_err(setup)?;
+    let api_listener = std::net::TcpListener::bind(options.listen)
+        .map_err(|e| setup(format!("cannot listen on {} (--listen): {e}", options.listen)))?;
     info!(data = %data.display(), "workerbundle dev starting");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -163,16 +178,23 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     };
     let account = identity.account.clone();
     let token = identity.token.clone();
-    let api = tokio::spawn(crate::api::serve_with(api_options, client.clone(), stopped(), move |address| {
-        // Scripts read these lines (`eval "$(... | head -3)"`): keep their shape.
-        println!("export CLOUDFLARE_API_BASE_URL=http://{address}/client/v4");
-        println!("export CLOUDFLARE_API_TOKEN={token}");
-        println!("export CLOUDFLARE_ACCOUNT_ID={account}");
-    }));
+    let api = tokio::spawn(crate::api::serve_on(
+        api_options,
+        api_listener,
+        client.clone(),
+        stopped(),
+        move |address| {
+            // Scripts read these lines (`eval "$(... | head -3)"`): keep their shape.
+            println!("export CLOUDFLARE_API_BASE_URL=http://{address}/client/v4");
+            println!("export CLOUDFLARE_API_TOKEN={token}");
+            println!("export CLOUDFLARE_ACCOUNT_ID={account}");
+        },
+    ));
 
     // The runner.
-    let runner = runner::Runner::new(client.clone(), registries, data.join("run"));
-    let runner = tokio::spawn(runner.run(stopped()));
+    let (runner, notices) =
+        runner::Runner::new(client.clone(), registries, data.join("run"), ports, bound).map_err(setup)?;
+    let runner = tokio::spawn(runner.run(notices, stopped()));
 
     crate::shutdown_signal().await;
     info!("stopping");
@@ -211,12 +233,14 @@ fn ensure_base(data: &Path, options: &DevOptions) -> Result<ImageRef, String> {
     Ok(reference)
 }
 
-/// The workerd binary of the base image, unpacked under `DATA/run` (once per base digest).
+/// The workerd binary of the base image, unpacked under `DATA/workerd` (once per base digest;
+/// apart from `DATA/run`, which the runner prunes).
 async fn base_workerd(base: &ImageRef, data: &Path, registries: &Registries) -> Result<PathBuf, String> {
     let resolved = crate::build::read_base(base, registries).await.map_err(|e| e.to_string())?;
     let pinned = resolved.pinned();
     let image = pinned.strip_prefix("docker://").unwrap_or(&pinned);
-    let unpacked = unpack::unpack(image, &data.join("run"), registries).await.map_err(|e| e.to_string())?;
+    let unpacked =
+        unpack::unpack(image, &data.join("workerd"), registries).await.map_err(|e| e.to_string())?;
     let workerd = unpacked.rootfs.join("usr/local/bin/workerd");
     if !workerd.is_file() {
         return Err(format!("the base image {base} has no /usr/local/bin/workerd"));

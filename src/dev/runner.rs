@@ -1,13 +1,20 @@
-//! The local runner: plays the kubelet for the bundles' Deployments. For each Deployment it
-//! unpacks the image, starts its workerd with the environment a pod would get (`env`, and each
-//! `envFrom` Secret's keys under their prefix), replaces it when the image or the pod template's
-//! annotations change, marks the Deployment rolled out (so purge works as on a cluster), and
-//! prints `serving ACCOUNT/SCRIPT on http://127.0.0.1:PORT` for each worker.
+//! The local runner: plays the kubelet for the bundles' Deployments, with a Service's front door
+//! per worker. For each Deployment it unpacks the image and starts its workerd with the
+//! environment a pod would get (`env`, and each `envFrom` Secret's keys under their prefix).
+//!
+//! A change (new image, new secret values) starts a new workerd BESIDE the running one; the
+//! workers' front doors switch to it only once it serves, then the old one drains and stops. A
+//! workerd that does not start is reported with its last lines and never switched to: the old one
+//! keeps serving and the Deployment is not marked rolled out. A running workerd that exits, or
+//! stops answering its health probe (a worker stuck in a loop stalls every worker of its process),
+//! is logged as an error naming what it can (its last lines, the workers with requests waiting),
+//! killed and started again with a growing delay.
+//!
+//! stdout: `serving ACCOUNT/SCRIPT on http://127.0.0.1:PORT` for each worker when it (re)starts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,21 +25,53 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tokio::process::{Child, Command};
-use tracing::{info, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use super::front_door::FrontDoor;
+use super::ports::{bind, PortTable};
+use super::process::{self, healthy, Instance, Launch, LogContext};
 use super::unpack::unpack;
+use crate::build::Target;
 use crate::controller::bundle::workload::WORKERS_ANNOTATION;
 use crate::crd::{ACCOUNT_LABEL, MANAGED_BY};
 use crate::registry::Registries;
 
+/// How long a new workerd may take to load every worker.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replaced workerd keeps serving what it already accepted before it is stopped.
+const DRAIN: Duration = Duration::from_secs(1);
+/// SIGTERM to SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The watchdog: a probe of the health socket every period; this many missed in a row (each
+/// waiting up to the timeout) and the process counts as stuck.
+const PROBE_PERIOD: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const PROBES_MISSED: u32 = 3;
+/// Restarts back off from 1 s to this; a process that served this long starts the count again.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
 /// One Deployment's running workerd.
 struct Running {
+    id: u64,
     /// What it was started from: the image and the pod template's annotations.
     started_from: String,
-    child: Child,
-    /// Worker name → host port.
-    ports: BTreeMap<String, u16>,
+    image: String,
+    account: String,
+    workers: Vec<String>,
+    instance: Arc<Instance>,
+    started: Instant,
+    /// Failures in a row (exits, stuck) since it last served for [`STABLE_AFTER`].
+    failures: u32,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+/// What the watchdogs and restart timers tell the runner.
+pub enum Notice {
+    Exited { key: String, id: u64 },
+    Stuck { key: String, id: u64 },
+    Restart { key: String },
 }
 
 pub struct Runner {
@@ -40,18 +79,53 @@ pub struct Runner {
     registries: Arc<Registries>,
     /// Where images are unpacked, one directory per digest.
     cache: PathBuf,
+    ports: PortTable,
+    /// `account/worker` → its front door.
+    doors: HashMap<String, FrontDoor>,
     running: HashMap<String, Running>,
-    /// Host ports handed out, by `namespace/deployment/worker`, kept across restarts of workerd.
-    ports: HashMap<String, u16>,
+    /// The Deployments last seen, for restarts.
+    deployments: HashMap<String, Deployment>,
+    nonce: String,
+    next_id: u64,
+    notices: mpsc::UnboundedSender<Notice>,
 }
 
 impl Runner {
-    pub fn new(client: Client, registries: Arc<Registries>, cache: PathBuf) -> Self {
-        Runner { client, registries, cache, running: HashMap::new(), ports: HashMap::new() }
+    /// `bound`: the workers' ports, bound by dev before anything started.
+    pub fn new(
+        client: Client,
+        registries: Arc<Registries>,
+        cache: PathBuf,
+        ports: PortTable,
+        bound: BTreeMap<String, TcpListener>,
+    ) -> Result<(Runner, mpsc::UnboundedReceiver<Notice>), String> {
+        let mut doors = HashMap::new();
+        for (worker, listener) in bound {
+            let door = FrontDoor::open(listener).map_err(|e| format!("the port of {worker}: {e}"))?;
+            doors.insert(worker, door);
+        }
+        let (notices, receiver) = mpsc::unbounded_channel();
+        let runner = Runner {
+            client,
+            registries,
+            cache,
+            ports,
+            doors,
+            running: HashMap::new(),
+            deployments: HashMap::new(),
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            next_id: 0,
+            notices,
+        };
+        Ok((runner, receiver))
     }
 
     /// Runs until `stop` completes; then stops every workerd it started.
-    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        mut notices: mpsc::UnboundedReceiver<Notice>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         let deployments: Api<Deployment> = Api::all(self.client.clone());
         let config = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
         let mut events = watcher::watcher(deployments, config).boxed();
@@ -60,12 +134,13 @@ impl Runner {
             tokio::select! {
                 () = &mut stop => break,
                 event = events.next() => match event {
-                    Some(Ok(Event::Apply(d) | Event::InitApply(d))) => self.apply(&d).await,
+                    Some(Ok(Event::Apply(d) | Event::InitApply(d))) => self.apply(&d, false).await,
                     Some(Ok(Event::Delete(d))) => self.remove(&key(&d)).await,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => warn!(error = %e, "watching Deployments"),
                     None => break,
                 },
+                Some(notice) = notices.recv() => self.notice(notice).await,
             }
         }
         let keys: Vec<String> = self.running.keys().cloned().collect();
@@ -74,98 +149,245 @@ impl Runner {
         }
     }
 
-    async fn apply(&mut self, deployment: &Deployment) {
+    async fn apply(&mut self, deployment: &Deployment, restart: bool) {
         let key = key(deployment);
+        self.deployments.insert(key.clone(), deployment.clone());
         let Some(image) = image_of(deployment) else { return };
         let started_from = format!("{image} {:?}", pod_annotations(deployment));
-        if self.running.get(&key).is_some_and(|r| r.started_from == started_from) {
+        if !restart && self.running.get(&key).is_some_and(|r| r.started_from == started_from) {
             return;
         }
-        match self.start(deployment, &image).await {
-            Ok(mut running) => {
-                running.started_from = started_from;
-                if let Some(mut old) = self.running.remove(&key) {
-                    let _ = old.child.kill().await;
-                }
-                let account = deployment.labels().get(ACCOUNT_LABEL).cloned().unwrap_or_default();
-                for (worker, port) in &running.ports {
-                    // Scripts read this line: keep its shape.
-                    println!("serving {account}/{worker} on http://127.0.0.1:{port}");
-                }
-                self.running.insert(key, running);
-                if let Err(e) = self.mark_rolled_out(deployment).await {
-                    warn!(deployment = %deployment.name_any(), error = %e, "cannot mark the Deployment rolled out");
-                }
+        let account = account_of(deployment);
+        let span = info_span!("workerd", %account, image = %short(&image));
+        let started = Instant::now();
+        match self.start(deployment, &image, &account).instrument(span.clone()).await {
+            Ok((instance, workers)) => {
+                span.in_scope(|| info!(took_ms = started.elapsed().as_millis() as u64, "workerd serving"));
+                self.switch(key, deployment, &image, started_from, instance, workers).await;
             }
             Err(message) => {
-                warn!(deployment = %deployment.name_any(), %image, error = %message, "cannot run the image")
+                let old = if self.running.contains_key(&key) {
+                    "the running workerd keeps serving"
+                } else {
+                    "nothing serves the account's workers"
+                };
+                span.in_scope(|| error!("the new workerd did not start; {old}: {message}"));
+                if restart {
+                    self.schedule_restart(&key);
+                }
             }
         }
     }
 
-    async fn start(&mut self, deployment: &Deployment, image: &str) -> Result<Running, String> {
+    /// Unpacks the image and starts its workerd on ports of its own; every worker has its front
+    /// door before it starts.
+    async fn start(
+        &mut self,
+        deployment: &Deployment,
+        image: &str,
+        account: &str,
+    ) -> Result<(Instance, Vec<String>), String> {
         let unpacked = unpack(image, &self.cache, &self.registries).await.map_err(|e| e.to_string())?;
-        let workers = workers_of(deployment)?;
-        let env = self.environment(deployment).await?;
-        // The old workerd (if any) holds the ports: stop it before starting the new one.
-        if let Some(mut old) = self.running.remove(&key(deployment)) {
-            let _ = old.child.kill().await;
-            let _ = old.child.wait().await;
-        }
-        let mut ports = BTreeMap::new();
-        for (worker, container_port) in &workers {
-            let id = format!("{}/{worker}", key(deployment));
-            let port = match self.ports.get(&id) {
-                Some(port) => *port,
-                None => free_port(*container_port).map_err(|e| format!("no free port for {worker}: {e}"))?,
-            };
-            self.ports.insert(id, port);
-            ports.insert(worker.clone(), port);
-        }
-        let workerd = unpacked.rootfs.join("usr/local/bin/workerd");
-        let config = unpacked.rootfs.join("etc/workerd/config.capnp");
-        let mut command = Command::new(&workerd);
-        command.arg("serve").arg(&config);
-        for (worker, port) in &ports {
-            command.arg("--socket-addr").arg(format!("{worker}=127.0.0.1:{port}"));
+        let workers: Vec<String> = workers_of(deployment)?.into_iter().map(|(name, _)| name).collect();
+        for worker in &workers {
+            self.door(account, worker)?;
         }
         let image_env = unpacked.config["config"]["Env"].as_array().cloned().unwrap_or_default();
-        command
-            .env_clear()
-            .envs(image_env.iter().filter_map(|e| e.as_str()?.split_once('=')))
-            .envs(env)
-            .current_dir(&unpacked.rootfs)
-            .stdin(Stdio::null())
-            // stdout is for scripts: workerd's own output goes to stderr with the logs.
-            .stdout(stderr_handle()?)
-            .stderr(stderr_handle()?)
-            .kill_on_drop(true);
-        // Also when dev itself is killed (SIGKILL runs no destructor): the kernel ends workerd.
-        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", workerd.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for port in ports.values() {
-            while TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], *port))).is_err() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("workerd exited ({status}) before serving"));
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill().await;
-                    return Err(format!("workerd did not listen on port {port} within 20 s"));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut env: Vec<(String, String)> = image_env
+            .iter()
+            .filter_map(|e| e.as_str()?.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        env.extend(self.environment(deployment).await?);
+        let launch = Launch {
+            workerd: unpacked.rootfs.join("usr/local/bin/workerd"),
+            config: unpacked.rootfs.join("etc/workerd/config.capnp"),
+            rootfs: unpacked.rootfs.clone(),
+            workers: workers.clone(),
+            env,
+            log: LogContext { account: account.to_owned(), version: short(image), nonce: self.nonce.clone() },
+        };
+        let instance = process::start(&launch, START_TIMEOUT).await.map_err(|failed| {
+            if failed.last_lines.is_empty() {
+                failed.reason
+            } else {
+                format!("{}; its last lines:\n{}", failed.reason, failed.last_lines)
+            }
+        })?;
+        Ok((instance, workers))
+    }
+
+    /// The new workerd serves: the doors switch to it, the old one drains and stops.
+    async fn switch(
+        &mut self,
+        key: String,
+        deployment: &Deployment,
+        image: &str,
+        started_from: String,
+        instance: Instance,
+        workers: Vec<String>,
+    ) {
+        let account = account_of(deployment);
+        for worker in &workers {
+            let backend = instance.ports.get(worker).map(|p| SocketAddr::from(([127, 0, 0, 1], *p)));
+            if let Some(door) = self.doors.get(&door_key(&account, worker)) {
+                door.switch_to(backend);
             }
         }
-        info!(deployment = %deployment.name_any(), %image, "workerd started");
-        Ok(Running { started_from: String::new(), child, ports })
+        let mut failures = 0;
+        let mut replaced = None;
+        if let Some(old) = self.running.remove(&key) {
+            old.watchdog.abort();
+            if old.started.elapsed() < STABLE_AFTER {
+                failures = old.failures;
+            }
+            for gone in old.workers.iter().filter(|w| !workers.contains(w)) {
+                self.doors.remove(&door_key(&old.account, gone));
+            }
+            replaced = Some(old.image.clone());
+            let instance = old.instance;
+            tokio::spawn(async move {
+                tokio::time::sleep(DRAIN).await;
+                instance.stop(STOP_GRACE).await;
+            });
+        }
+        for worker in &workers {
+            if let Some(door) = self.doors.get(&door_key(&account, worker)) {
+                // Scripts read this line: keep its shape.
+                println!("serving {account}/{worker} on http://127.0.0.1:{}", door.port());
+            }
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let instance = Arc::new(instance);
+        let watchdog = tokio::spawn(watchdog(key.clone(), id, instance.clone(), self.notices.clone()));
+        self.running.insert(
+            key,
+            Running {
+                id,
+                started_from,
+                image: image.to_owned(),
+                account,
+                workers,
+                instance,
+                started: Instant::now(),
+                failures,
+                watchdog,
+            },
+        );
+        if let Err(e) = self.mark_rolled_out(deployment).await {
+            warn!(deployment = %deployment.name_any(), error = %e, "cannot mark the Deployment rolled out");
+        }
+        self.prune(replaced.as_deref());
+    }
+
+    /// The front door of `account/worker`: its kept port, else a new one of the range.
+    fn door(&mut self, account: &str, worker: &str) -> Result<(), String> {
+        let key = door_key(account, worker);
+        if self.doors.contains_key(&key) {
+            return Ok(());
+        }
+        let listener = match self.ports.get(&key) {
+            Some(port) => bind(port).map_err(|e| {
+                format!("port {port} of worker {key} cannot be bound: {e}; stop what holds it")
+            })?,
+            None => self.ports.assign(&key)?.1,
+        };
+        let door = FrontDoor::open(listener).map_err(|e| format!("the port of {key}: {e}"))?;
+        self.doors.insert(key, door);
+        Ok(())
+    }
+
+    async fn notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::Exited { key, id } => {
+                let Some(running) = self.running.get(&key).filter(|r| r.id == id) else { return };
+                let status = running.instance.exit().borrow().clone().unwrap_or_default();
+                error!(
+                    account = %running.account,
+                    image = %short(&running.image),
+                    "workerd exited ({status}): the account's workers refuse connections until it is started again; its last lines:\n{}",
+                    running.instance.last_lines.text()
+                );
+                self.schedule_restart(&key);
+            }
+            Notice::Stuck { key, id } => {
+                let Some(running) = self.running.get(&key).filter(|r| r.id == id) else { return };
+                let waiting: Vec<&str> = running
+                    .workers
+                    .iter()
+                    .filter(|w| {
+                        self.doors.get(&door_key(&running.account, w)).is_some_and(|d| d.waiting() > 0)
+                    })
+                    .map(String::as_str)
+                    .collect();
+                let suspects = if waiting.is_empty() {
+                    "no worker has a request waiting".to_owned()
+                } else {
+                    format!("requests wait for an answer from {}", waiting.join(", "))
+                };
+                error!(
+                    account = %running.account,
+                    image = %short(&running.image),
+                    "workerd stopped answering its health probe for {} s ({suspects}: a worker in a loop stalls every worker of its process); killing it and starting it again",
+                    PROBES_MISSED * (PROBE_PERIOD + PROBE_TIMEOUT).as_secs() as u32
+                );
+                running.instance.kill();
+                self.schedule_restart(&key);
+            }
+            Notice::Restart { key } => {
+                if let Some(deployment) = self.deployments.get(&key).cloned() {
+                    self.apply(&deployment, true).await;
+                }
+            }
+        }
+    }
+
+    /// Starts the Deployment's workerd again after a delay that doubles with each failure in a row.
+    fn schedule_restart(&mut self, key: &str) {
+        let failures = match self.running.get_mut(key) {
+            Some(running) => {
+                if running.started.elapsed() >= STABLE_AFTER {
+                    running.failures = 0;
+                }
+                running.failures += 1;
+                running.failures
+            }
+            None => 1,
+        };
+        let delay = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(MAX_RESTART_DELAY);
+        info!(deployment = key, in_s = delay.as_secs(), "workerd will be started again");
+        let notices = self.notices.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = notices.send(Notice::Restart { key });
+        });
+    }
+
+    /// Removes unpacked images no workerd runs from any more: the running ones and the one just
+    /// replaced (still draining) stay; so do unpacks under way, which are never concurrent with
+    /// this (the runner does one thing at a time).
+    fn prune(&self, replaced: Option<&str>) {
+        let keep: HashSet<String> = self
+            .running
+            .values()
+            .map(|r| r.image.as_str())
+            .chain(replaced)
+            .filter_map(|image| Target::parse_image(image).ok().map(|(_, digest)| digest.hex().to_owned()))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.cache) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => debug!(dir = %entry.path().display(), "unpacked image removed"),
+                    Err(e) => {
+                        warn!(dir = %entry.path().display(), error = %e, "cannot remove an unpacked image")
+                    }
+                }
+            }
+        }
     }
 
     /// The environment the pod's container would get: `env` values and `envFrom` Secrets.
@@ -212,16 +434,61 @@ impl Runner {
     }
 
     async fn remove(&mut self, key: &str) {
-        if let Some(mut running) = self.running.remove(key) {
-            let _ = running.child.kill().await;
-            let _ = running.child.wait().await;
+        self.deployments.remove(key);
+        if let Some(running) = self.running.remove(key) {
+            running.watchdog.abort();
+            for worker in &running.workers {
+                // Closes the port: the worker's URL refuses connections, as a deleted one should.
+                self.doors.remove(&door_key(&running.account, worker));
+            }
+            running.instance.stop(STOP_GRACE).await;
             info!(deployment = key, "workerd stopped");
+            self.prune(None);
+        }
+    }
+}
+
+/// Probes the health socket until the process exits (reported) or is stuck (reported).
+async fn watchdog(key: String, id: u64, instance: Arc<Instance>, notices: mpsc::UnboundedSender<Notice>) {
+    let Some(port) = instance.health_port() else { return };
+    let mut exit = instance.exit();
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            _ = exit.wait_for(Option::is_some) => {
+                let _ = notices.send(Notice::Exited { key, id });
+                return;
+            }
+            () = tokio::time::sleep(PROBE_PERIOD) => {}
+        }
+        if healthy(port, PROBE_TIMEOUT).await {
+            missed = 0;
+        } else if exit.borrow().is_none() {
+            missed += 1;
+            if missed >= PROBES_MISSED {
+                let _ = notices.send(Notice::Stuck { key, id });
+                return;
+            }
         }
     }
 }
 
 fn key(deployment: &Deployment) -> String {
     format!("{}/{}", deployment.namespace().unwrap_or_default(), deployment.name_any())
+}
+
+fn door_key(account: &str, worker: &str) -> String {
+    format!("{account}/{worker}")
+}
+
+fn account_of(deployment: &Deployment) -> String {
+    deployment.labels().get(ACCOUNT_LABEL).cloned().unwrap_or_default()
+}
+
+/// `sha256:0123456789ab` of an image reference, for log lines.
+fn short(image: &str) -> String {
+    let digest = image.rsplit_once('@').map_or(image, |(_, d)| d);
+    digest.chars().take("sha256:".len() + 12).collect()
 }
 
 fn image_of(deployment: &Deployment) -> Option<String> {
@@ -255,17 +522,12 @@ fn workers_of(deployment: &Deployment) -> Result<Vec<(String, u16)>, String> {
         .collect()
 }
 
-/// The container's own port when it is free on this machine, else any free port.
-fn free_port(preferred: u16) -> std::io::Result<u16> {
-    match TcpListener::bind(("127.0.0.1", preferred)) {
-        Ok(listener) => Ok(listener.local_addr()?.port()),
-        Err(_) => Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port()),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn stderr_handle() -> Result<Stdio, String> {
-    use std::os::fd::AsFd;
-    let fd =
-        std::io::stderr().as_fd().try_clone_to_owned().map_err(|e| format!("cannot share stderr: {e}"))?;
-    Ok(Stdio::from(fd))
+    #[test]
+    fn short_names_the_digest() {
+        assert_eq!(short("oci:/d/images/a@sha256:0123456789abcdef"), "sha256:0123456789ab");
+    }
 }

@@ -55,12 +55,37 @@ const HEALTH_SERVICE: &str = r#"    (name = "_health", worker = (
       compatibilityDate = "2024-09-23"
     ))"#;
 
+/// The platform's log service, a tail worker of every worker: workerd's own output does not say
+/// which worker a `console.log` or an uncaught exception came from, so each worker's events come
+/// here with the worker's name in the tail's props, and leave as one JSON line (workerd's
+/// structured log) whose message is [`LOG_NONCE_VARIABLE`]'s value, then the event. A tenant's
+/// own `console.log` lines cannot start with that value: it lives only in this service's
+/// environment binding.
+pub const LOGS_SERVICE: &str = "_logs";
+
+/// The environment variable holding the prefix of the log service's lines (see [`LOGS_SERVICE`]):
+/// a value the runner makes per process, or the pod's uid on a cluster.
+pub const LOG_NONCE_VARIABLE: &str = "WORKERBUNDLE_LOG_NONCE";
+
+const LOGS_WORKER: &str = "export default { tail(events, env, ctx) { for (const e of events) { console.log((env.NONCE ?? \"\") + JSON.stringify({ worker: ctx.props.worker, outcome: e.outcome, logs: e.logs, exceptions: e.exceptions })); } } };";
+
+fn logs_service() -> String {
+    format!(
+        "    (name = {}, worker = (\n      modules = [(name = \"logs.js\", esModule = {})],\n      \
+         compatibilityDate = \"2024-09-23\",\n      bindings = [(name = \"NONCE\", fromEnvironment = {})]\n    ))",
+        quote(LOGS_SERVICE),
+        quote(LOGS_WORKER),
+        quote(LOG_NONCE_VARIABLE),
+    )
+}
+
 /// The top-level config: one service and one socket (`*:PORT`, named after the worker) per worker,
-/// and the platform's health service on [`HEALTH_PORT`]. `workers` must already be checked for
-/// unique names and ports.
+/// the platform's health service on [`HEALTH_PORT`] and its log service; workerd's own log lines
+/// as JSON. `workers` must already be checked for unique names and ports.
 pub fn top_level_config(workers: &[&ServedWorker]) -> String {
-    let mut services: Vec<String> = workers.iter().map(|w| service(w)).collect();
+    let mut services: Vec<String> = workers.iter().map(|w| service(w, true)).collect();
     services.push(HEALTH_SERVICE.to_owned());
+    services.push(logs_service());
     let mut sockets: Vec<String> = workers
         .iter()
         .map(|w| {
@@ -77,7 +102,8 @@ pub fn top_level_config(workers: &[&ServedWorker]) -> String {
         a = quote(&format!("*:{HEALTH_PORT}"))
     ));
     format!(
-        "{HEADER}\nconst config :Workerd.Config = (\n  services = [\n{}\n  ],\n  sockets = [\n{}\n  ]\n);\n",
+        "{HEADER}\nconst config :Workerd.Config = (\n  services = [\n{}\n  ],\n  sockets = [\n{}\n  ],\n  \
+         logging = (structuredLogging = true)\n);\n",
         services.join(",\n"),
         sockets.join(",\n")
     )
@@ -97,20 +123,29 @@ pub fn startup_check_config(worker: &ServedWorker) -> String {
         "{HEADER}\nconst config :Workerd.Config = (\n  services = [\n{},\n    (name = {}, worker = (\n      \
          modules = [(name = \"probe.js\", esModule = \"export default {{ async test() {{}} }};\")],\n      \
          compatibilityDate = \"2024-09-23\"\n    ))\n  ]\n);\n",
-        service(worker),
+        service(worker, false),
         quote(PROBE_SERVICE),
     )
 }
 
-fn service(worker: &ServedWorker) -> String {
+/// A worker's service; `logged`: its events go to the log service.
+fn service(worker: &ServedWorker, logged: bool) -> String {
     let settings = &worker.settings;
     let flags: Vec<String> = settings.compatibility_flags.iter().map(|f| quote(f)).collect();
     let bindings: Vec<String> =
         settings.bindings().iter().map(|b| format!("        {}", binding(b))).collect();
     let modules_import = quote(&format!("workers/{}/modules.capnp", worker.name));
+    // The worker's name reaches the log service as JSON text inside a Cap'n Proto string: both
+    // quoted, so no name can end either literal.
+    let tails = if logged {
+        let props = serde_json::json!({ "worker": worker.name }).to_string();
+        format!(",\n      tails = [(name = {}, props = (json = {}))]", quote(LOGS_SERVICE), quote(&props))
+    } else {
+        String::new()
+    };
     format!(
         "    (name = {name}, worker = (\n      modules = import {modules_import}.modules,\n      \
-         compatibilityDate = {date},\n      compatibilityFlags = [{flags}],\n      bindings = [\n{bindings}\n      ]\n    ))",
+         compatibilityDate = {date},\n      compatibilityFlags = [{flags}],\n      bindings = [\n{bindings}\n      ]{tails}\n    ))",
         name = quote(&worker.name),
         date = quote(&settings.compatibility_date),
         flags = flags.join(", "),
