@@ -428,3 +428,58 @@ fn without_the_crds_the_controller_stops_and_says_how_to_install_them() {
         "{stderr}"
     );
 }
+
+/// A worker that throws at start-up, applied with kubectl (the API's check never saw it): its
+/// release fails with workerd's words, the bundle keeps running its image, nothing is purged.
+#[test]
+fn a_release_that_cannot_start_fails_and_the_bundle_keeps_its_image() {
+    let registry = Registry::start(false);
+    let base = registry.push_base();
+    let s3 = S3Server::start();
+    s3.put_dir("workers", "1234/hello/v1/", &repo_path("testdata/workers/hello"));
+    s3.put(
+        "workers",
+        "1234/hello/bad/index.js",
+        b"throw new Error(\"boom from kubectl\");\nexport default {};\n",
+    );
+    let cluster = Cluster::start("cannot-start");
+    let controller = Controller::start_pushing(&cluster, &registry.host(), &base, &s3, &[], &[]);
+    apply_ok(&cluster, ACCOUNT);
+    apply_ok(&cluster, &deployment_yaml("hello", "hello", "s3://workers/1234/hello/v1/", 5));
+    let image = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        b["status"]["image"].as_str().map(str::to_owned)
+    });
+    let good = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, current_release);
+
+    cluster.kubectl_ok(&[
+        "patch",
+        "workerdeployment",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"scriptUrls":["s3://workers/1234/hello/bad/"]}}}"#,
+    ]);
+    let bad = cluster.wait_for("workerdeployment", "hello", WAIT, &controller, |d| {
+        current_release(d).filter(|r| *r != good)
+    });
+    let condition = cluster.wait_for("workerrelease", &bad, WAIT, &controller, not_ready);
+    assert_eq!(condition["reason"], "WorkerCannotStart", "{condition}");
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(message.contains("boom from kubectl") && message.contains("index.js:1"), "{message}");
+    let release = cluster.get("workerrelease", &bad).unwrap();
+    assert!(release["status"]["layer"].is_null(), "a layer was pushed for a worker that cannot start");
+
+    // The bundle keeps the good release and its image; the image is still in the registry.
+    std::thread::sleep(Duration::from_secs(3));
+    let bundle = cluster.get("workerbundle", "workers-1234").unwrap();
+    assert_eq!(bundle_workers(&bundle)[0].2, good, "the bundle took the release that cannot start");
+    assert_eq!(bundle["status"]["image"].as_str(), Some(image.as_str()));
+    let digest = image.rsplit_once('@').unwrap().1;
+    assert_eq!(registry.manifest("workers/1234", digest).0, 200, "the running image was purged");
+    let events = cluster.list("events.events.k8s.io", None);
+    assert!(!events.iter().any(|e| e["reason"] == "ImagePurged"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["reason"] == "WorkerCannotStart" && e["regarding"]["name"] == bad.as_str()),
+        "no Event names the failure: {events:?}"
+    );
+}

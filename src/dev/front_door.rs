@@ -4,13 +4,16 @@
 //! change or a restart never refuses a connection; a workerd that cannot start is never switched
 //! to. A pod's Service does the same on a cluster.
 //!
-//! The door also counts the connections that sent a request and wait for the first byte of an
-//! answer: when the account's workerd stops answering its health probe, the workers with waiting
-//! connections are the ones stuck in a loop.
+//! The door also knows since when its connections have waited: from a request's first byte to
+//! its answer's first byte. When the account's workerd stops answering its health probe, the
+//! worker whose request has waited longest is the one that went into a loop (the others' requests
+//! came in after it and wait behind it).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,8 +26,15 @@ const BUFFER: usize = 16 * 1024;
 pub struct FrontDoor {
     port: u16,
     backend: Arc<RwLock<Option<SocketAddr>>>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waits>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// When each waiting request started waiting, by connection.
+#[derive(Debug, Default)]
+struct Waits {
+    next: AtomicU64,
+    since: Mutex<BTreeMap<u64, Instant>>,
 }
 
 impl FrontDoor {
@@ -34,7 +44,7 @@ impl FrontDoor {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let backend = Arc::new(RwLock::new(None));
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Waits::default());
         let accept = tokio::spawn(accept_loop(listener, backend.clone(), waiting.clone()));
         Ok(FrontDoor { port, backend, waiting, accept })
     }
@@ -51,9 +61,9 @@ impl FrontDoor {
         }
     }
 
-    /// Connections that sent a request and have had no byte of answer yet.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+    /// Since when the longest-waiting request has waited for the first byte of its answer.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.waiting.since.lock().ok()?.values().min().copied()
     }
 }
 
@@ -67,7 +77,7 @@ impl Drop for FrontDoor {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     backend: Arc<RwLock<Option<SocketAddr>>>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waits>,
 ) {
     loop {
         let client = match listener.accept().await {
@@ -88,22 +98,27 @@ async fn accept_loop(
 }
 
 /// Marks a connection as waiting for its answer while it lives.
-struct Waiting(Arc<AtomicUsize>);
+struct Waiting(Arc<Waits>, u64);
 
 impl Waiting {
-    fn new(counter: &Arc<AtomicUsize>) -> Waiting {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Waiting(counter.clone())
+    fn new(waits: &Arc<Waits>) -> Waiting {
+        let id = waits.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut since) = waits.since.lock() {
+            since.insert(id, Instant::now());
+        }
+        Waiting(waits.clone(), id)
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut since) = self.0.since.lock() {
+            since.remove(&self.1);
+        }
     }
 }
 
-async fn forward(mut client: TcpStream, target: SocketAddr, waiting: Arc<AtomicUsize>) {
+async fn forward(mut client: TcpStream, target: SocketAddr, waiting: Arc<Waits>) {
     let mut server = match TcpStream::connect(target).await {
         Ok(server) => server,
         Err(e) => {
@@ -199,7 +214,7 @@ mod tests {
         assert_eq!(ask(door.port(), "one").await, "one");
         door.switch_to(Some(echo_server().await));
         assert_eq!(ask(door.port(), "two").await, "two");
-        assert_eq!(door.waiting(), 0);
+        assert_eq!(door.waiting_since(), None);
     }
 
     #[tokio::test]
@@ -211,12 +226,13 @@ mod tests {
         let mut stream = TcpStream::connect(("127.0.0.1", door.port())).await.unwrap();
         stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let (_held, _) = silent.accept().await.unwrap();
+        let before = Instant::now();
         for _ in 0..100 {
-            if door.waiting() == 1 {
+            if door.waiting_since().is_some() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(door.waiting(), 1);
+        assert!(door.waiting_since().is_some_and(|since| since >= before));
     }
 }

@@ -48,7 +48,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBES_MISSED: u32 = 3;
-/// Restarts back off from 1 s to this; a process that served this long starts the count again.
+/// Restarts back off up to this; a process that served this long starts the count again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -313,18 +313,33 @@ impl Runner {
             }
             Notice::Stuck { key, id } => {
                 let Some(running) = self.running.get(&key).filter(|r| r.id == id) else { return };
-                let waiting: Vec<&str> = running
+                // Longest wait first: the requests of the others came in after it and wait behind it.
+                let mut waiting: Vec<(Instant, &str)> = running
                     .workers
                     .iter()
-                    .filter(|w| {
-                        self.doors.get(&door_key(&running.account, w)).is_some_and(|d| d.waiting() > 0)
+                    .filter_map(|w| {
+                        let since = self.doors.get(&door_key(&running.account, w))?.waiting_since()?;
+                        Some((since, w.as_str()))
                     })
-                    .map(String::as_str)
                     .collect();
-                let suspects = if waiting.is_empty() {
-                    "no worker has a request waiting".to_owned()
-                } else {
-                    format!("requests wait for an answer from {}", waiting.join(", "))
+                waiting.sort();
+                let suspects = match waiting.split_first() {
+                    None => "no worker has a request waiting".to_owned(),
+                    Some(((since, first), rest)) => {
+                        let others: Vec<String> = rest
+                            .iter()
+                            .map(|(s, w)| format!("{w} ({} ms)", s.elapsed().as_millis()))
+                            .collect();
+                        let then = if others.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", then {}", others.join(", "))
+                        };
+                        format!(
+                            "requests wait for an answer from {first} (the longest, {} ms){then}",
+                            since.elapsed().as_millis()
+                        )
+                    }
                 };
                 error!(
                     account = %running.account,
@@ -355,8 +370,12 @@ impl Runner {
             }
             None => 1,
         };
-        let delay = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(MAX_RESTART_DELAY);
-        info!(deployment = key, in_s = delay.as_secs(), "workerd will be started again");
+        // The first restart at once (the account is down meanwhile), then 1 s, 2 s, 4 s, ...
+        let delay = match failures {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_secs(1u64 << (n - 2).min(5)).min(MAX_RESTART_DELAY),
+        };
+        info!(deployment = key, in_ms = delay.as_millis() as u64, "workerd will be started again");
         let notices = self.notices.clone();
         let key = key.to_owned();
         tokio::spawn(async move {

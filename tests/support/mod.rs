@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod dev;
 pub mod fault_proxy;
 pub mod registry;
 pub mod s3;
