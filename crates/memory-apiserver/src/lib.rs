@@ -14,8 +14,9 @@
 //!   with verbs, scope, kind, shortNames, categories, singularName and `<plural>/status` entries.
 //!   Aggregated discovery is not offered: kubectl falls back to these legacy documents.
 //! - Built-in resources stored without schema: namespaces ("default" exists), secrets
-//!   (`stringData` becomes base64 `data`), configmaps, services, events, serviceaccounts,
-//!   deployments, events.k8s.io events, leases, RBAC roles/bindings, CRDs.
+//!   (`stringData` becomes base64 `data`), configmaps, services, pods (stored only: nothing
+//!   schedules or runs them; tests play the kubelet by writing their status), events,
+//!   serviceaccounts, deployments, events.k8s.io events, leases, RBAC roles/bindings, CRDs.
 //! - CRDs: every served version is in discovery as soon as the CRD is written, with names, scope,
 //!   status subresource, printer columns and schema; the CRD gets NamesAccepted and Established
 //!   conditions and acceptedNames at once. Deleting a CRD removes its resource and objects.

@@ -109,6 +109,15 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         group: "",
         version: "v1",
+        plural: "pods",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        status: true,
+    },
+    Builtin {
+        group: "",
+        version: "v1",
         plural: "events",
         kind: "Event",
         namespaced: true,
@@ -219,7 +228,7 @@ pub fn builtins() -> Vec<ResourceDef> {
             list_kind: format!("{}List", b.kind),
             namespaced: b.namespaced,
             short_names: b.short_names.iter().map(|s| s.to_string()).collect(),
-            categories: if b.plural == "deployments" || b.plural == "services" {
+            categories: if matches!(b.plural, "deployments" | "services" | "pods") {
                 vec!["all".to_string()]
             } else {
                 Vec::new()
