@@ -83,16 +83,17 @@ fn the_controller_image_is_reproducible_and_runs_from_its_rootfs_as_its_user() {
     assert_eq!(digest, again, "two assemblies of the same binary and archives differ");
     assert_eq!(fs::read(first.join("index.json")).unwrap(), fs::read(second.join("index.json")).unwrap());
 
-    // Two layers (runtime, binary), the process settings, and the version it is labelled with.
+    // Three layers (runtime, workerd, binary), the process settings, and the version it is
+    // labelled with.
     let manifest = layout_json(&first, &digest);
-    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 3);
     let annotations = &manifest["annotations"];
     assert_eq!(annotations["org.opencontainers.image.version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(annotations["org.opencontainers.image.title"], "workerbundle");
     assert_eq!(annotations["org.opencontainers.image.created"], "1970-01-01T00:00:00Z");
     let config = layout_json(&first, manifest["config"]["digest"].as_str().unwrap());
     assert_controller_config(&config);
-    assert_eq!(config["history"].as_array().unwrap().len(), 2);
+    assert_eq!(config["history"].as_array().unwrap().len(), 3);
     assert_controller_config(&skopeo_config(&format!("oci:{}:test", first.display())));
 
     let bundle = umoci_unpack(&first, "test", work.path());
@@ -105,6 +106,11 @@ fn the_controller_image_is_reproducible_and_runs_from_its_rootfs_as_its_user() {
     let version = run_in_rootfs(&bundle, &["/usr/local/bin/workerbundle", "--version"]);
     assert!(version.status.success(), "workerbundle --version in the image: {}", stderr(&version));
     assert_eq!(stdout(&version).trim(), format!("workerbundle {}", env!("CARGO_PKG_VERSION")));
+
+    // The workerd of the start-up check, runnable by the image's user.
+    let workerd = run_in_rootfs(&bundle, &["/usr/local/bin/workerd", "--version"]);
+    assert!(workerd.status.success(), "workerd --version in the image: {}", stderr(&workerd));
+    assert!(stdout(&workerd).starts_with("workerd 2026-"), "{}", stdout(&workerd));
 
     let crd = run_in_rootfs(&bundle, &["/usr/local/bin/workerbundle", "crd"]);
     assert!(crd.status.success(), "workerbundle crd in the image: {}", stderr(&crd));

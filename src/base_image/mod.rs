@@ -20,7 +20,9 @@ use crate::image::file_source::FileSource;
 use crate::image::layer::{Entry, LayerBuilder};
 use crate::image::layout::{LayoutError, LayoutWriter};
 pub use package::{package_image, package_image_into, ImageLabels, PackagedImage, PackagedLayer};
-pub use recipe::{ControllerRecipe, Recipe, RuntimeRecipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE};
+pub use recipe::{
+    ControllerRecipe, NpmArchive, Recipe, RuntimeRecipe, BUILTIN_CONTROLLER_RECIPE, BUILTIN_RECIPE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaseImageError {
@@ -120,7 +122,12 @@ pub fn runtime_layer(recipe: &RuntimeRecipe, archives: &Path) -> Result<LayerBui
 /// Reads the pinned archives and lays out the base image's files.
 pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, BaseImageError> {
     let runtime = runtime_layer(&recipe.runtime, archives)?;
-    let npm = &recipe.workerd;
+    let workerd = workerd_layer(&recipe.workerd, archives)?;
+    Ok(BaseLayers { runtime, workerd })
+}
+
+/// The workerd binary from its pinned npm archive, streamed: never held whole (155 MB).
+pub fn workerd_layer(npm: &NpmArchive, archives: &Path) -> Result<LayerBuilder, BaseImageError> {
     let tgz = check_pinned_file(archives, &npm.archive, &npm.sha256)?;
     let fail = |message| BaseImageError::Archive { archive: npm.archive.clone(), message };
     let gunzip = |path: &Path| -> io::Result<flate2::read::GzDecoder<BufReader<File>>> {
@@ -140,7 +147,7 @@ pub fn collect_layers(recipe: &Recipe, archives: &Path) -> Result<BaseLayers, Ba
     });
     let mut workerd = LayerBuilder::new();
     workerd.stream_file(&npm.install_as, binary, 0o755);
-    Ok(BaseLayers { runtime, workerd })
+    Ok(workerd)
 }
 
 /// Concatenates the certificates under `from` in path order, each ending in a newline, as

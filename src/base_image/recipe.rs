@@ -22,6 +22,9 @@ pub struct Recipe {
 /// The controller's image: the runtime plus a workerbundle binary given at assembly time.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ControllerRecipe {
+    /// The same workerd as the base image's: the API and the controller load each worker in it
+    /// before storing or releasing it (the start-up check).
+    pub workerd: NpmArchive,
     #[serde(flatten)]
     pub runtime: RuntimeRecipe,
     pub binary: BinaryInstall,
@@ -151,6 +154,12 @@ mod tests {
             "the controller image lacks a package of the base runtime"
         );
         assert_eq!(controller.config.user.as_deref(), Some("65532:65532"));
+        // The start-up check must load workers in the workerd the bundles run.
+        assert_eq!(
+            (&controller.workerd.version, &controller.workerd.sha256, &controller.workerd.install_as),
+            (&base.workerd.version, &base.workerd.sha256, &base.workerd.install_as),
+            "the two recipes pin different workerds"
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::base_image::{
-    package_image, runtime_layer, BaseImageError, ControllerRecipe, ImageLabels, PackagedImage, PackagedLayer,
+    package_image, runtime_layer, workerd_layer, BaseImageError, ControllerRecipe, ImageLabels,
+    PackagedImage, PackagedLayer,
 };
 use crate::digest::Digest;
 use crate::image::assemble::AssembleError;
@@ -56,6 +57,7 @@ pub fn assemble_self_image(
         fs::read(binary).map_err(|source| SelfImageError::ReadBinary { path: binary.into(), source })?;
     let binary_digest = Digest::of(&content);
     let runtime = runtime_layer(&recipe.runtime, archives)?;
+    let workerd = workerd_layer(&recipe.workerd, archives)?;
     // A library the recipe lacks would only show when the pod starts (exit 127 from the dynamic
     // loader): refuse here instead, naming it.
     elf::check_runs_on(&content, &runtime)
@@ -71,6 +73,12 @@ pub fn assemble_self_image(
                 role: "runtime",
                 layer: &runtime,
                 created_by: format!("workerbundle self-image: {}", packages.join(" ")),
+            },
+            // Before the binary: it changes with every release of workerbundle, workerd seldom.
+            PackagedLayer {
+                role: "workerd",
+                layer: &workerd,
+                created_by: format!("workerbundle self-image: workerd {}", recipe.workerd.version),
             },
             PackagedLayer {
                 role: "binary",
