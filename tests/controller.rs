@@ -242,9 +242,14 @@ fn a_controller_with_a_block_cache_rebuilds_a_big_worker_from_its_unchanged_bloc
     // cached too, which the change falls in.
     let mut data: Vec<u8> = Vec::new();
     let mut state = 7u64;
-    while data.len() < 1_200_000 {
+    // Valid JavaScript (the controller loads it in workerd before the release is Ready): each
+    // name unique by its line number.
+    for line in 0.. {
+        if data.len() >= 1_200_000 {
+            break;
+        }
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        data.extend(format!("export const v{:x} = {};\n", state >> 40, state % 100_000).as_bytes());
+        data.extend(format!("export const v{line}x{:x} = {};\n", state >> 40, state % 100_000).as_bytes());
     }
     data.extend(b"export const last = 1;\n");
     let put_version = |version: &str, data: &[u8]| {

@@ -44,18 +44,23 @@ fn a_worker_that_cannot_start_is_refused_and_its_sibling_never_stops() {
     let applied = objects(&dev);
     let poller = Poller::start(&url, "sibling", Duration::from_millis(5));
     let bad = dir.path().join("bad");
+    let fine = "export default { fetch() { return new Response(\"fine\"); } };\n";
     let cases = [
-        ("throws", "throw new Error(\"top-level boom\");\nexport default {};\n", "top-level boom"),
+        ("throws", "throw new Error(\"top-level boom\");\nexport default {};\n", "", "top-level boom"),
         (
             "missing module",
             // esbuild leaves `cloudflare:` imports to the runtime, which has no such module.
             "import nope from \"cloudflare:no-such-module\";\nexport default { fetch() { return new Response(String(nope)); } };\n",
+            "",
             "No such module",
         ),
-        ("loops", "while (true) {}\nexport default {};\n", "did not finish starting"),
+        ("loops", "while (true) {}\nexport default {};\n", "", "did not finish starting"),
+        // Settings this workerd refuses: refused at upload too, with its reason.
+        ("an experimental flag", fine, "compatibility_flags = [\"experimental\"]\n", "experimental"),
+        ("an unknown flag", fine, "compatibility_flags = [\"no_such_flag_xyz\"]\n", "No such compatibility flag"),
     ];
-    for (case, source, expected) in cases {
-        write_worker(&bad, "bad", source, "");
+    for (case, source, extra, expected) in cases {
+        write_worker(&bad, "bad", source, extra);
         let run = wrangler.run(&bad, &["deploy"]);
         let text = run.text();
         assert!(!run.success(), "{case}: wrangler deploy succeeded:\n{text}");
