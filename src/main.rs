@@ -357,7 +357,9 @@ enum Command {
     ///
     /// stdout carries, for scripts, three `export CLOUDFLARE_...=` lines for wrangler, then
     /// `serving ACCOUNT/SCRIPT on http://127.0.0.1:PORT` whenever a worker starts or changes.
-    /// Logs go to stderr. Ctrl-C stops everything, every workerd included. DATA/kubeconfig
+    /// Logs go to stderr: by default a line or two per deploy (the workerd that serves it,
+    /// anything that went wrong, every worker's console lines); RUST_LOG=info adds every API
+    /// request and reconcile. Ctrl-C stops everything, every workerd included. DATA/kubeconfig
     /// lets kubectl look at the control plane while dev runs.
     ///
     /// Example:
@@ -547,7 +549,13 @@ fn parse_env_prefix(text: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let default_filter = match cli.command {
+        // A person watching a terminal: a deploy is a line or two (the workerd that serves it,
+        // what went wrong); RUST_LOG=info adds every request and reconcile.
+        Command::Dev { .. } => DEV_LOG_FILTER,
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_filter);
     // Fails only when a provider is installed already, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -782,8 +790,13 @@ fn recipe_text(path: Option<&std::path::Path>, builtin: &str) -> Result<String, 
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+/// `workerbundle dev`'s log filter when RUST_LOG is unset.
+const DEV_LOG_FILTER: &str = "info,kube=warn,workerbundle::api=warn,workerbundle::controller=warn,\
+                              workerbundle::source=warn,workerbundle::registry=warn,workerbundle::image=warn";
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
     // Colours only for a person at a terminal: never escape codes in a log file or collector.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // WORKERBUNDLE_SPAN_TIMES=1: a line with the busy and idle time of every span as it closes
