@@ -237,3 +237,38 @@ fn a_worker_in_a_loop_stalls_its_siblings_only_until_the_watchdog_restarts_them(
     assert!(outage < Duration::from_secs(30), "the sibling was stalled for {outage:?}");
     assert!(spun.is_err() || spun.as_ref().is_ok_and(|(status, _)| *status != 200), "{spun:?}");
 }
+
+#[test]
+fn a_workerd_that_dies_is_reported_with_its_last_lines_and_started_again() {
+    let dir = tempdir();
+    let mut dev = Dev::start(dir.path());
+    let (wrangler, _) = dev.wrangler();
+    let project = dir.path().join("hello");
+    write_worker(
+        &project,
+        "hello",
+        "export default { async fetch() { console.log(\"answering\"); return new Response(\"hello\"); } };\n",
+        "",
+    );
+    wrangler.ok(&project, &["deploy"]);
+    let url = dev.serving("hello");
+    wait_for_answer(&url, "hello", &dev);
+
+    // Killed from outside, as the kernel's OOM killer would.
+    let serving = |data: &std::path::Path| -> Vec<String> {
+        workerds(data).into_iter().filter(|l| l.contains("/workerd serve ")).collect()
+    };
+    let running = serving(&dev.data);
+    assert_eq!(running.len(), 1, "{running:?}");
+    let pid = running[0].split_whitespace().next().unwrap().to_owned();
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    // The same URL answers again, from a new process, without a deploy.
+    wait_for_answer(&url, "hello", &dev);
+    let again = serving(&dev.data);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again[0].split_whitespace().next().unwrap(), pid, "the dead workerd still runs?");
+    let log = dev.log();
+    assert!(log.contains("ERROR") && log.contains("workerd exited (signal: 9"), "the death was not reported:\n{log}");
+    // Its console line is attributed to its worker.
+    assert!(log.contains("worker=hello") && log.contains("console.log: answering"), "{log}");
+}
