@@ -270,10 +270,8 @@ fn log_line(line: &str, log: &LogContext) -> Option<String> {
         worker_event(event, log);
         return None;
     }
-    if entry.get("source").is_none() {
-        // A worker's own console line: its attributed copy comes from the log service.
-        return None;
-    }
+    // No source: a worker's own console line, whose attributed copy comes from the log service.
+    entry.get("source")?;
     match level {
         // A request's uncaught exception: the log service reports it with its worker and stack.
         "error" if message.starts_with("Uncaught exception") => {
