@@ -268,7 +268,10 @@ fn a_workerd_that_dies_is_reported_with_its_last_lines_and_started_again() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert_ne!(again[0].split_whitespace().next().unwrap(), pid, "the dead workerd still runs?");
     let log = dev.log();
-    assert!(log.contains("ERROR") && log.contains("workerd exited (signal: 9"), "the death was not reported:\n{log}");
+    assert!(
+        log.contains("ERROR") && log.contains("workerd exited (signal: 9"),
+        "the death was not reported:\n{log}"
+    );
     // Its console line is attributed to its worker.
     assert!(log.contains("worker=hello") && log.contains("console.log: answering"), "{log}");
 }
