@@ -122,10 +122,21 @@ fn deployed_image_of(
             return None;
         }
         let deployment = cluster.get("deployment", bundle)?;
-        let ports = container(&deployment)["ports"].as_array().map_or(0, Vec::len);
+        let ports = worker_ports(&deployment).len();
         (container(&deployment)["image"].as_str() == Some(image) && ports >= workers)
             .then(|| image.to_owned())
     })
+}
+
+/// The container's ports but the health probe's: one per worker.
+fn worker_ports(deployment: &Value) -> Vec<(String, u64)> {
+    container(deployment)["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
+        .filter(|(name, _)| name != "health")
+        .collect()
 }
 
 fn digest_of(image: &str) -> &str {
@@ -188,13 +199,14 @@ fn bundle_image_deployment_secrets_and_restart() {
     assert_eq!(tag_reads, 0, "the first image read its tag:\n{}", controller.log());
     let deployment = cluster.get("deployment", "workers-1234").unwrap();
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["kind"], "WorkerBundle");
-    let ports: Vec<(String, u64)> = container(&deployment)["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(ports, [("greeter".to_owned(), 8080), ("hello".to_owned(), 8081)]);
+    assert_eq!(worker_ports(&deployment), [("greeter".to_owned(), 8080), ("hello".to_owned(), 8081)]);
+    // The health socket is a container port, probed by the kubelet, and not in the Service.
+    let health = container(&deployment)["ports"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((health["name"].as_str(), health["containerPort"].as_u64()), (Some("health"), Some(8079)));
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(container(&deployment)[probe]["httpGet"]["port"], "health", "{probe}");
+    }
+    assert_eq!(container(&deployment)["terminationMessagePolicy"], "FallbackToLogsOnError");
     assert_eq!(container(&deployment)["securityContext"]["readOnlyRootFilesystem"], true);
     let service = cluster.get("service", "workers-1234").expect("the bundle's Service");
     assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 2);

@@ -6,6 +6,13 @@
 //! (a) pods of this account, (b) pods that are no account's worker (ingress controllers, gateways,
 //! other workloads) in any namespace, and (c) addresses outside the private ranges (clients
 //! through a load balancer that keeps their address). Another account's workers match none.
+//!
+//! The kubelet's probes of the health socket come from the pod's own node, whose address is in a
+//! private range and so matches no rule here. They still reach it: a NetworkPolicy cannot block a
+//! pod's resident node (Kubernetes documents this among what network policies cannot do, and
+//! every NetworkPolicy implementation lets the local node through), so no rule for them is needed
+//! and none is written; one admitting the nodes' ranges would let every node, and whatever runs on
+//! their host network, in. The rules name no ports, so no port of an admitted peer is cut off.
 
 use std::collections::BTreeMap;
 
@@ -160,6 +167,13 @@ mod tests {
         let spec = policy.spec.as_ref().unwrap();
         assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_owned(), "Egress".to_owned()][..]));
         assert_eq!(spec.pod_selector.as_ref().unwrap().match_labels, Some(selector_labels(&bundle("1234"))));
+    }
+
+    #[test]
+    fn ingress_names_no_ports_so_admitted_peers_reach_the_health_socket_too() {
+        let policy = network_policy(&bundle("1234"));
+        let rules = policy.spec.unwrap().ingress.unwrap();
+        assert!(rules.iter().all(|r| r.ports.is_none()), "{rules:?}");
     }
 
     #[test]

@@ -518,7 +518,7 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some(image));
         let ports: Vec<(String, i32)> =
             c.ports.iter().flatten().map(|p| (p.name.clone().unwrap(), p.container_port)).collect();
-        assert_eq!(ports, [("api".to_owned(), 8080), ("web".to_owned(), 8081)]);
+        assert_eq!(ports, [("api".to_owned(), 8080), ("web".to_owned(), 8081), ("health".to_owned(), 8079)]);
         let env_from = c.env_from.as_ref().unwrap();
         assert_eq!(env_from.len(), 1);
         assert_eq!(env_from[0].prefix.as_deref(), Some("API_"));
