@@ -718,3 +718,159 @@ fn api_requests_per_reconcile_do_not_grow_with_accounts() {
         per_account[1]
     );
 }
+
+const HELLO_V2: &str = "export default { fetch() { return new Response(\"hello v2\"); } };\n";
+const HELLO_V3: &str = "export default { fetch() { return new Response(\"hello v3\"); } };\n";
+/// workerd's last words when a worker throws at start-up, as its structured log prints them and
+/// the kubelet keeps them (`FallbackToLogsOnError`).
+const BOOM: &str = r#"{"timestamp":"1","level":"error","source":"entry.rs:170","message":"service hello: Uncaught Error: boom\n  at index.js:1:7","context_depth":0}"#;
+
+/// The Ready condition of `object`, once it exists.
+fn ready(object: &Value) -> Option<&Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")
+}
+
+/// Points the `hello` WorkerDeployment at `version` (its single module uploaded first).
+fn upload_hello(setup: &Setup, version: &str, code: &str) {
+    setup.s3.put("workers", &format!("1234/hello/{version}/index.js"), code.as_bytes());
+    let patch =
+        format!(r#"{{"spec":{{"template":{{"scriptUrls":["s3://workers/1234/hello/{version}/"]}}}}}}"#);
+    setup.cluster.kubectl_ok(&["patch", "workerdeployment", "hello", "--type=merge", "-p", &patch]);
+}
+
+/// Plays the kubelet and the Deployment controller in the middle of a rollout that does not
+/// finish: one pod of the new ReplicaSet beside the old one, which is the only available replica.
+fn play_new_pod_failing(cluster: &Cluster, deployment: &str, pod: &str, image: &str, restarts: u32) {
+    let d = cluster.get("deployment", deployment).unwrap();
+    let generation = d["metadata"]["generation"].as_i64().unwrap();
+    let status = serde_json::json!({"status": {
+        "observedGeneration": generation, "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1,
+        "availableReplicas": 1, "unavailableReplicas": 1,
+        "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+            "message": format!("ReplicaSet \"{deployment}-new\" is progressing.")}],
+    }});
+    cluster.kubectl_ok(&[
+        "patch",
+        "deployment",
+        deployment,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+    if cluster.get("pod", pod).is_none() {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let object = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "labels": labels},
+            "spec": {"containers": [{"name": "workerd", "image": image}]},
+        });
+        let out = cluster.kubectl_stdin(&["create", "-f", "-"], Some(&object.to_string()));
+        assert!(out.status.success(), "kubectl create pod: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let status = serde_json::json!({"status": {"phase": "Running", "containerStatuses": [{
+        "name": "workerd", "image": image, "imageID": "", "ready": false, "started": false,
+        "restartCount": restarts,
+        "state": {"waiting": {"reason": "CrashLoopBackOff",
+            "message": "back-off 40s restarting failed container=workerd"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": BOOM}},
+    }]}});
+    cluster.kubectl_ok(&[
+        "patch",
+        "pod",
+        pod,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+}
+
+/// A bad bundle never replaces a good one, and its status says so. A good image rolls out; the
+/// next one's workerd exits at start-up (a worker throws): the bundle is not Ready and says which
+/// worker threw, in workerd's words, names the image that still serves, warns once, and deletes
+/// no image while the old ReplicaSet runs one. A fixed worker then rolls out, and only then do
+/// the images it replaces go.
+#[test]
+fn a_new_image_that_cannot_start_never_replaces_the_one_that_serves() {
+    let setup = setup("badimage");
+    let Setup { cluster, registry, .. } = &setup;
+    if cluster.url().is_none() {
+        eprintln!(
+            "skipped a_new_image_that_cannot_start_never_replaces_the_one_that_serves: it plays the \
+             kubelet (a pod's container states, a Deployment's status), which a real cluster's own \
+             kubelet and Deployment controller would overwrite"
+        );
+        return;
+    }
+    let controller = start_controller(&setup);
+    apply_ok(cluster, &account_yaml("1234", ""));
+    apply_ok(cluster, &deployment_yaml("hello", "s3://workers/1234/hello/v1/", None));
+    let good = deployed_image(cluster, &controller, "workers-1234", None);
+    mark_rolled_out(cluster, "workers-1234");
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        (ready(b)?["status"] == "True" && b["status"]["rollout"]["servingImage"] == good.as_str())
+            .then_some(())
+    });
+
+    // A new image whose workerd exits at start-up: its pod crash-loops beside the old one.
+    upload_hello(&setup, "v2", HELLO_V2);
+    let bad = deployed_image(cluster, &controller, "workers-1234", Some(&good));
+    let pod = "workers-1234-new-1";
+    play_new_pod_failing(cluster, "workers-1234", pod, &bad, 3);
+    let condition = cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        let c = ready(b)?;
+        (c["reason"] == "NewImageNotStarting").then(|| c.clone())
+    });
+    assert_eq!(condition["status"], "False");
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains("service hello: Uncaught Error: boom"), "names the worker: {message}");
+    assert!(message.contains(&format!("{good} still serves")), "{message}");
+    assert!(message.contains(pod), "{message}");
+    let bundle = cluster.get("workerbundle", "workers-1234").unwrap();
+    assert_eq!(bundle["status"]["image"], bad.as_str(), "the image the bundle wants");
+    assert_eq!(bundle["status"]["rollout"]["servingImage"], good.as_str(), "the image that serves");
+    assert_eq!(bundle["status"]["rollout"]["complete"], false);
+
+    // The kubelet restarts it again and again; later reconciles change nothing: the image that
+    // serves stays in the registry, no image is purged, and the warning was given once.
+    play_new_pod_failing(cluster, "workers-1234", pod, &bad, 4);
+    // The pod's change wakes the bundle a debounce later; its reconcile takes milliseconds.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(registry.manifest(REPO, digest_of(&good)).0, 200, "the serving image was deleted");
+    assert_eq!(registry.manifest(REPO, digest_of(&bad)).0, 200);
+    let events = cluster.list("events.events.k8s.io", None);
+    assert!(!events.iter().any(|e| e["reason"] == "ImagePurged"), "{events:#?}");
+    let warnings: Vec<&Value> = events.iter().filter(|e| e["reason"] == "NewImageNotStarting").collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0]["type"], "Warning");
+    assert!(warnings[0]["series"].is_null(), "warned more than once: {:#?}", warnings[0]);
+    assert!(warnings[0]["note"].as_str().unwrap().contains("service hello: Uncaught Error: boom"));
+    let deployment = cluster.get("deployment", "workers-1234").unwrap();
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+
+    // The worker is fixed: its image rolls out (the crash-looping pod goes with its ReplicaSet),
+    // the bundle is Ready, and the images it replaced, the bad one too, are purged only now.
+    upload_hello(&setup, "v3", HELLO_V3);
+    let fixed = deployed_image(cluster, &controller, "workers-1234", Some(&bad));
+    cluster.kubectl_ok(&["delete", "pod", pod]);
+    mark_rolled_out(cluster, "workers-1234");
+    cluster.wait_for("workerbundle", "workers-1234", WAIT, &controller, |b| {
+        (ready(b)?["status"] == "True" && b["status"]["rollout"]["servingImage"] == fixed.as_str())
+            .then_some(())
+    });
+    let deadline = Instant::now() + WAIT;
+    while [&good, &bad].iter().any(|i| registry.manifest(REPO, digest_of(i)).0 != 404) {
+        assert!(Instant::now() < deadline, "the replaced images were not purged:\n{}", controller.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(registry.manifest(REPO, digest_of(&fixed)).0, 200, "the serving image stays");
+    let events = cluster.list("events.events.k8s.io", None);
+    // kube's recorder counts Events of the same reason about one object as one series.
+    let purged: u64 = events
+        .iter()
+        .filter(|e| e["reason"] == "ImagePurged")
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(purged, 2, "{events:#?}");
+}

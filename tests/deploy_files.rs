@@ -81,6 +81,15 @@ fn the_controller_may_hold_its_lease_and_is_probed_on_its_health_port() {
     for verb in ["get", "create", "update"] {
         assert!(lease_verbs.contains(&verb), "no {verb} on leases: {lease_verbs:?}");
     }
+    // The bundle controller watches its pods (whether a new image starts): read, never written.
+    let pod_verbs: Vec<&str> = rbac
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .flat_map(|d| d["rules"].as_array().unwrap())
+        .filter(|r| r["apiGroups"][0] == "" && r["resources"].as_array().unwrap().iter().any(|p| p == "pods"))
+        .flat_map(|r| r["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .collect();
+    assert_eq!(pod_verbs, ["get", "list", "watch"]);
 
     let docs: Vec<Value> = serde_saphyr::from_str_multiple(&deploy("controller.yaml")).unwrap();
     let container = &docs[0]["spec"]["template"]["spec"]["containers"][0];

@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -35,7 +35,8 @@ use serde::de::DeserializeOwned;
 use tracing::warn;
 
 use crate::crd::{
-    WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, ACCOUNT_LABEL, DEPLOYMENT_LABEL,
+    WorkerAccount, WorkerBundle, WorkerDeployment, WorkerRelease, ACCOUNT_LABEL, BUNDLE_LABEL,
+    DEPLOYMENT_LABEL,
 };
 
 /// The keys an object is found by, besides its namespace and name.
@@ -333,6 +334,34 @@ pub fn foreign_deployment_trimmed(deployment: &mut Deployment) {
     }
 }
 
+/// A bundle's pods are read for one thing: whether the container of a new image starts. Their
+/// names, labels, container images and container states are kept; everything else (volumes,
+/// environment, node details, conditions) is dropped, as a cluster may run many.
+pub fn pod_trimmed(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.annotations = None;
+    meta.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        let containers = spec
+            .containers
+            .iter()
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                ..Default::default()
+            })
+            .collect();
+        *spec = k8s_openapi::api::core::v1::PodSpec { containers, ..Default::default() };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            container_statuses: status.container_statuses.take(),
+            phase: status.phase.take(),
+            ..Default::default()
+        };
+    }
+}
+
 pub fn namespace_key(namespace: &str) -> String {
     format!("ns:{namespace}")
 }
@@ -355,6 +384,11 @@ pub fn secret_key(namespace: &str, secret: &str) -> String {
 /// Objects that run (or may still run) an image, in any namespace.
 pub fn image_key(image: &str) -> String {
     format!("image:{image}")
+}
+
+/// The pods of one bundle (by its label, which the pod template carries).
+pub fn bundle_pods_key(namespace: &str, bundle: &str) -> String {
+    format!("bundle-pods:{namespace}/{bundle}")
 }
 
 /// Accounts that select objects by a selector of their own (not just their account label).
@@ -406,6 +440,10 @@ pub fn workload_keys(deployment: &Deployment) -> Vec<String> {
         .and_then(|s| s.template.spec.as_ref())
         .map(|p| p.containers.iter().filter_map(|c| c.image.as_deref()).map(image_key).collect())
         .unwrap_or_default()
+}
+
+pub fn pod_keys(pod: &Pod) -> Vec<String> {
+    label_key(pod, BUNDLE_LABEL, bundle_pods_key).into_iter().collect()
 }
 
 pub fn no_keys<K>(_: &K) -> Vec<String> {
@@ -462,6 +500,8 @@ pub struct Caches {
     pub secrets: Cache<Secret>,
     /// Only those this controller made; `None` when it makes none (`--network-policies false`).
     pub network_policies: Option<Cache<NetworkPolicy>>,
+    /// The pods of the bundles' Deployments (by label), trimmed to their containers' states.
+    pub pods: Cache<Pod>,
 }
 
 impl Caches {
@@ -475,6 +515,7 @@ impl Caches {
             self.workloads.synced(),
             self.services.synced(),
             self.secrets.synced(),
+            self.pods.synced(),
             async {
                 if let Some(cache) = &self.network_policies {
                     cache.synced().await;
@@ -494,6 +535,7 @@ pub struct Watches {
     pub services: Watch<Service>,
     pub secrets: Watch<Secret>,
     pub network_policies: Option<Watch<NetworkPolicy>>,
+    pub pods: Watch<Pod>,
 }
 
 impl Watches {
@@ -507,6 +549,7 @@ impl Watches {
             self.workloads.run(),
             self.services.run(),
             self.secrets.run(),
+            self.pods.run(),
             async {
                 match self.network_policies {
                     Some(watch) => watch.run().await,

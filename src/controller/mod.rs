@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::{watcher, Controller};
@@ -138,6 +139,9 @@ pub async fn run_with(
     check_crd(apis.get::<WorkerRelease>()).await?;
     check_crd(apis.get::<WorkerAccount>()).await?;
     check_crd(apis.get::<WorkerBundle>()).await?;
+    // Read for whether a bundle's new image starts: without the right to list them (an RBAC from
+    // before), their cache would never fill and the controller never act; said here instead.
+    check_listable(apis.get::<Pod>()).await?;
 
     // One watch per kind: its cache is what reconciles read, its changes are the triggers.
     let (mut watches, caches) = watches(&apis, options.settings.network_policies);
@@ -222,6 +226,8 @@ pub async fn run_with(
         .watches_shared_stream(watches.secrets.subscribe(), move |s| {
             bundle::bundles_of_secret(&bundle_cache, &s)
         })
+        // A pod's containers tell whether the bundle's new image starts (see bundle::plan::stalled).
+        .watches_shared_stream(watches.pods.subscribe(), |p| bundle::bundle_of_pod(&p))
         .with_config(config(concurrency.bundles).debounce(BUNDLE_DEBOUNCE))
         .graceful_shutdown_on(stopped())
         .run(instrumented(bundle::reconcile), error_policy, ctx.clone())
@@ -284,8 +290,20 @@ where
     }
 }
 
-/// Only the Services (and NetworkPolicies) we made are watched. Every Deployment is, for the images it runs (an image
-/// another Deployment runs is never purged); those that are not ours are cached trimmed to that.
+/// Lists one object of a built-in kind where the controller will watch it.
+async fn check_listable<K>(api: Api<K>) -> Result<(), RunError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(source) => Err(RunError::CannotList { kind: K::kind(&()).into_owned(), source }),
+    }
+}
+
+/// Only the Services, NetworkPolicies and pods we made are watched. Every Deployment is, for the
+/// images it runs (an image another Deployment runs is never purged); those that are not ours
+/// are cached trimmed to that.
 fn managed_by_us() -> watcher::Config {
     watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
@@ -302,6 +320,9 @@ fn watches(apis: &Apis, network_policies: bool) -> (cache::Watches, cache::Cache
     let workloads = workloads.trimmed(foreign_deployment_trimmed);
     let (services, services_cache) = Watch::new(apis.get(), managed_by_us(), no_keys);
     let (secrets, secrets_cache) = Watch::new(apis.get(), all(), no_keys);
+    // Only our bundles' pods (the pod template carries the label), for whether a new image starts.
+    let (pods, pods_cache) = Watch::new(apis.get(), managed_by_us(), pod_keys);
+    let pods = pods.trimmed(pod_trimmed);
     let (policies, policies_cache) = match network_policies {
         true => {
             let (watch, cache) = Watch::new(apis.get(), managed_by_us(), no_keys);
@@ -319,6 +340,7 @@ fn watches(apis: &Apis, network_policies: bool) -> (cache::Watches, cache::Cache
             services,
             secrets,
             network_policies: policies,
+            pods,
         },
         Caches {
             deployments: deployments_cache,
@@ -329,6 +351,7 @@ fn watches(apis: &Apis, network_policies: bool) -> (cache::Watches, cache::Cache
             services: services_cache,
             secrets: secrets_cache,
             network_policies: policies_cache,
+            pods: pods_cache,
         },
     )
 }

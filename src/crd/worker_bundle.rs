@@ -19,6 +19,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Deployment", type_ = "string", json_path = ".spec.deploymentName"),
     printcolumn(name = "Image", type_ = "string", json_path = ".status.image", priority = 1),
     printcolumn(
+        name = "Serving",
+        type_ = "string",
+        json_path = ".status.rollout.servingImage",
+        priority = 1
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -83,8 +89,9 @@ pub struct BundlePodTemplate {
 pub struct WorkerBundleStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The bundle's image, by digest (`registry/repository@sha256:...`): pushed, and the image
-    /// the Deployment runs.
+    /// The image the bundle wants, by digest (`registry/repository@sha256:...`): pushed, and the
+    /// image of the Deployment's pod template. Whether it serves yet is `rollout.complete`; the
+    /// image that serves meanwhile is `rollout.servingImage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The image before it.
@@ -97,7 +104,7 @@ pub struct WorkerBundleStatus {
     /// The base image the bundle is built on, pinned by digest when it was first resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_image: Option<BaseImageStatus>,
-    /// The Deployment's rollout of `image`.
+    /// The Deployment's rollout of `image`, and the image that serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -125,4 +132,9 @@ pub struct RolloutStatus {
     pub available_replicas: i32,
     /// Whether every replica runs `image` and is available.
     pub complete: bool,
+    /// The image every available replica runs: `image` once its rollout is complete, else the
+    /// last image whose rollout completed (the Deployment's old ReplicaSet still runs it, and it
+    /// is never purged while it does); absent before any rollout completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_image: Option<String>,
 }

@@ -1,7 +1,9 @@
-//! WorkerBundle reconcile: observe (its releases, its workers' Secrets, its Deployment, the base)
-//! → plan (pure: the image, the Deployment, Service and NetworkPolicy, the rollout, what to purge)
-//! → apply (push the image when it changed; apply the Deployment, Service and NetworkPolicy when
-//! they changed; delete images nothing uses once the new one is rolled out) → status.
+//! WorkerBundle reconcile: observe (its releases, its workers' Secrets, its Deployment and its
+//! pods, the base) → plan (pure: the image, the Deployment, Service and NetworkPolicy, the
+//! rollout and whether it stalled, what to purge) → apply (push the image when it changed; apply
+//! the Deployment, Service and NetworkPolicy when they changed; delete images nothing uses once
+//! the new one is rolled out) → status (Ready False with workerd's own message while the new
+//! image cannot start, and one Warning Event when that begins).
 //!
 //! A finalizer deletes a bundle's images from the registry when the bundle is deleted, unless it
 //! is annotated `workerbundle.dev/keep-images: "true"`. While the registry cannot be reached the
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -26,12 +28,12 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::apply::{apply, apply_status};
-use super::cache::{image_key, secret_key, Cache};
+use super::cache::{bundle_pods_key, image_key, secret_key, Cache};
 use super::context::AssemblyInputs;
 use super::{object_key, Context, Error};
 use crate::build::bundle::{assemble_bundle, push_bundle};
 use crate::build::Target;
-use crate::crd::{BaseImageStatus, WorkerBundle, WorkerRelease, KEEP_IMAGES_ANNOTATION};
+use crate::crd::{BaseImageStatus, WorkerBundle, WorkerRelease, BUNDLE_LABEL, KEEP_IMAGES_ANNOTATION};
 use crate::image::assemble::AssembleOptions;
 use crate::registry::push::assume_new_repository;
 
@@ -232,8 +234,11 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         }
     }
 
-    // Purge: once the new image runs everywhere, the old ones nothing else uses.
+    // Purge: once the new image runs everywhere, the old ones nothing else uses. Never before:
+    // the old ReplicaSet runs one of them until then, and it serves while the new image stalls.
     let rollout = plan::rollout(running.as_deref(), &image_ref);
+    let pods = ctx.caches.pods.find(&bundle_pods_key(&namespace, &bundle.name_any()));
+    let stalled = plan::stalled(running.as_deref(), pods.iter().map(|p| &**p), &image_ref, &rollout);
     let mut stale_images = stale_images;
     if rollout.complete && !stale_images.is_empty() {
         let referenced = referenced_images(ctx, bundle, &stale_images);
@@ -258,6 +263,7 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
         stale_images,
         base_status,
         rollout,
+        stalled.as_ref(),
         &inputs.skipped_keys,
         Timestamp::now(),
     );
@@ -265,6 +271,10 @@ async fn build_and_roll_out(bundle: &WorkerBundle, ctx: &Context) -> Result<Acti
     apply_status(&bundles, bundle, status, &desired).await?;
     if complete && !was_complete {
         info!(image = %image_ref, "rolled out");
+    }
+    if let Some((reason, note)) = plan::stall_warning(status, &desired) {
+        warn!(image = %image_ref, %reason, message = %note, "rollout stalled");
+        ctx.event(bundle, true, &reason, "RollOut", note).await;
     }
     Ok(Action::requeue(if complete { RESYNC } else { ROLLOUT_POLL }))
 }
@@ -411,6 +421,12 @@ pub fn bundles_of_secret(
 ) -> Vec<kube::runtime::reflector::ObjectRef<WorkerBundle>> {
     let key = secret_key(&secret.namespace().unwrap_or_default(), &secret.name_any());
     bundles.find(&key).iter().map(|b| kube::runtime::reflector::ObjectRef::from_obj(&**b)).collect()
+}
+
+/// The bundle a pod belongs to (by the bundle label its Deployment's pod template gives it).
+pub fn bundle_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<WorkerBundle>> {
+    let bundle = pod.labels().get(BUNDLE_LABEL)?;
+    Some(kube::runtime::reflector::ObjectRef::new(bundle).within(&pod.namespace().unwrap_or_default()))
 }
 
 /// The bundle a Deployment belongs to (by owner reference).

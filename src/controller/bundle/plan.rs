@@ -2,6 +2,12 @@
 //! the rollout's state, the images to purge and the bundle's status (the Deployment and Service
 //! that run the image are built in workload.rs).
 //!
+//! The status tells the truth about the rollout: `image` is the image the bundle wants (pushed,
+//! in the pod template), `rollout.servingImage` the one every available replica runs. While the
+//! new image's pods cannot start (workerd exits at start-up when one worker throws, and its last
+//! words name the worker), Ready is False with workerd's message, the old ReplicaSet keeps
+//! serving (maxUnavailable 0), and no image is purged: images go only once a rollout is complete.
+//!
 //! The image is a function of what the rebuild rule names and nothing else: each worker's layer
 //! (its release's), its resolved settings (date, flags, vars), its secret KEY names, its port,
 //! and the base. Secret values only reach the pod template, as a hash, so a new value rolls the
@@ -10,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -19,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use super::super::context::{LastPush, Settings};
 use super::super::release::plan::{account_repository, worker_settings};
 use super::super::Error;
+use super::workload::CONTAINER;
 use crate::build::bundle::BundleWorkerLayer;
 use crate::crd::{
     condition, set_condition, BaseImageStatus, ConditionStatus, ReleasePhase, RolloutStatus, WorkerBundle,
@@ -204,17 +211,28 @@ pub fn needs_push(runs_it: bool, last: Option<&LastPush>, image: &str, generatio
     }
 }
 
-/// How far the Deployment has rolled `image` out.
+/// Whether the Deployment's pod template runs `image`.
+fn runs(d: &Deployment, image: &str) -> bool {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|p| p.containers.iter().any(|c| c.image.as_deref() == Some(image)))
+}
+
+/// Whether the Deployment's status is about its current spec.
+fn observed(d: &Deployment) -> bool {
+    let observed = d.status.as_ref().and_then(|s| s.observed_generation);
+    observed.is_some() && observed >= d.metadata.generation
+}
+
+/// How far the Deployment has rolled `image` out (`servingImage` is filled in by
+/// [`ready_status`], which knows what served before).
 pub fn rollout(deployment: Option<&Deployment>, image: &str) -> RolloutStatus {
     let Some(d) = deployment else { return RolloutStatus::default() };
-    let spec = d.spec.as_ref();
-    let runs_image = spec
-        .and_then(|s| s.template.spec.as_ref())
-        .is_some_and(|p| p.containers.iter().any(|c| c.image.as_deref() == Some(image)));
-    let wanted = spec.and_then(|s| s.replicas).unwrap_or(1);
+    let runs_image = runs(d, image);
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let status = d.status.clone().unwrap_or_default();
-    let observed =
-        status.observed_generation.is_some() && status.observed_generation >= d.metadata.generation;
+    let observed = observed(d);
     let replicas = status.replicas.unwrap_or(0);
     let updated = status.updated_replicas.unwrap_or(0);
     let ready = status.ready_replicas.unwrap_or(0);
@@ -226,10 +244,196 @@ pub fn rollout(deployment: Option<&Deployment>, image: &str) -> RolloutStatus {
         ready_replicas: ready,
         available_replicas: available,
         complete: runs_image && observed && updated == wanted && replicas == wanted && available >= wanted,
+        serving_image: None,
     }
 }
 
+/// The Ready reason while the new image's pods cannot start (see [`stalled`]).
+pub const NEW_IMAGE_NOT_STARTING: &str = "NewImageNotStarting";
+/// The Ready reason when the Deployment made no progress within `progressDeadlineSeconds`.
+pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+/// The Ready reason when the Deployment cannot create pods (quota, admission).
+pub const REPLICA_FAILURE: &str = "ReplicaFailure";
+const STALL_REASONS: [&str; 3] = [NEW_IMAGE_NOT_STARTING, PROGRESS_DEADLINE_EXCEEDED, REPLICA_FAILURE];
+
+/// Why a rollout cannot finish by itself: the Ready condition's reason, and what went wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stalled {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Waiting reasons of a container that failed and that waiting will not start: the kubelet backs
+/// off between attempts, or cannot pull the image or make the container at all.
+const NOT_STARTING: [&str; 8] = [
+    "CrashLoopBackOff",
+    "Error",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The most of workerd's output a condition or Event repeats.
+const MAX_OUTPUT_CHARS: usize = 1024;
+
+/// Why the rollout of `image` cannot finish, if it cannot: a pod of `image` whose workerd failed
+/// and has not been ready since (the first such pod, by name), else the Deployment's own word
+/// (`ProgressDeadlineExceeded`, `ReplicaFailure`) on its current spec. Never for a complete
+/// rollout: a replica that fails later is the Deployment's and the kubelet's to restart.
+pub fn stalled<'a>(
+    deployment: Option<&Deployment>,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    image: &str,
+    rollout: &RolloutStatus,
+) -> Option<Stalled> {
+    if rollout.complete {
+        return None;
+    }
+    if let Some(message) = pods.into_iter().find_map(|p| not_starting(p, image)) {
+        return Some(Stalled { reason: NEW_IMAGE_NOT_STARTING, message });
+    }
+    let d = deployment.filter(|d| runs(d, image) && observed(d))?;
+    let conditions = d.status.as_ref()?.conditions.as_ref()?;
+    let text = |reason: &Option<String>, message: &Option<String>| {
+        [reason.as_deref(), message.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(": ")
+    };
+    if let Some(c) = conditions.iter().find(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some(PROGRESS_DEADLINE_EXCEEDED)
+    }) {
+        return Some(Stalled {
+            reason: PROGRESS_DEADLINE_EXCEEDED,
+            message: format!(
+                "the Deployment made no progress within its deadline: {}",
+                text(&None, &c.message)
+            ),
+        });
+    }
+    let c = conditions.iter().find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    Some(Stalled {
+        reason: REPLICA_FAILURE,
+        message: format!("the Deployment cannot create pods: {}", text(&c.reason, &c.message)),
+    })
+}
+
+/// What shows that `pod`, if it runs `image` and is not going away, cannot start it: its workerd
+/// container is not ready and waits after a failure (CrashLoopBackOff, a pull error), or ended
+/// with an error now or last time. Said with workerd's own last words when the termination
+/// message holds them.
+fn not_starting(pod: &Pod, image: &str) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    if !spec.containers.iter().any(|c| c.name == CONTAINER && c.image.as_deref() == Some(image)) {
+        return None;
+    }
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|c| c.name == CONTAINER)?;
+    if status.ready {
+        return None;
+    }
+    let waiting = status
+        .state
+        .as_ref()
+        .and_then(|s| s.waiting.as_ref())
+        .filter(|w| w.reason.as_deref().is_some_and(|r| NOT_STARTING.contains(&r)));
+    let failed = |t: &&ContainerStateTerminated| t.exit_code != 0;
+    let terminated = status
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .filter(failed)
+        .or_else(|| status.last_state.as_ref().and_then(|s| s.terminated.as_ref()).filter(failed));
+    if waiting.is_none() && terminated.is_none() {
+        return None;
+    }
+    let mut what = Vec::new();
+    if let Some(reason) = waiting.and_then(|w| w.reason.as_deref()) {
+        what.push(reason.to_owned());
+    }
+    if let Some(t) = terminated {
+        match t.reason.as_deref().filter(|r| *r != "Error") {
+            Some(reason) => what.push(format!("workerd exited with code {} ({reason})", t.exit_code)),
+            None => what.push(format!("workerd exited with code {}", t.exit_code)),
+        }
+    }
+    let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
+    let mut message = format!("pod {pod_name} ({})", what.join(", "));
+    let output = terminated.and_then(|t| t.message.as_deref()).map(workerd_output).filter(|o| !o.is_empty());
+    let detail = output.or_else(|| waiting.and_then(|w| w.message.clone()).filter(|m| !m.is_empty()));
+    if let Some(detail) = detail {
+        message.push_str(": ");
+        message.push_str(&detail);
+    }
+    Some(message)
+}
+
+/// workerd's own words in a container's termination message (its last log lines, as
+/// `FallbackToLogsOnError` keeps them). With structured logging each line is a JSON object whose
+/// `message` is the text: those are kept, only the error ones when there are any; lines that are
+/// not JSON are kept as they are. At most [`MAX_OUTPUT_CHARS`] characters.
+pub fn workerd_output(text: &str) -> String {
+    let lines: Vec<(bool, String)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let json = serde_json::from_str::<serde_json::Value>(line).ok();
+            let message = json.as_ref().and_then(|v| v.get("message")?.as_str());
+            match message {
+                Some(message) => {
+                    let level = json.as_ref().and_then(|v| v.get("level")?.as_str()).unwrap_or_default();
+                    (matches!(level, "error" | "fatal"), message.trim_end().to_owned())
+                }
+                None => (false, line.trim_end().to_owned()),
+            }
+        })
+        .collect();
+    let errors: Vec<&str> = lines.iter().filter(|(error, _)| *error).map(|(_, l)| l.as_str()).collect();
+    let kept = if errors.is_empty() { lines.iter().map(|(_, l)| l.as_str()).collect() } else { errors };
+    let text = kept.join("\n");
+    match text.char_indices().nth(MAX_OUTPUT_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
+    }
+}
+
+/// The image every available replica runs: `image` once its rollout is complete; else what
+/// served before (the image of a rollout that was complete, or what served then), which the
+/// Deployment's old ReplicaSet still runs.
+pub fn serving_image(previous: Option<&WorkerBundleStatus>, image: &str, complete: bool) -> Option<String> {
+    if complete {
+        return Some(image.to_owned());
+    }
+    let previous = previous?;
+    match previous.rollout.as_ref()? {
+        r if r.complete => previous.image.clone(),
+        r => r.serving_image.clone(),
+    }
+}
+
+/// The Warning to publish (reason, note) when the rollout has just stalled: Ready turned to a
+/// stall reason, or the image that stalls changed. Once: not again while it stays stalled, nor
+/// after a restart of the controller (the previous status says so).
+pub fn stall_warning(
+    previous: Option<&WorkerBundleStatus>,
+    desired: &WorkerBundleStatus,
+) -> Option<(String, String)> {
+    let ready = |s: &WorkerBundleStatus| s.conditions.iter().find(|c| c.type_ == READY).cloned();
+    let now = ready(desired).filter(|c| c.status == "False" && STALL_REASONS.contains(&c.reason.as_str()))?;
+    let before = previous.and_then(ready);
+    let same = before.is_some_and(|b| b.reason == now.reason)
+        && previous.and_then(|p| p.image.as_ref()) == desired.image.as_ref();
+    (!same).then_some((now.reason, now.message))
+}
+
 /// Images to delete now: the stale ones nothing references, once `current` is fully rolled out.
+/// Before that, nothing: the Deployment's old ReplicaSet may run any of them (the last image that
+/// served, or one whose rollout never finished), and a rollout that stalls must leave the image
+/// that serves in place, however many reconciles and new images come before it finishes.
 pub fn purgeable(
     stale: &[String],
     current: &str,
@@ -309,7 +513,8 @@ pub fn waiting_status(
     }
 }
 
-/// What the bundle's status says after an image was made current and the rollout looked at.
+/// What the bundle's status says after an image was made current and the rollout looked at
+/// (`stalled`: why the rollout cannot finish, see [`stalled`]).
 #[allow(clippy::too_many_arguments)]
 pub fn ready_status(
     bundle: &WorkerBundle,
@@ -317,19 +522,25 @@ pub fn ready_status(
     last_image: Option<String>,
     stale_images: Vec<String>,
     base: BaseImageStatus,
-    rollout: RolloutStatus,
+    mut rollout: RolloutStatus,
+    stalled: Option<&Stalled>,
     skipped_keys: &[String],
     now: Timestamp,
 ) -> WorkerBundleStatus {
     let generation = bundle.metadata.generation;
     let previous: &[Condition] = bundle.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-    let mut message = if rollout.complete {
-        format!("{image} rolled out to {} replicas", rollout.available_replicas)
-    } else {
-        format!(
-            "rolling out {image}: {} of {} replicas updated, {} available",
+    rollout.serving_image = serving_image(bundle.status.as_ref(), image, rollout.complete);
+    let serving = match &rollout.serving_image {
+        Some(serving) => format!("{serving} still serves"),
+        None => "nothing serves yet".to_owned(),
+    };
+    let mut message = match stalled {
+        _ if rollout.complete => format!("{image} rolled out to {} replicas", rollout.available_replicas),
+        Some(stalled) => format!("{image} cannot roll out; {serving}: {}", stalled.message),
+        None => format!(
+            "rolling out {image}: {} of {} replicas updated, {} available; {serving}",
             rollout.updated_replicas, rollout.replicas, rollout.available_replicas
-        )
+        ),
     };
     if !skipped_keys.is_empty() {
         message.push_str(&format!(
@@ -337,10 +548,10 @@ pub fn ready_status(
             skipped_keys.join(", ")
         ));
     }
-    let wanted = if rollout.complete {
-        condition(READY, ConditionStatus::True, "RolledOut", message, generation)
-    } else {
-        condition(READY, ConditionStatus::False, "RollingOut", message, generation)
+    let wanted = match stalled {
+        _ if rollout.complete => condition(READY, ConditionStatus::True, "RolledOut", message, generation),
+        Some(stalled) => condition(READY, ConditionStatus::False, stalled.reason, message, generation),
+        None => condition(READY, ConditionStatus::False, "RollingOut", message, generation),
     };
     WorkerBundleStatus {
         observed_generation: generation,
@@ -356,9 +567,10 @@ pub fn ready_status(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use k8s_openapi::ByteString;
 
-    use super::super::workload::{deployment, port_name, service, unchanged, WORKERS_ANNOTATION};
+    use super::super::workload::{self, deployment, port_name, service, unchanged, WORKERS_ANNOTATION};
     use super::*;
     use crate::crd::SECRETS_HASH_ANNOTATION;
     use crate::crd::{
@@ -687,5 +899,330 @@ mod tests {
         let other = ImageRef::parse("docker://127.0.0.1:5000/workerd-base:2").unwrap();
         assert_eq!(pinned_base(&b, &other), None);
         assert_eq!(repository(&b, &settings).unwrap(), "reg/workers/1234");
+    }
+
+    #[test]
+    fn the_pods_are_probed_on_the_health_socket_and_never_fewer_than_before() {
+        use crate::worker::ports::HEALTH_PORT;
+        let inputs = image_inputs(&bundle(), &releases(), &secret(&[])).unwrap();
+        let d = deployment(&bundle(), "r@sha256:1", &inputs.workers, "h");
+        let spec = d.spec.as_ref().unwrap();
+        let rolling = spec.strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+        assert_eq!(
+            (rolling.max_surge.clone(), rolling.max_unavailable.clone()),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
+        assert!(spec.progress_deadline_seconds.unwrap() > workload::STARTUP_WINDOW_SECONDS);
+        assert!((1..=10).contains(&spec.min_ready_seconds.unwrap()));
+        let c = &spec.template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+        let ports: Vec<(String, i32)> =
+            c.ports.iter().flatten().map(|p| (p.name.clone().unwrap(), p.container_port)).collect();
+        assert_eq!(ports.last(), Some(&("health".to_owned(), i32::from(HEALTH_PORT))));
+        let probes = [&c.startup_probe, &c.readiness_probe, &c.liveness_probe];
+        for probe in probes {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!((get.path.as_deref(), &get.port), (Some("/"), &IntOrString::String("health".into())));
+        }
+        // The watchdog: a stuck workerd is killed within about 10 s (three missed answers, each
+        // given its timeout, then the probe's grace period), a slow start has a minute.
+        let liveness = c.liveness_probe.as_ref().unwrap();
+        let (period, timeout, failures) = (
+            liveness.period_seconds.unwrap(),
+            liveness.timeout_seconds.unwrap(),
+            liveness.failure_threshold.unwrap(),
+        );
+        let killed_within =
+            i64::from(period * failures + timeout) + liveness.termination_grace_period_seconds.unwrap();
+        assert!(killed_within <= 10 && failures >= 2, "{killed_within} s");
+        let startup = c.startup_probe.as_ref().unwrap();
+        let window = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
+        assert!(window >= 30, "a slow start is killed after {window} s");
+        let readiness = c.readiness_probe.as_ref().unwrap();
+        assert!(
+            readiness.period_seconds.unwrap() <= 2 && (1..=2).contains(&readiness.failure_threshold.unwrap())
+        );
+        // The Service stays the workers' only.
+        let s = service(&bundle(), &inputs.workers);
+        assert!(s.spec.unwrap().ports.unwrap().iter().all(|p| p.port != i32::from(HEALTH_PORT)));
+        // A worker named like the health port gets another port name.
+        assert_ne!(port_name("health"), "health");
+    }
+
+    const IMAGE_A: &str = "r/w@sha256:aaaa";
+    const IMAGE_B: &str = "r/w@sha256:bbbb";
+    const IMAGE_C: &str = "r/w@sha256:cccc";
+    const BOOM: &str = r#"{"timestamp":"1","level":"error","source":"server.c++:1","message":"service hello: Uncaught Error: boom\n  at m.js:1:7","context_depth":0}"#;
+
+    fn pod(name: &str, image: &str, container_status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "tenants", "labels": {crate::crd::BUNDLE_LABEL: "workers-1234"}},
+            "spec": {"containers": [{"name": CONTAINER, "image": image}]},
+            "status": {"containerStatuses": [container_status]},
+        }))
+        .unwrap()
+    }
+
+    fn crash_looping(name: &str, image: &str) -> Pod {
+        pod(
+            name,
+            image,
+            serde_json::json!({
+                "name": CONTAINER, "image": image, "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": BOOM}},
+            }),
+        )
+    }
+
+    fn pending(d: &Deployment) -> RolloutStatus {
+        rollout(Some(d), IMAGE_B)
+    }
+
+    #[test]
+    fn a_new_image_whose_workerd_exits_stalls_the_rollout_with_workerds_words() {
+        // The old ReplicaSet serves: 1 available, none updated.
+        let d = rolled(IMAGE_B, 2, 2, 0, 1, 2);
+        let failing = crash_looping("workers-1234-new", IMAGE_B);
+        let stalled = stalled(Some(&d), [&failing], IMAGE_B, &pending(&d)).unwrap();
+        assert_eq!(stalled.reason, NEW_IMAGE_NOT_STARTING);
+        assert_eq!(
+            stalled.message,
+            "pod workers-1234-new (CrashLoopBackOff, workerd exited with code 1): service hello: Uncaught Error: boom\n  at m.js:1:7"
+        );
+
+        // Not the new image's pods: an old one that failed, one going away, one ready again.
+        let old = crash_looping("workers-1234-old", IMAGE_A);
+        assert_eq!(super::stalled(Some(&d), [&old], IMAGE_B, &pending(&d)), None);
+        let mut leaving = crash_looping("workers-1234-new", IMAGE_B);
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(super::stalled(Some(&d), [&leaving], IMAGE_B, &pending(&d)), None);
+        let recovered = pod(
+            "p",
+            IMAGE_B,
+            serde_json::json!({
+                "name": CONTAINER, "image": IMAGE_B, "imageID": "", "ready": true, "restartCount": 1,
+                "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 1, "message": BOOM}},
+            }),
+        );
+        assert_eq!(super::stalled(Some(&d), [&recovered], IMAGE_B, &pending(&d)), None);
+        // Starting for the first time: not (yet) a failure.
+        let starting = pod(
+            "p",
+            IMAGE_B,
+            serde_json::json!({
+                "name": CONTAINER, "image": IMAGE_B, "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"running": {}},
+            }),
+        );
+        assert_eq!(super::stalled(Some(&d), [&starting], IMAGE_B, &pending(&d)), None);
+        // Restarted after it failed, and not ready since: still stalled, with the last words.
+        let again = pod(
+            "p",
+            IMAGE_B,
+            serde_json::json!({
+                "name": CONTAINER, "image": IMAGE_B, "imageID": "", "ready": false, "restartCount": 4,
+                "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 1, "message": BOOM}},
+            }),
+        );
+        let message = super::stalled(Some(&d), [&again], IMAGE_B, &pending(&d)).unwrap().message;
+        assert!(message.contains("service hello: Uncaught Error: boom"), "{message}");
+        // A pull that fails says what the kubelet says.
+        let unpulled = pod(
+            "p",
+            IMAGE_B,
+            serde_json::json!({
+                "name": CONTAINER, "image": IMAGE_B, "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "manifest unknown"}},
+            }),
+        );
+        let message = super::stalled(Some(&d), [&unpulled], IMAGE_B, &pending(&d)).unwrap().message;
+        assert_eq!(message, "pod p (ImagePullBackOff): manifest unknown");
+        // Killed by its start-up probe (a top-level loop): no words, the exit code.
+        let killed = pod(
+            "p",
+            IMAGE_B,
+            serde_json::json!({
+                "name": CONTAINER, "image": IMAGE_B, "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}},
+            }),
+        );
+        let message = super::stalled(Some(&d), [&killed], IMAGE_B, &pending(&d)).unwrap().message;
+        assert_eq!(message, "pod p (CrashLoopBackOff, workerd exited with code 137)");
+
+        // A complete rollout is never stalled, whatever a pod says.
+        let done = rolled(IMAGE_B, 2, 2, 2, 2, 2);
+        assert_eq!(super::stalled(Some(&done), [&failing], IMAGE_B, &rollout(Some(&done), IMAGE_B)), None);
+    }
+
+    #[test]
+    fn the_deployments_own_word_stalls_a_rollout_when_no_pod_says_more() {
+        use k8s_openapi::api::apps::v1::DeploymentCondition;
+        let with = |observed: i64, type_: &str, status: &str, reason: &str| {
+            let mut d = rolled(IMAGE_B, 2, observed, 0, 1, 2);
+            d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: Some(reason.into()),
+                message: Some("ReplicaSet \"w-1\" has timed out progressing.".into()),
+                ..DeploymentCondition::default()
+            }]);
+            d
+        };
+        let d = with(2, "Progressing", "False", "ProgressDeadlineExceeded");
+        let s = stalled(Some(&d), [], IMAGE_B, &pending(&d)).unwrap();
+        assert_eq!(s.reason, PROGRESS_DEADLINE_EXCEEDED);
+        assert!(s.message.contains("timed out progressing"), "{}", s.message);
+        // About an older spec: not this rollout's.
+        let d = with(1, "Progressing", "False", "ProgressDeadlineExceeded");
+        assert_eq!(stalled(Some(&d), [], IMAGE_B, &pending(&d)), None);
+        let d = with(2, "Progressing", "True", "ReplicaSetUpdated");
+        assert_eq!(stalled(Some(&d), [], IMAGE_B, &pending(&d)), None);
+        let d = with(2, "ReplicaFailure", "True", "FailedCreate");
+        let s = stalled(Some(&d), [], IMAGE_B, &pending(&d)).unwrap();
+        assert_eq!(s.reason, REPLICA_FAILURE);
+        assert!(s.message.starts_with("the Deployment cannot create pods: FailedCreate: "), "{}", s.message);
+        // A pod's words come first: they name the worker.
+        let failing = crash_looping("p", IMAGE_B);
+        let d = with(2, "Progressing", "False", "ProgressDeadlineExceeded");
+        assert_eq!(
+            stalled(Some(&d), [&failing], IMAGE_B, &pending(&d)).unwrap().reason,
+            NEW_IMAGE_NOT_STARTING
+        );
+    }
+
+    #[test]
+    fn workerds_words_are_taken_from_its_structured_log_lines() {
+        assert_eq!(workerd_output(BOOM), "service hello: Uncaught Error: boom\n  at m.js:1:7");
+        let info = r#"{"level":"info","message":"starting"}"#;
+        assert_eq!(
+            workerd_output(&format!("{info}\n{BOOM}\n")),
+            "service hello: Uncaught Error: boom\n  at m.js:1:7"
+        );
+        assert_eq!(workerd_output(info), "starting", "no error line: all of them");
+        assert_eq!(
+            workerd_output("service w: Uncaught Error: top-level boom\n  at m.js:1:7\n"),
+            "service w: Uncaught Error: top-level boom\n  at m.js:1:7",
+            "unstructured lines as they are"
+        );
+        let long = workerd_output(&"é".repeat(5000));
+        assert_eq!(long.chars().count(), MAX_OUTPUT_CHARS + 3);
+    }
+
+    fn status_of(
+        image: &str,
+        rollout: Option<RolloutStatus>,
+        ready: Option<(&str, &str)>,
+    ) -> WorkerBundleStatus {
+        let conditions = ready
+            .map(|(status, reason)| {
+                let status = if status == "True" { ConditionStatus::True } else { ConditionStatus::False };
+                set_condition(&[], condition(READY, status, reason, "m", Some(1)), Timestamp::UNIX_EPOCH)
+            })
+            .unwrap_or_default();
+        WorkerBundleStatus { image: Some(image.into()), rollout, conditions, ..WorkerBundleStatus::default() }
+    }
+
+    fn complete_rollout(complete: bool, serving: Option<&str>) -> Option<RolloutStatus> {
+        Some(RolloutStatus {
+            complete,
+            serving_image: serving.map(str::to_owned),
+            ..RolloutStatus::default()
+        })
+    }
+
+    #[test]
+    fn the_serving_image_is_the_last_one_rolled_out_everywhere() {
+        assert_eq!(serving_image(None, IMAGE_A, false), None, "nothing served yet");
+        assert_eq!(serving_image(None, IMAGE_A, true).as_deref(), Some(IMAGE_A));
+        // A rolled out, B pushed and stalling: A serves, through any number of reconciles and
+        // further images, until one completes.
+        let a_done = status_of(IMAGE_A, complete_rollout(true, Some(IMAGE_A)), None);
+        assert_eq!(serving_image(Some(&a_done), IMAGE_B, false).as_deref(), Some(IMAGE_A));
+        let b_stalls = status_of(IMAGE_B, complete_rollout(false, Some(IMAGE_A)), None);
+        assert_eq!(serving_image(Some(&b_stalls), IMAGE_B, false).as_deref(), Some(IMAGE_A));
+        assert_eq!(serving_image(Some(&b_stalls), IMAGE_C, false).as_deref(), Some(IMAGE_A));
+        assert_eq!(serving_image(Some(&b_stalls), IMAGE_C, true).as_deref(), Some(IMAGE_C));
+        // A status written before the field: a complete rollout names its image.
+        let older = status_of(IMAGE_A, complete_rollout(true, None), None);
+        assert_eq!(serving_image(Some(&older), IMAGE_B, false).as_deref(), Some(IMAGE_A));
+    }
+
+    #[test]
+    fn a_stalled_rollout_is_not_ready_keeps_the_serving_image_and_warns_once() {
+        let mut b = bundle();
+        b.metadata.generation = Some(4);
+        b.status =
+            Some(status_of(IMAGE_A, complete_rollout(true, Some(IMAGE_A)), Some(("True", "RolledOut"))));
+        let base = BaseImageStatus { reference: "docker://base".into(), digest: "sha256:0".into() };
+        let d = rolled(IMAGE_B, 2, 2, 0, 1, 2);
+        let failing = crash_looping("workers-1234-new", IMAGE_B);
+        let r = rollout(Some(&d), IMAGE_B);
+        let why = stalled(Some(&d), [&failing], IMAGE_B, &r);
+        let (last, stale) = after_push(b.status.as_ref(), IMAGE_B);
+        let desired = ready_status(
+            &b,
+            IMAGE_B,
+            last,
+            stale.clone(),
+            base.clone(),
+            r,
+            why.as_ref(),
+            &[],
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(desired.image.as_deref(), Some(IMAGE_B), "the image the bundle wants");
+        assert_eq!(desired.rollout.as_ref().unwrap().serving_image.as_deref(), Some(IMAGE_A));
+        let ready = desired.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", NEW_IMAGE_NOT_STARTING));
+        assert!(ready.message.contains("service hello: Uncaught Error: boom"), "{}", ready.message);
+        assert!(ready.message.contains(&format!("{IMAGE_A} still serves")), "{}", ready.message);
+        assert!(purgeable(&stale, IMAGE_B, desired.rollout.as_ref().unwrap().complete, &BTreeSet::new())
+            .is_empty());
+
+        // Warned when it begins; not again on the next reconcile, nor after a restart.
+        let (reason, note) = stall_warning(b.status.as_ref(), &desired).unwrap();
+        assert_eq!((reason.as_str(), note.as_str()), (NEW_IMAGE_NOT_STARTING, ready.message.as_str()));
+        assert_eq!(stall_warning(Some(&desired), &desired), None);
+        // A new image that stalls too is news.
+        let mut next = desired.clone();
+        next.image = Some(IMAGE_C.into());
+        assert!(stall_warning(Some(&desired), &next).is_some());
+        // An ordinary rollout in progress is no warning.
+        let mut rolling = bundle();
+        rolling.status = Some(desired.clone());
+        let r = rollout(Some(&d), IMAGE_B);
+        let calm = ready_status(&rolling, IMAGE_B, None, stale, base, r, None, &[], Timestamp::UNIX_EPOCH);
+        assert_eq!(calm.conditions.iter().find(|c| c.type_ == READY).unwrap().reason, "RollingOut");
+        assert_eq!(calm.rollout.as_ref().unwrap().serving_image.as_deref(), Some(IMAGE_A));
+        assert_eq!(stall_warning(Some(&desired), &calm), None);
+    }
+
+    #[test]
+    fn no_image_is_purged_across_reconciles_until_a_rollout_completes() {
+        // A serves; B is pushed and stalls; C is pushed and stalls too; then D rolls out.
+        let mut status = status_of(IMAGE_A, complete_rollout(true, Some(IMAGE_A)), None);
+        let none = BTreeSet::new();
+        for next in [IMAGE_B, IMAGE_C] {
+            let (last, stale) = after_push(Some(&status), next);
+            assert!(purgeable(&stale, next, false, &none).is_empty(), "{stale:?} purged while {next} stalls");
+            status = WorkerBundleStatus {
+                image: Some(next.into()),
+                last_image: last,
+                stale_images: stale,
+                rollout: Some(RolloutStatus {
+                    serving_image: serving_image(Some(&status), next, false),
+                    ..RolloutStatus::default()
+                }),
+                ..WorkerBundleStatus::default()
+            };
+            assert_eq!(status.rollout.as_ref().unwrap().serving_image.as_deref(), Some(IMAGE_A));
+            assert!(status.stale_images.contains(&IMAGE_A.to_owned()), "A stays listed to purge later");
+        }
+        let d = "r/w@sha256:dddd";
+        let (_, stale) = after_push(Some(&status), d);
+        assert_eq!(purgeable(&stale, d, true, &none), [IMAGE_A, IMAGE_B, IMAGE_C]);
     }
 }
