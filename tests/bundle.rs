@@ -211,7 +211,9 @@ fn bundle_image_deployment_secrets_and_restart() {
     let service = cluster.get("service", "workers-1234").expect("the bundle's Service");
     assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 2);
     let env = container_environment(cluster, &deployment);
-    assert_eq!(env, [("GREETER_TOKEN".to_owned(), "s3cr3t-value-1".to_owned())]);
+    // A tenant's worker: its secrets under a hashed prefix, never one made from its name.
+    let greeter_token = format!("{}TOKEN", workerbundle::worker::names::tenant_env_prefix("greeter"));
+    assert_eq!(env, [(greeter_token, "s3cr3t-value-1".to_owned())]);
     let bodies = serve(&first, &env, &[8080, 8081]);
     assert_eq!(bodies[&8080], "greeter v1 token=s3cr3t-value-1");
     let hello: Value = serde_json::from_str(&bodies[&8081]).unwrap();

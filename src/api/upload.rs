@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use super::envelope::ApiError;
 use super::limits::Limits;
 use crate::crd::{VarType, WorkerTemplate, WorkerVar};
-use crate::worker::names::{check_module_path, check_worker_name};
-use crate::worker::{ModuleContent, ModuleKind, Worker, WorkerFiles, METADATA_FILE};
+use crate::worker::names::{check_module_path, check_worker_name, tenant_env_prefix};
+use crate::worker::{ModuleContent, ModuleKind, Overrides, Worker, WorkerFiles, METADATA_FILE};
 
 /// The form part that carries the metadata JSON.
 const METADATA_PART: &str = "metadata";
@@ -195,7 +195,9 @@ pub fn validate(script: &str, mut parts: Vec<Part>, limits: &Limits) -> Result<U
     let mut files: BTreeMap<String, ModuleContent> =
         modules.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
     files.insert(METADATA_FILE.into(), bytes::Bytes::from(metadata.to_string().into_bytes()).into());
-    let worker = Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &Default::default())
+    // The environment prefix the controller gives a tenant's worker (never one from its name).
+    let overrides = Overrides { env_prefix: Some(tenant_env_prefix(script)), ..Overrides::default() };
+    let worker = Worker::from_files(WorkerFiles { name: script.to_owned(), files }, &overrides)
         .map_err(|e| ApiError::Invalid(e.message))?;
     Ok(Upload { modules, metadata, keep, worker })
 }

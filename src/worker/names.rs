@@ -62,7 +62,36 @@ pub fn check_secret_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An environment prefix must be usable in a Kubernetes `envFrom.prefix`: C-identifier characters.
+/// Environment variables the dynamic loader, glibc or this platform read, by their documentation:
+/// ld.so(8) (every `LD_*`), glibc's list of variables it ignores for privileged programs
+/// (`unsecvars.h`: they change what the process loads or where it reads its data), the locale and
+/// time zone variables, and workerbundle's own (`WORKERBUNDLE_*`, e.g. the log service's value).
+/// A secret is handed to workerd as `<prefix><SECRET NAME>` for every key of the worker's Secret
+/// (Kubernetes `envFrom`): no prefix may make one of these reachable.
+const RESERVED_PREFIXES: [&str; 6] = ["LD_", "MALLOC_", "GLIBC_", "LC_", "GCONV_", "WORKERBUNDLE_"];
+const RESERVED_NAMES: [&str; 17] = [
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "NIS_PATH",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "RES_OPTIONS",
+    "TMPDIR",
+    "TZDIR",
+    "TZ",
+    "LANG",
+    "LANGUAGE",
+    "PATH",
+    "HOME",
+    "SSL_CERT_FILE",
+];
+
+/// An environment prefix must be usable in a Kubernetes `envFrom.prefix` (C-identifier
+/// characters), and no secret name after it may make a variable the loader, glibc or the
+/// platform reads (see [`RESERVED_PREFIXES`]): the empty prefix, `L`, `LD_`, `T` ... are refused.
 pub fn check_env_prefix(prefix: &str) -> Result<(), String> {
     let valid = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !prefix.starts_with(|c: char| c.is_ascii_digit());
@@ -71,7 +100,27 @@ pub fn check_env_prefix(prefix: &str) -> Result<(), String> {
             "environment prefix {prefix:?} may hold only letters, digits and '_', and must not start with a digit"
         ));
     }
+    let upper = prefix.to_ascii_uppercase();
+    let reaches = RESERVED_PREFIXES.iter().find(|r| upper.starts_with(*r) || r.starts_with(upper.as_str()));
+    let reaches = reaches.or_else(|| RESERVED_NAMES.iter().find(|r| r.starts_with(upper.as_str())));
+    if let Some(reserved) = reaches {
+        return Err(format!(
+            "environment prefix {prefix:?} would let a secret's name make {reserved}…, a variable the \
+             dynamic loader, glibc or workerbundle reads; choose a prefix of your own, e.g. APP_"
+        ));
+    }
     Ok(())
+}
+
+/// The prefix of the environment variables of a tenant's worker (one uploaded through the API or
+/// applied as a WorkerDeployment without `envPrefix`): a fixed namespace and a hash of the
+/// worker's name, never the name itself. Fixed length, so `<prefix><SECRET>` is unique per
+/// (worker, secret) by construction (`col` + `X_K` and `col-x` + `K` cannot meet), and no
+/// tenant string can choose where a variable name starts.
+pub fn tenant_env_prefix(worker_name: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(worker_name.as_bytes());
+    format!("WB{}_", hex::encode_upper(&digest[..6]))
 }
 
 /// The default prefix of a worker's environment variables: `my-api` -> `MY_API_`.
@@ -107,8 +156,31 @@ mod tests {
     fn env_prefix_defaults_and_rules() {
         assert_eq!(default_env_prefix("my-api"), "MY_API_");
         assert!(check_env_prefix("MY_API_").is_ok());
-        assert!(check_env_prefix("").is_ok());
         assert!(check_env_prefix("1X").is_err());
         assert!(check_env_prefix("A-B").is_err());
+    }
+
+    /// A worker named `ld` with a secret `PRELOAD` once set LD_PRELOAD in workerd's environment.
+    #[test]
+    fn no_prefix_reaches_a_variable_the_loader_or_libc_reads() {
+        for bad in ["", "L", "LD", "LD_", "ld_", "LD_X_", "MALLOC_", "GLIBC_", "LC_", "T", "TZ", "G", "WORKERBUNDLE_", "WORKERBUNDLE_LOG_", "P", "SSL_CERT_"] {
+            assert!(check_env_prefix(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(check_env_prefix(&default_env_prefix("ld")).is_err(), "the name-based prefix of `ld`");
+        for good in ["APP_", "SECRET_", "MY_API_", "AUTH_"] {
+            assert!(check_env_prefix(good).is_ok(), "{good:?} was refused");
+        }
+    }
+
+    #[test]
+    fn tenant_prefixes_are_fixed_length_safe_and_distinct() {
+        let (col, col_x) = (tenant_env_prefix("col"), tenant_env_prefix("col-x"));
+        assert_eq!(col.len(), col_x.len());
+        assert_ne!(format!("{col}X_K"), format!("{col_x}K"));
+        for name in ["ld", "col", "malloc", "workerbundle", "tz", "a"] {
+            let prefix = tenant_env_prefix(name);
+            assert!(prefix.starts_with("WB") && prefix.len() == 15, "{prefix}");
+            check_env_prefix(&prefix).unwrap();
+        }
     }
 }

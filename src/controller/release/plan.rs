@@ -17,6 +17,7 @@ use crate::crd::{
 };
 use crate::image::assemble::LayerRef;
 use crate::source::S3Url;
+use crate::worker::names::tenant_env_prefix;
 use crate::worker::{Overrides, Var, VarValue, Worker, WorkerFiles, WorkerSettings};
 
 /// A release is built once: its spec cannot change, so a Ready status for its generation is final.
@@ -70,7 +71,8 @@ fn overrides(template: &WorkerTemplate) -> Overrides {
         compatibility_date: template.compatibility_date.clone(),
         compatibility_flags: template.compatibility_flags.clone(),
         vars: template.vars.iter().map(var_of).collect(),
-        env_prefix: template.env_prefix.clone(),
+        // A tenant's worker: never a prefix made from its name (see `tenant_env_prefix`).
+        env_prefix: Some(template.env_prefix.clone().unwrap_or_else(|| tenant_env_prefix(&template.script_name))),
     }
 }
 
@@ -325,7 +327,9 @@ mod tests {
         assert!(is_built(&r));
         let status = r.status.as_ref().unwrap();
         assert_eq!(status.layer.as_ref().unwrap().digest, digests.digest.to_string());
-        assert_eq!(status.settings.as_ref().unwrap().env_prefix, "API_");
+        // A tenant's worker without envPrefix: a hashed prefix, never one made from its name.
+        assert_eq!(status.settings.as_ref().unwrap().env_prefix, tenant_env_prefix("api"));
+        assert!(status.settings.as_ref().unwrap().env_prefix.starts_with("WB"));
         assert_eq!(status.conditions[0].status, "True");
         r.metadata.generation = Some(2);
         assert!(!is_built(&r), "a new generation is built again");
