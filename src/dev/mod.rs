@@ -142,6 +142,8 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let identity = identity::load_or_create(&data).map_err(setup)?;
 
     // The controllers.
+    // Dev owns these layouts, and sweeps them of blobs no image references (see the runner).
+    let layouts = options.repository_prefix.is_none().then(|| data.join("images"));
     let repository_prefix =
         options.repository_prefix.clone().unwrap_or_else(|| format!("oci:{}", data.join("images").display()));
     let run_options = RunOptions {
@@ -193,7 +195,7 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
 
     // The runner.
     let (runner, notices) =
-        runner::Runner::new(client.clone(), registries, data.join("run"), ports, bound).map_err(setup)?;
+        runner::Runner::new(client.clone(), registries, data.join("run"), layouts, ports, bound).map_err(setup)?;
     let runner = tokio::spawn(runner.run(notices, stopped()));
 
     crate::shutdown_signal().await;

@@ -51,6 +51,10 @@ const PROBES_MISSED: u32 = 3;
 /// Restarts back off up to this; a process that served this long starts the count again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// The image layouts dev owns are swept for blobs no image references at most this often, and
+/// only of blobs at least this old (a release's layer is written before its bundle's manifest).
+const LAYOUT_SWEEP_EVERY: Duration = Duration::from_secs(300);
+const LAYOUT_GRACE: Duration = Duration::from_secs(600);
 
 /// One Deployment's running workerd.
 struct Running {
@@ -79,6 +83,10 @@ pub struct Runner {
     registries: Arc<Registries>,
     /// Where images are unpacked, one directory per digest.
     cache: PathBuf,
+    /// The image layouts dev writes (one per account), swept of unreferenced blobs; `None` when
+    /// dev pushes to a registry instead.
+    layouts: Option<PathBuf>,
+    last_sweep: Option<Instant>,
     ports: PortTable,
     /// `account/worker` → its front door.
     doors: HashMap<String, FrontDoor>,
@@ -96,6 +104,7 @@ impl Runner {
         client: Client,
         registries: Arc<Registries>,
         cache: PathBuf,
+        layouts: Option<PathBuf>,
         ports: PortTable,
         bound: BTreeMap<String, TcpListener>,
     ) -> Result<(Runner, mpsc::UnboundedReceiver<Notice>), String> {
@@ -109,6 +118,8 @@ impl Runner {
             client,
             registries,
             cache,
+            layouts,
+            last_sweep: None,
             ports,
             doors,
             running: HashMap::new(),
@@ -279,6 +290,31 @@ impl Runner {
             warn!(deployment = %deployment.name_any(), error = %e, "cannot mark the Deployment rolled out");
         }
         self.prune(replaced.as_deref());
+        self.sweep_layouts();
+    }
+
+    /// Removes blobs no image references from the layouts dev owns: a purge deletes an image's
+    /// manifest and tags, but leaves its config and layers (another image may share them).
+    fn sweep_layouts(&mut self) {
+        let Some(root) = &self.layouts else { return };
+        if self.last_sweep.is_some_and(|at| at.elapsed() < LAYOUT_SWEEP_EVERY) {
+            return;
+        }
+        self.last_sweep = Some(Instant::now());
+        let root = root.clone();
+        // Off the runner's loop: a layout can hold thousands of blobs.
+        tokio::task::spawn_blocking(move || {
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let Ok(layout) = crate::image::layout::Layout::open(&entry.path()) else { continue };
+                match layout.collect_garbage(LAYOUT_GRACE) {
+                    Ok(c) if c.blobs > 0 => {
+                        info!(layout = %entry.path().display(), blobs = c.blobs, bytes = c.bytes, "unreferenced blobs removed")
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(layout = %entry.path().display(), error = %e, "cannot sweep the layout"),
+                }
+            }
+        });
     }
 
     /// The front door of `account/worker`: its kept port, else a new one of the range.

@@ -9,6 +9,7 @@ pub mod capnp;
 pub mod file_source;
 pub mod layer;
 pub mod layout;
+pub mod layout_gc;
 pub mod pgzip;
 pub mod reference;
 pub mod workerd_config;
