@@ -125,8 +125,13 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
     let control_plane =
         start_control_plane(&data.join("control-plane.json"), stopped()).await.map_err(setup)?;
     // So that kubectl (and benchmarks) can watch what the controllers do.
+    // It holds the control plane's token: owner-only, like the data file.
     let kubeconfig = data.join("kubeconfig");
-    std::fs::write(&kubeconfig, memory_apiserver::render_kubeconfig(&control_plane.url, NAMESPACE))
+    let access = memory_apiserver::Access {
+        token: Some(&control_plane.token),
+        ca_pem: Some(control_plane.tls.ca_pem()),
+    };
+    memory_apiserver::write_kubeconfig(&kubeconfig, &control_plane.url, NAMESPACE, access)
         .map_err(|e| setup(format!("cannot write {}: {e}", kubeconfig.display())))?;
     info!("kubectl --kubeconfig {} get workerdeployments,workerbundles,deployments", kubeconfig.display());
     let client = control_plane.client.clone();
@@ -254,28 +259,50 @@ async fn base_workerd(base: &ImageRef, data: &Path, registries: &Registries) -> 
 struct ControlPlane {
     client: Client,
     url: String,
+    /// The bearer token the server requires, new at each start.
+    token: String,
+    /// The server's TLS identity (new at each start): clients trust its CA.
+    tls: memory_apiserver::Tls,
 }
 
+/// Serves the in-memory API server on loopback, over TLS and requiring a token, both made here,
+/// and keeps its objects (every Secret among them) in `data_file`, each change on disk before it
+/// is answered. Other local users can reach the port and could read the data directory: the token
+/// shuts the one, and making the directory owner-only (the file is already) shuts the other.
 async fn start_control_plane(
     data_file: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ControlPlane, String> {
+    if let Some(dir) = data_file.parent() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+    }
+    // 122 random bits from the operating system's generator.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let tls = memory_apiserver::Tls::generate().map_err(|e| format!("control plane: {e}"))?;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .map_err(|e| format!("cannot listen for the control plane: {e}"))?;
     let address = listener.local_addr().map_err(|e| format!("control plane: {e}"))?;
-    let options =
-        memory_apiserver::Options { data_file: Some(data_file.to_path_buf()), ..Default::default() };
+    let options = memory_apiserver::Options {
+        data_file: Some(data_file.to_path_buf()),
+        token: Some(token.clone()),
+        tls: Some(tls.clone()),
+        ..Default::default()
+    };
     tokio::spawn(async move {
         if let Err(e) = memory_apiserver::serve(listener, options, stop).await {
             tracing::error!(error = %e, "the control plane stopped");
         }
     });
-    let url = format!("http://{address}");
-    let config = kube::Config::new(url.parse().map_err(|e| format!("control plane URL: {e}"))?);
+    let url = format!("https://{address}");
+    let mut config = kube::Config::new(url.parse().map_err(|e| format!("control plane URL: {e}"))?);
+    config.root_cert = Some(vec![tls.ca_der().to_vec()]);
+    config.auth_info.token = Some(token.clone().into());
     let client = Client::try_from(config).map_err(|e| format!("control plane client: {e}"))?;
     info!(%address, "control plane serving");
-    Ok(ControlPlane { client, url })
+    Ok(ControlPlane { client, url, token, tls })
 }
 
 /// The CRDs and the accounts' namespace.

@@ -148,6 +148,11 @@ impl ApiError {
         ApiError::new(422, "Invalid", message.into())
     }
 
+    /// A request without the server's bearer token, answered as the real server answers it.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(401, "Unauthorized", "Unauthorized".to_string())
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(500, "InternalError", message.into())
     }

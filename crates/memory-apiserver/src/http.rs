@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::error::{ApiError, ApiResult};
 use crate::objects::{self, Ctx, DeleteOptions, FieldValidation};
 use crate::patch::PatchKind;
+use crate::persist::Persist;
 use crate::requests::{self, Requests};
 use crate::resource::ResourceDef;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -31,12 +32,60 @@ pub struct App {
     pub address: String,
     pub bookmark_interval: Duration,
     pub requests: Arc<Requests>,
+    /// Where every change is written before it is answered; `None`: memory only.
+    pub persist: Option<Arc<Mutex<Persist>>>,
+    /// The bearer token every request but the health probes must carry; `None`: anyone may.
+    pub token: Option<Arc<str>>,
 }
 
 impl App {
     fn lock(&self) -> ApiResult<MutexGuard<'_, Store>> {
         self.store.lock().map_err(|_| ApiError::internal("store lock poisoned"))
     }
+
+    /// Runs `change` on the store and, when it changed anything, appends the change to the journal
+    /// (fsynced) before the lock is released and before watchers hear of it: once the client has
+    /// its answer, or a watcher its event, a crash cannot undo the change, and no reader sees a
+    /// state that a crash could take back.
+    fn write<T>(&self, change: impl FnOnce(&mut Store) -> ApiResult<T>) -> ApiResult<T> {
+        let mut store = self.lock()?;
+        let result = change(&mut store);
+        let saved = match &self.persist {
+            Some(persist) => match persist.lock() {
+                Ok(mut persist) => persist.record(&store),
+                Err(_) => Err(std::io::Error::other("the journal lock is poisoned")),
+            },
+            None => Ok(()),
+        };
+        // Memory has the change either way; watchers must agree with what lists show.
+        store.publish();
+        drop(store);
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "cannot save the API server's objects");
+            // As the real server answers when storage does not confirm a write: the outcome is
+            // unknown to the client (here: in memory, not on disk).
+            return Err(ApiError::internal(format!("the change could not be stored durably: {e}")));
+        }
+        result
+    }
+
+    /// Whether the request carries the token (always, without one). Health probes stay open, as
+    /// the real server leaves them to anonymous callers.
+    fn authorized(&self, path: &str, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else { return true };
+        if matches!(path.trim_end_matches('/'), "/healthz" | "/readyz" | "/livez") {
+            return true;
+        }
+        let given = header(headers, header::AUTHORIZATION);
+        let Some(given) = given.strip_prefix("Bearer ") else { return false };
+        same_secret(given.trim().as_bytes(), token.as_bytes())
+    }
+}
+
+/// Compares without stopping at the first differing byte, so the time taken says nothing about
+/// how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl IntoResponse for ApiError {
@@ -64,6 +113,10 @@ fn ok(body: &Value) -> ApiResult<Response> {
 
 pub async fn handle(State(app): State<App>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    if !app.authorized(parts.uri.path(), &parts.headers) {
+        tracing::debug!(method = %parts.method, uri = %parts.uri, "request without the token");
+        return ApiError::unauthorized().into_response();
+    }
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => return ApiError::bad_request(format!("reading the request body: {e}")).into_response(),
@@ -71,7 +124,17 @@ pub async fn handle(State(app): State<App>, request: Request) -> Response {
     let query: HashMap<String, String> =
         Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
     tracing::debug!(method = %parts.method, uri = %parts.uri, "request");
-    match route(&app, &parts.method, parts.uri.path(), &query, &parts.headers, body) {
+    let routed = if parts.method == Method::GET || parts.method == Method::HEAD {
+        route(&app, &parts.method, parts.uri.path(), &query, &parts.headers, body)
+    } else {
+        // A write waits for its fsync: off the async workers, so that other tasks go on meanwhile.
+        tokio::task::spawn_blocking(move || {
+            route(&app, &parts.method, parts.uri.path(), &query, &parts.headers, body)
+        })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("the request failed: {e}"))))
+    };
+    match routed {
         Ok(response) => response,
         Err(e) => {
             tracing::debug!(code = e.code, message = %e.message, "request failed");
@@ -311,13 +374,13 @@ fn resource(
                 return Err(not_allowed());
             }
             let object = decode_body(headers, &body)?;
-            let written = objects::create(&mut *app.lock()?, &ctx, object)?;
+            let written = app.write(|store| objects::create(store, &ctx, object))?;
             Ok(json_response(StatusCode::CREATED, &written.object, &written.warnings))
         }
         (Method::PUT, Some(name)) => {
             let scope = objects::scope_for(def, target.subresource.as_deref())?;
             let object = decode_body(headers, &body)?;
-            let written = objects::update(&mut *app.lock()?, &ctx, name, scope, object)?;
+            let written = app.write(|store| objects::update(store, &ctx, name, scope, object))?;
             Ok(json_response(StatusCode::OK, &written.object, &written.warnings))
         }
         (Method::PATCH, Some(name)) => {
@@ -326,7 +389,7 @@ fn resource(
             let kind = PatchKind::from_content_type(content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(content_type))?;
             let force = is_true(query, "force");
-            let written = objects::patch(&mut *app.lock()?, &ctx, name, scope, kind, &body, force)?;
+            let written = app.write(|store| objects::patch(store, &ctx, name, scope, kind, &body, force))?;
             let code = if written.created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json_response(code, &written.object, &written.warnings))
         }
@@ -336,26 +399,27 @@ fn resource(
             }
             let options =
                 DeleteOptions::parse(&body, query.get("propagationPolicy").map(String::as_str), dry_run)?;
-            let object = objects::delete(&mut *app.lock()?, def, &namespace, name, &options)?;
+            let object = app.write(|store| objects::delete(store, def, &namespace, name, &options))?;
             ok(&object)
         }
         (Method::DELETE, None) => {
             let options =
                 DeleteOptions::parse(&body, query.get("propagationPolicy").map(String::as_str), dry_run)?;
-            let mut store = app.lock()?;
-            let matching: Vec<Value> = store
-                .select(&def.storage_key(), target.namespace.as_deref(), &labels)
-                .into_iter()
-                .filter(|o| fields.matches(o))
-                .collect();
-            let mut deleted = Vec::new();
-            for object in matching {
-                let ns = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-                let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
-                deleted.push(objects::delete(&mut store, def, &ns, &name, &options)?);
-            }
-            let rv = store.current_rv();
-            ok(&objects::list_object(def, deleted, rv))
+            app.write(|store| {
+                let matching: Vec<Value> = store
+                    .select(&def.storage_key(), target.namespace.as_deref(), &labels)
+                    .into_iter()
+                    .filter(|o| fields.matches(o))
+                    .collect();
+                let mut deleted = Vec::new();
+                for object in matching {
+                    let ns = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+                    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                    deleted.push(objects::delete(store, def, &ns, &name, &options)?);
+                }
+                let rv = store.current_rv();
+                ok(&objects::list_object(def, deleted, rv))
+            })
         }
         _ => Err(not_allowed()),
     }

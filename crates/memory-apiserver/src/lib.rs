@@ -1,6 +1,6 @@
-//! An in-memory Kubernetes API server for tests, served over plain HTTP on 127.0.0.1, that kubectl
-//! (1.32) and kube-rs clients (watchers, controllers, server-side apply, event recorders) talk to as
-//! they would to a real cluster.
+//! An in-memory Kubernetes API server: the control plane of `workerbundle dev` and of the
+//! project's tests. kubectl (1.32) and kube-rs clients (watchers, controllers, server-side apply,
+//! event recorders) talk to it on 127.0.0.1 as they would to a real cluster.
 //!
 //! ```no_run
 //! let server = memory_apiserver::MemoryApiServer::start()?;
@@ -8,6 +8,17 @@
 //! // kubectl --kubeconfig kubeconfig apply -f crd.yaml ... ; kube::Client from the same file.
 //! # Ok::<(), std::io::Error>(())
 //! ```
+//!
+//! Two ways to run it:
+//! - Tests: [`MemoryApiServer::start`], plain HTTP, no credentials, memory only; anyone on the
+//!   machine can reach it while it runs.
+//! - `workerbundle dev` (and [`serve`], the `memory-apiserver` program): with
+//!   [`Options::token`] every request but `/healthz`, `/readyz` and `/livez` must carry
+//!   `Authorization: Bearer <token>` (401 otherwise), over HTTPS with a CA made at start, because
+//!   kubectl sends credentials over TLS only; the kubeconfig written for it carries the CA and the
+//!   token and is owner-only. With [`Options::data_file`] the objects (Secrets included) are kept
+//!   in an owner-only file that is rewritten whole and fsynced, file and directory, before each
+//!   write is answered and before watchers hear of it: an answered write survives a crash.
 //!
 //! # Faithful (behaves as the real server does, proven by the tests)
 //! - Discovery: /version (v1.32.0), /api, /api/v1, /apis, /apis/{group}, /apis/{group}/{version}
@@ -76,8 +87,13 @@
 //!   a schema per version); their table shows NAME and AGE rather than CREATED AT.
 //! - Write requests take their field manager from `fieldManager`, else from the User-Agent's
 //!   program name; `dryRun` computes the result without storing it.
-//! - No authentication, authorization, admission webhooks, conversion webhooks (all versions of
-//!   a CRD share one stored form), or OpenAPI v2 (404; kubectl copes).
+//! - Authentication is one bearer token (or none), and whoever has it may do everything: no
+//!   users, no authorization (RBAC objects are stored, not enforced), no admission webhooks, no
+//!   conversion webhooks (all versions of a CRD share one stored form), no OpenAPI v2 (404;
+//!   kubectl copes).
+//! - Storage is one JSON file rewritten whole on every write, under the one lock that serializes
+//!   all requests: fine for the hundreds of objects of a laptop or a test, not for a cluster's
+//!   size or write rate. Events are kept like any object (no TTL), so the file grows with them.
 //! - No protobuf: bodies are JSON (or YAML). kubectl's imperative typed commands that send
 //!   protobuf (`kubectl create secret ...`, `kubectl create configmap ...`) get a 415; `kubectl
 //!   apply`, `patch`, `label`, `delete`, `get` and friends, and kube-rs, all use JSON.
@@ -88,18 +104,21 @@ mod compiled;
 mod crd;
 mod discovery;
 mod error;
+mod files;
 mod gc;
 mod http;
 mod kubeconfig;
 mod objects;
 mod openapi;
 mod patch;
+mod persist;
 mod requests;
 mod resource;
 mod schema;
 mod selector;
 mod store;
 mod table;
+mod tls;
 mod watch;
 
 use std::net::SocketAddr;
@@ -110,6 +129,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub use error::ApiError;
+pub use tls::Tls;
 
 /// Knobs tests may turn; `Default` is what `MemoryApiServer::start` uses.
 #[derive(Debug, Clone)]
@@ -120,9 +140,30 @@ pub struct Options {
     pub watch_history: usize,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
-    /// Keep every object in this file (written shortly after each change, and at shutdown) and
-    /// load it at start: the state survives a restart. `None`: memory only.
+    /// Keep every object in this file and load it at start: the state survives a restart, and a
+    /// crash. Every change is written (whole file, fsynced, owner-only) before it is answered.
+    /// `None`: memory only.
     pub data_file: Option<std::path::PathBuf>,
+    /// Require `Authorization: Bearer <token>` on every request but `/healthz`, `/readyz` and
+    /// `/livez`; others get 401. `None`: anyone who can reach the port may do anything. With a
+    /// token the server speaks HTTPS (kubectl sends credentials over TLS only), with `tls`, or
+    /// with certificates made at start when `tls` is `None`.
+    pub token: Option<String>,
+    /// Serve HTTPS with this identity (even without a token). A caller of [`serve`] that needs the
+    /// CA certificate for its clients makes it here ([`Tls::generate`]).
+    pub tls: Option<Tls>,
+}
+
+impl Options {
+    /// The TLS identity to serve with: the given one, a new one when a token requires TLS, else
+    /// none (plain HTTP).
+    fn tls(&self) -> std::io::Result<Option<Tls>> {
+        match (&self.tls, &self.token) {
+            (Some(tls), _) => Ok(Some(tls.clone())),
+            (None, Some(_)) => Tls::generate().map(Some),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl Default for Options {
@@ -132,6 +173,8 @@ impl Default for Options {
             watch_history: store::DEFAULT_HISTORY,
             bookmark_interval: Duration::from_secs(1),
             data_file: None,
+            token: None,
+            tls: None,
         }
     }
 }
@@ -140,6 +183,8 @@ impl Default for Options {
 /// `#[tokio::test]` tests can use it. Dropping it stops the server.
 pub struct MemoryApiServer {
     address: SocketAddr,
+    token: Option<String>,
+    tls: Option<Tls>,
     requests: Arc<requests::Requests>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -152,7 +197,7 @@ pub use requests::Counts as RequestCounts;
 fn router(
     address: SocketAddr,
     options: &Options,
-    store: SharedStore,
+    (store, persist): (SharedStore, Option<persist::Persist>),
     requests: Arc<requests::Requests>,
 ) -> axum::Router {
     let app = http::App {
@@ -160,68 +205,24 @@ fn router(
         address: address.to_string(),
         bookmark_interval: options.bookmark_interval,
         requests,
+        persist: persist.map(|p| Arc::new(Mutex::new(p))),
+        token: options.token.as_deref().map(Arc::from),
     };
     axum::Router::new().fallback(http::handle).with_state(app)
 }
 
-/// A new store, or the one `options.data_file` holds.
-fn open_store(options: &Options) -> std::io::Result<SharedStore> {
+/// A new store, or the one `options.data_file` (and its journal) holds, with what keeps it there.
+fn open_store(options: &Options) -> std::io::Result<(SharedStore, Option<persist::Persist>)> {
     let mut store = store::Store::new(options.watch_history);
-    if let Some(path) = options.data_file.as_ref().filter(|p| p.exists()) {
-        let bytes = std::fs::read(path)?;
-        let snapshot: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
-        })?;
-        store.restore(&snapshot).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
-        })?;
-    }
-    Ok(Arc::new(Mutex::new(store)))
-}
-
-/// Writes the store to `path` (whole file, atomically).
-fn save(store: &SharedStore, path: &std::path::Path) -> std::io::Result<()> {
-    let snapshot = match store.lock() {
-        Ok(store) => store.snapshot(),
-        Err(poisoned) => poisoned.into_inner().snapshot(),
+    let persist = match &options.data_file {
+        Some(path) => Some(persist::Persist::open(path, &mut store)?),
+        None => None,
     };
-    let bytes = serde_json::to_vec(&snapshot).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Saves the store a moment after changes (many changes, one write) until `stop`, then once more.
-async fn keep_saved(
-    store: SharedStore,
-    path: std::path::PathBuf,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut events = match store.lock() {
-        Ok(s) => s.subscribe(),
-        Err(poisoned) => poisoned.into_inner().subscribe(),
-    };
-    loop {
-        tokio::select! {
-            event = events.recv() => {
-                if matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                events = events.resubscribe();
-                if let Err(e) = save(&store, &path) {
-                    tracing::error!(error = %e, path = %path.display(), "cannot save the API server's objects");
-                }
-            }
-            _ = stop.changed() => break,
-        }
-    }
-    if let Err(e) = save(&store, &path) {
-        tracing::error!(error = %e, path = %path.display(), "cannot save the API server's objects");
-    }
+    Ok((Arc::new(Mutex::new(store)), persist))
 }
 
 /// Serves on `listener` until `shutdown` completes; for callers that own a runtime (the binary).
+/// Every change is on disk when it is answered, so there is nothing to save at the end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     options: Options,
@@ -229,16 +230,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address = listener.local_addr()?;
     let store = open_store(&options)?;
-    let (stop_saving, stopped) = tokio::sync::watch::channel(false);
-    let saver = options.data_file.clone().map(|path| tokio::spawn(keep_saved(store.clone(), path, stopped)));
-    let served = axum::serve(listener, router(address, &options, store, Arc::default()))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    let _ = stop_saving.send(true);
-    if let Some(saver) = saver {
-        let _ = saver.await;
+    let app = router(address, &options, store, Arc::default());
+    match options.tls()? {
+        Some(tls) => tls::serve(listener, &tls, app, shutdown).await,
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
     }
-    served
 }
 
 impl MemoryApiServer {
@@ -251,6 +247,9 @@ impl MemoryApiServer {
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let store = open_store(&options)?;
+        let token = options.token.clone();
+        let tls = options.tls()?;
+        let serve_tls = tls.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("memory-apiserver")
@@ -268,27 +267,26 @@ impl MemoryApiServer {
                         return;
                     }
                 };
-                let app = router(address, &options, store.clone(), served);
-                let (stop_saving, stopped) = tokio::sync::watch::channel(false);
-                let saver =
-                    options.data_file.clone().map(|path| tokio::spawn(keep_saved(store, path, stopped)));
+                let app = router(address, &options, store, served);
                 // Open watches would hold a graceful shutdown forever: stop serving at once.
+                let served = async move {
+                    match serve_tls {
+                        Some(tls) => tls::serve(listener, &tls, app, std::future::pending()).await,
+                        None => axum::serve(listener, app).await,
+                    }
+                };
                 tokio::select! {
-                    result = axum::serve(listener, app) => {
+                    result = served => {
                         if let Err(e) = result {
                             tracing::error!(error = %e, "server stopped");
                         }
                     }
                     _ = stop => {}
                 }
-                let _ = stop_saving.send(true);
-                if let Some(saver) = saver {
-                    let _ = saver.await;
-                }
             });
             runtime.shutdown_timeout(Duration::from_millis(100));
         })?;
-        Ok(MemoryApiServer { address, requests, shutdown: Some(shutdown), thread: Some(thread) })
+        Ok(MemoryApiServer { address, token, tls, requests, shutdown: Some(shutdown), thread: Some(thread) })
     }
 
     /// Requests served so far, by (verb, resource); also served as JSON on `GET /debug/requests`.
@@ -296,18 +294,30 @@ impl MemoryApiServer {
         self.requests.counts()
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` when the server speaks TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.address)
     }
 
-    /// A kubeconfig with one cluster, user and context (current) for this server.
+    /// The CA certificate (PEM) clients trust the server by, when it speaks TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.tls.as_ref().map(Tls::ca_pem)
+    }
+
+    fn access(&self) -> kubeconfig::Access<'_> {
+        kubeconfig::Access { token: self.token.as_deref(), ca_pem: self.ca_pem() }
+    }
+
+    /// A kubeconfig with one cluster (with the CA, over TLS), user (with the token, if the server
+    /// requires one) and context (current) for this server.
     pub fn kubeconfig_yaml(&self, namespace: &str) -> String {
-        kubeconfig::render(&self.url(), namespace)
+        kubeconfig::render(&self.url(), namespace, self.access())
     }
 
+    /// Writes [`MemoryApiServer::kubeconfig_yaml`] to `path`, owner-only and atomically.
     pub fn write_kubeconfig(&self, path: &std::path::Path, namespace: &str) -> std::io::Result<()> {
-        std::fs::write(path, self.kubeconfig_yaml(namespace))
+        kubeconfig::write(path, &self.url(), namespace, self.access())
     }
 }
 
@@ -323,4 +333,4 @@ impl Drop for MemoryApiServer {
     }
 }
 
-pub use kubeconfig::render as render_kubeconfig;
+pub use kubeconfig::{render as render_kubeconfig, write as write_kubeconfig, Access};

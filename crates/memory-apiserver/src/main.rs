@@ -9,8 +9,8 @@ use clap::Parser;
 /// An in-memory Kubernetes API server over plain HTTP, for tests and experiments.
 ///
 /// Serves discovery, CRUD, watch, patch, server-side apply and CRDs for kubectl and kube-rs
-/// clients. Everything lives in memory and is gone when the server stops. Prints the URL on
-/// stdout, then serves until SIGINT or SIGTERM.
+/// clients. Everything lives in memory and is gone when the server stops, unless --data-file
+/// keeps it. Prints the URL on stdout, then serves until SIGINT or SIGTERM.
 #[derive(Parser)]
 #[command(name = "memory-apiserver", version)]
 struct Args {
@@ -23,6 +23,13 @@ struct Args {
     /// Default namespace of the kubeconfig's context.
     #[arg(long, default_value = "default")]
     namespace: String,
+    /// Keep the objects in this file (owner-only), each change written before it is answered, and
+    /// load them from it at start.
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Require the bearer token this file holds on every request (the kubeconfig carries it).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 async fn stop_signal() {
@@ -54,21 +61,57 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let url = match listener.local_addr() {
-        Ok(a) => format!("http://{a}"),
+    let address = match listener.local_addr() {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("memory-apiserver: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    let token = match &args.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!("memory-apiserver: {} is empty", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("memory-apiserver: cannot read {}: {e}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // With a token, HTTPS: kubectl sends credentials over TLS only.
+    let tls = match token.as_ref().map(|_| memory_apiserver::Tls::generate()).transpose() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("memory-apiserver: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let url = match &tls {
+        Some(_) => format!("https://{address}"),
+        None => format!("http://{address}"),
+    };
     if let Some(path) = &args.kubeconfig {
-        if let Err(e) = std::fs::write(path, memory_apiserver::render_kubeconfig(&url, &args.namespace)) {
+        let access = memory_apiserver::Access {
+            token: token.as_deref(),
+            ca_pem: tls.as_ref().map(memory_apiserver::Tls::ca_pem),
+        };
+        if let Err(e) = memory_apiserver::write_kubeconfig(path, &url, &args.namespace, access) {
             eprintln!("memory-apiserver: cannot write {}: {e}", path.display());
             return std::process::ExitCode::FAILURE;
         }
     }
     println!("{url}");
-    let options = memory_apiserver::Options { listen: args.listen, ..Default::default() };
+    let options = memory_apiserver::Options {
+        listen: args.listen,
+        data_file: args.data_file,
+        token,
+        tls,
+        ..Default::default()
+    };
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
     let serve = memory_apiserver::serve(listener, options, async move {

@@ -19,6 +19,15 @@ pub enum EventType {
 }
 
 impl EventType {
+    pub fn parse(s: &str) -> Option<EventType> {
+        match s {
+            "ADDED" => Some(EventType::Added),
+            "MODIFIED" => Some(EventType::Modified),
+            "DELETED" => Some(EventType::Deleted),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Added => "ADDED",
@@ -57,6 +66,9 @@ pub struct Store {
     /// The newest resourceVersion whose event is no longer retained.
     compacted: u64,
     events: broadcast::Sender<Arc<Event>>,
+    /// Events of the change in progress, sent to watchers by [`Store::publish`] once the change is
+    /// durable: no watcher acts on a change that a crash could still undo.
+    held: Vec<Arc<Event>>,
     /// Changes whenever resource types are (un)registered, for OpenAPI document hashes.
     pub discovery_generation: u64,
 }
@@ -80,6 +92,7 @@ impl Store {
             history_limit: history_limit.max(1),
             compacted: 0,
             events,
+            held: Vec::new(),
             discovery_generation: 1,
         };
         let namespaces = store.namespaces_key();
@@ -96,6 +109,7 @@ impl Store {
             "status": {"phase": "Active"},
         });
         store.put(&namespaces, default_ns);
+        store.publish();
         store
     }
 
@@ -222,8 +236,16 @@ impl Store {
                 self.compacted = old.rv;
             }
         }
-        // No receivers is normal: nobody is watching.
-        let _ = self.events.send(event);
+        self.held.push(event);
+    }
+
+    /// Sends the held events to watchers; the caller has made the change durable (or knows it
+    /// cannot).
+    pub fn publish(&mut self) {
+        for event in self.held.drain(..) {
+            // No receivers is normal: nobody is watching.
+            let _ = self.events.send(event);
+        }
     }
 
     /// Stores a new or changed object under a fresh resourceVersion and tells watchers.
@@ -293,14 +315,21 @@ impl Store {
     }
 
     /// Every object and the resourceVersion counter, as JSON, for a server that keeps its state
-    /// across restarts.
-    pub fn snapshot(&self) -> Value {
-        let objects: Vec<Value> =
-            self.all().into_iter().map(|(key, object)| json!([key.group, key.plural, object])).collect();
-        json!({"resourceVersion": self.rv, "objects": objects})
+    /// across restarts: `{"resourceVersion": N, "objects": [[group, plural, object], ...]}`.
+    /// Serialized from references: it runs on every write, so nothing is copied first.
+    pub fn snapshot_bytes(&self) -> serde_json::Result<Vec<u8>> {
+        #[derive(serde::Serialize)]
+        struct Snapshot<'a> {
+            #[serde(rename = "resourceVersion")]
+            resource_version: u64,
+            objects: Vec<(&'a str, &'a str, &'a Value)>,
+        }
+        let objects =
+            self.iter_all().map(|(key, object)| (key.group.as_str(), key.plural.as_str(), object)).collect();
+        serde_json::to_vec(&Snapshot { resource_version: self.rv, objects })
     }
 
-    /// Loads a [`Store::snapshot`]: objects come back as they were (CRDs registered again), and
+    /// Loads a [`Store::snapshot_bytes`] document: objects come back as they were (CRDs registered again), and
     /// resourceVersions go on from where they stopped. Watch history starts empty, so a client
     /// resuming from an older resourceVersion gets 410 and lists again, as after a real restart.
     pub fn restore(&mut self, snapshot: &Value) -> Result<(), String> {
@@ -313,15 +342,46 @@ impl Store {
                 return Err(format!("a snapshot entry is malformed: {entry}"));
             };
             let key = StorageKey { group: group.to_string(), plural: plural.to_string() };
-            if group == "apiextensions.k8s.io" && plural == "customresourcedefinitions" {
-                let name = object["metadata"]["name"].as_str().unwrap_or_default();
-                self.register_crd(name, crate::resource::from_crd(object));
-            }
-            self.insert(&key, object.clone());
+            self.replay(&key, EventType::Added, object.clone());
         }
-        self.rv = rv;
-        self.compacted = rv;
+        self.resume_at(rv);
         Ok(())
+    }
+
+    /// Redoes one change read back from disk, without telling watchers (there are none yet): the
+    /// object stored, or gone for a deletion; a CRD's resources registered or unregistered with it.
+    pub fn replay(&mut self, key: &StorageKey, kind: EventType, object: Value) {
+        let is_crd = key.group == "apiextensions.k8s.io" && key.plural == "customresourcedefinitions";
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        match kind {
+            EventType::Deleted => {
+                let object_key = (namespace, name.clone());
+                if let Some(gone) = self.objects.get_mut(key).and_then(|o| o.remove(&object_key)) {
+                    self.unfile(key, &object_key, labels_of(&gone));
+                }
+                if is_crd {
+                    self.unregister_crd(&name);
+                }
+            }
+            EventType::Added | EventType::Modified => {
+                if is_crd {
+                    self.register_crd(&name, crate::resource::from_crd(&object));
+                }
+                self.insert(key, object);
+            }
+        }
+    }
+
+    /// After replaying: resourceVersions go on from `rv`, and watches from before it get 410.
+    pub fn resume_at(&mut self, rv: u64) {
+        self.rv = self.rv.max(rv);
+        self.compacted = self.rv;
+    }
+
+    /// The changes of the write in progress, for the journal.
+    pub fn held(&self) -> &[Arc<Event>] {
+        &self.held
     }
 }
 

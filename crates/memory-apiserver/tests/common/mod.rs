@@ -135,12 +135,26 @@ fn host_port(url: &str) -> String {
 }
 
 fn send(url: &str, method: &str, path: &str, content_type: &str, body: &str) -> TcpStream {
+    send_as(url, None, method, path, content_type, body)
+}
+
+fn send_as(
+    url: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> TcpStream {
     let address = host_port(url);
     let mut stream = TcpStream::connect(&address).expect("connect");
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: memtest/1.0\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
@@ -192,7 +206,19 @@ fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
 }
 
 pub fn request(url: &str, method: &str, path: &str, content_type: &str, body: &str) -> Response {
-    let stream = send(url, method, path, content_type, body);
+    request_as(url, None, method, path, content_type, body)
+}
+
+/// `request` with `Authorization: Bearer <token>` when `token` is given.
+pub fn request_as(
+    url: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Response {
+    let stream = send_as(url, token, method, path, content_type, body);
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut reader = BufReader::new(stream);
     let (status, headers) = read_head(&mut reader);
