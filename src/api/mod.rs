@@ -7,16 +7,22 @@
 //! (the token's account must be the path's) before anything is read or written.
 //!
 //! - [`routes`]: the route table the router is built from (tests walk it);
+//! - `path`: every path parameter checked, once, before anything else (names become keys);
 //! - `auth`: tokens → accounts; `limits`: sizes and the per-token rate;
 //! - `upload`: the multipart form, validated whole; `store`: S3 and Kubernetes I/O;
-//! - `scripts`, `versions`, `secrets`: the handlers; `envelope`: Cloudflare's response shape.
+//! - `scripts`, `versions`, `secrets`, `settings`, `triggers`: the handlers; `undo`: a deploy
+//!   whose trigger phase is refused is undone; `envelope`: Cloudflare's response shape.
 
 mod auth;
 mod envelope;
 mod limits;
+mod path;
 mod scripts;
 mod secrets;
+mod settings;
 mod store;
+mod triggers;
+mod undo;
 mod upload;
 #[cfg(test)]
 mod upload_hostile_tests;
@@ -24,8 +30,9 @@ mod versions;
 
 pub use auth::{check_account_id, token_hash, TokenSource, TokenTable};
 pub use limits::Limits;
+pub use path::PARAMETERS as PATH_PARAMETERS;
 pub use store::Placement;
-pub use upload::secret_name;
+pub use upload::{secret_name, METADATA_FIELDS};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -96,14 +103,25 @@ pub fn routes() -> Vec<Route> {
         route(Method::DELETE, "/accounts/{account_id}/workers/scripts/{script_name}", |m| {
             on(m, scripts::delete)
         }),
+        // `wrangler delete` without --force: what depends on the worker first.
+        route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/references", |m| {
+            on(m, scripts::references)
+        }),
+        route(Method::GET, "/accounts/{account_id}/workers/tails/by-consumer/{script_name}", |m| {
+            on(m, scripts::tail_producers)
+        }),
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/settings", |m| {
-            on(m, scripts::settings)
+            on(m, settings::settings)
+        }),
+        // `wrangler secret bulk`.
+        route(Method::PATCH, "/accounts/{account_id}/workers/scripts/{script_name}/settings", |m| {
+            on(m, settings::patch_settings)
         }),
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/script-settings", |m| {
-            on(m, scripts::script_settings)
+            on(m, settings::script_settings)
         }),
         route(Method::PATCH, "/accounts/{account_id}/workers/scripts/{script_name}/script-settings", |m| {
-            on(m, scripts::patch_script_settings)
+            on(m, settings::patch_script_settings)
         }),
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/subdomain", |m| {
             on(m, scripts::subdomain)
@@ -111,12 +129,24 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/accounts/{account_id}/workers/scripts/{script_name}/subdomain", |m| {
             on(m, scripts::subdomain)
         }),
+        // The trigger phase of a deploy, after the new code is live (see `triggers` and `undo`).
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/schedules", |m| {
-            on(m, scripts::schedules)
+            on(m, triggers::schedules)
         }),
         route(Method::PUT, "/accounts/{account_id}/workers/scripts/{script_name}/schedules", |m| {
-            on(m, scripts::put_schedules)
+            on(m, triggers::put_schedules)
         }),
+        route(Method::PUT, "/accounts/{account_id}/workers/scripts/{script_name}/routes", |m| {
+            on(m, triggers::put_routes)
+        }),
+        route(Method::PUT, "/accounts/{account_id}/workers/scripts/{script_name}/domains/records", |m| {
+            on(m, triggers::put_domains)
+        }),
+        route(Method::POST, "/accounts/{account_id}/workers/scripts/{script_name}/domains/changeset", |m| {
+            on(m, triggers::domains_changeset)
+        }),
+        route(Method::GET, "/zones", |m| on(m, triggers::zones)),
+        route(Method::GET, "/zones/{zone_id}/workers/routes", |m| on(m, triggers::zone_routes)),
         route(Method::GET, "/accounts/{account_id}/workers/scripts/{script_name}/versions", |m| {
             on(m, versions::list)
         }),
@@ -157,8 +187,11 @@ pub fn router(state: Shared) -> Router {
         let filter = MethodFilter::try_from(route.method.clone()).expect("a routable method");
         api = api.route(route.path, (route.handler)(filter));
     }
+    // Outermost first: the request log, the path check (before any I/O, the token table's too),
+    // authentication, then the handler.
     let api = api
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn(path::check_path))
         .route_layer(middleware::from_fn(log_request))
         .method_not_allowed_fallback(unknown_route)
         .layer(DefaultBodyLimit::max(state.limits.max_upload_bytes));
@@ -169,7 +202,8 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Token → accounts → the path's account, then the token's rate; all before the handler runs.
+/// Token → accounts → the path's (checked) account, then the token's rate; all before the handler
+/// runs.
 async fn authenticate(State(api): State<Shared>, mut request: Request, next: Next) -> Response {
     let table = match api.tokens.current().await {
         Ok(table) => table,
@@ -180,7 +214,14 @@ async fn authenticate(State(api): State<Shared>, mut request: Request, next: Nex
         }
     };
     let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let caller = match auth::authorize(&table, header, request.uri().path()) {
+    // Fail closed: without the path check's result the account would read as "none".
+    let Some(checked) = request.extensions().get::<path::CheckedPath>() else {
+        warn!("request refused: its path was not checked (the route table is misconfigured)");
+        return ApiError::Backend("the server's route table is misconfigured; its log says why".into())
+            .into_response();
+    };
+    let account = checked.account.clone();
+    let caller = match auth::authorize(&table, header, account.as_ref().map(path::AccountId::as_str)) {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

@@ -3,14 +3,17 @@
 //! change does not make a release. Values go to the Kubernetes API and nowhere else: not to S3, a
 //! log line, an Event or a status.
 
+use std::collections::BTreeMap;
+
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::envelope::{json_body, ok, ApiError};
+use super::path::{ScriptPath, SecretKey, SecretPath};
 use super::Shared;
 
 /// The body of `PUT .../secrets`. Not `Debug`: the value must not end up in a log by accident.
@@ -42,46 +45,47 @@ pub fn check_secret_key(name: &str) -> Result<(), ApiError> {
 /// `PUT .../scripts/{script}/secrets`.
 pub async fn put(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
     body: Result<Json<PutSecret>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let secret = json_body(body)?;
-    check_secret_key(&secret.name)?;
+    let key = SecretKey::parse(&secret.name)?;
     if let Some(kind) = secret.kind.as_deref().filter(|k| *k != "secret_text") {
         return Err(ApiError::Invalid(format!(
             "secrets of type {kind:?} are not supported (only secret_text)"
         )));
     }
     let deployment = api.store.existing(&account, &script).await?;
-    api.store.put_secret(&deployment, &account, &secret.name, &secret.text).await?;
-    tracing::info!(%account, %script, key = %secret.name, "secret set");
-    Ok(ok(json!({"name": secret.name, "type": "secret_text"})))
+    let values = BTreeMap::from([(key.clone(), secret.text)]);
+    api.store.put_secrets(&deployment, &account, &values).await?;
+    tracing::info!(%account, %script, %key, "secret set");
+    Ok(ok(json!({"name": key.as_str(), "type": "secret_text"})))
 }
 
 /// `GET .../scripts/{script}/secrets`: names and types, never values.
 pub async fn list(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
 ) -> Result<Response, ApiError> {
     api.store.existing(&account, &script).await?;
-    let secret = api.store.secret(&account, &script).await?;
-    let names: Vec<serde_json::Value> = secret
-        .and_then(|s| s.data)
-        .into_iter()
-        .flat_map(|data| data.into_keys())
-        .map(|name| json!({"name": name, "type": "secret_text"}))
-        .collect();
+    let names = api.store.secret_names(&account, &script).await?;
+    let names: Vec<serde_json::Value> =
+        names.iter().map(|name| json!({"name": name, "type": "secret_text"})).collect();
     Ok(ok(names))
 }
 
 /// `DELETE .../scripts/{script}/secrets/{name}`.
 pub async fn delete(
     State(api): State<Shared>,
-    Path((account, script, name)): Path<(String, String, String)>,
+    SecretPath { account, script, secret: name }: SecretPath,
 ) -> Result<Response, ApiError> {
     api.store.existing(&account, &script).await?;
     if !api.store.delete_secret_key(&account, &script, &name).await? {
-        return Err(ApiError::NotFound(format!("worker {script:?} has no secret {name:?}")));
+        return Err(ApiError::NotFound(format!(
+            "worker {:?} has no secret {:?}",
+            script.as_str(),
+            name.as_str()
+        )));
     }
     tracing::info!(%account, %script, key = %name, "secret deleted");
     Ok(ok(json!({})))

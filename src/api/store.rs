@@ -17,11 +17,14 @@ use serde_json::{json, Value};
 use tracing::{error, info};
 
 use super::envelope::ApiError;
-use super::upload::{secret_name, version_prefix, Upload};
+use super::path::{AccountId, ScriptName, SecretKey, VersionId};
+use super::undo::{UndoRecord, UNDO};
+use super::upload::{secret_name, Upload};
 use crate::crd::{
     owned_by, WorkerAccount, WorkerAccountSpec, WorkerDeployment, WorkerRelease, WorkerTemplate,
     ACCOUNT_LABEL, DEPLOYMENT_LABEL, MANAGED_BY,
 };
+use crate::worker::names::check_module_path;
 use crate::worker::METADATA_FILE;
 
 /// The field manager of every write the API makes.
@@ -55,6 +58,50 @@ impl Placement {
 pub struct StoredVersion {
     pub metadata: Value,
     pub created_on: Option<String>,
+}
+
+/// A key in the API's bucket, made only from checked names: `<account>/<script>/[<version>/[<file>]]`.
+/// The S3 server resolves `..` in keys, so a key built from a raw path segment could reach another
+/// account's objects; this type cannot be made from one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    /// `<account>/<script>/`: every version of a script.
+    pub fn script_prefix(account: &AccountId, script: &ScriptName) -> ObjectKey {
+        ObjectKey(format!("{account}/{script}/"))
+    }
+
+    /// `<account>/<script>/<version>/`: one version's files.
+    pub fn version_prefix(account: &AccountId, script: &ScriptName, version: &VersionId) -> ObjectKey {
+        ObjectKey(format!("{account}/{script}/{version}/"))
+    }
+
+    /// One module of a version; the module path is checked as an upload's is (it may come from a
+    /// WorkerDeployment written by hand).
+    pub fn module(
+        account: &AccountId,
+        script: &ScriptName,
+        version: &VersionId,
+        module: &str,
+    ) -> Result<ObjectKey, ApiError> {
+        check_module_path(module).map_err(|e| {
+            error!(%account, %script, %version, error = %e, "a module path that cannot be a key");
+            ApiError::Backend(format!(
+                "version {version} of worker {script:?} names a module path that is not valid"
+            ))
+        })?;
+        Ok(ObjectKey(format!("{}{module}", Self::version_prefix(account, script, version).0)))
+    }
+
+    /// A version's `metadata.json`.
+    pub fn metadata(account: &AccountId, script: &ScriptName, version: &VersionId) -> ObjectKey {
+        ObjectKey(format!("{}{METADATA_FILE}", Self::version_prefix(account, script, version).0))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 pub struct Store {
@@ -108,16 +155,18 @@ impl Store {
     /// Writes the modules, then `metadata.json`: a reader that finds the metadata finds every module.
     pub async fn put_version(
         &self,
-        account: &str,
-        script: &str,
-        version: &str,
+        account: &AccountId,
+        script: &ScriptName,
+        version: &VersionId,
         upload: &Upload,
     ) -> Result<(), ApiError> {
-        let prefix = version_prefix(account, script, version);
         // Owned keys and bodies: futures that borrow from the iterator trip up the `Send` check
         // of the handler's future.
-        let objects: Vec<(String, Bytes)> =
-            upload.modules.iter().map(|(path, bytes)| (format!("{prefix}{path}"), bytes.clone())).collect();
+        let objects = upload
+            .modules
+            .iter()
+            .map(|(path, bytes)| Ok((ObjectKey::module(account, script, version, path)?, bytes.clone())))
+            .collect::<Result<Vec<(ObjectKey, Bytes)>, ApiError>>()?;
         futures::stream::iter(
             objects.into_iter().map(|(key, bytes)| async move { self.put_object(&key, bytes).await }),
         )
@@ -125,10 +174,11 @@ impl Store {
         .try_collect::<Vec<()>>()
         .await?;
         let metadata = Bytes::from(upload.metadata.to_string());
-        self.put_object(&format!("{prefix}{METADATA_FILE}"), metadata).await
+        self.put_object(&ObjectKey::metadata(account, script, version), metadata).await
     }
 
-    async fn put_object(&self, key: &str, bytes: Bytes) -> Result<(), ApiError> {
+    async fn put_object(&self, key: &ObjectKey, bytes: Bytes) -> Result<(), ApiError> {
+        let key = key.as_str();
         self.s3
             .put_object()
             .bucket(&self.bucket)
@@ -143,21 +193,22 @@ impl Store {
     /// A stored version's metadata, or None when there is no such version.
     pub async fn version(
         &self,
-        account: &str,
-        script: &str,
-        version: &str,
+        account: &AccountId,
+        script: &ScriptName,
+        version: &VersionId,
     ) -> Result<Option<StoredVersion>, ApiError> {
-        let key = format!("{}{METADATA_FILE}", version_prefix(account, script, version));
+        let key = ObjectKey::metadata(account, script, version);
         let Some((bytes, modified)) = self.get_object(&key).await? else { return Ok(None) };
         let metadata = serde_json::from_slice(&bytes).map_err(|e| {
-            error!(key, error = %e, "stored metadata.json is not JSON");
+            error!(key = key.as_str(), error = %e, "stored metadata.json is not JSON");
             ApiError::Backend(format!("the stored metadata of version {version} is damaged"))
         })?;
         Ok(Some(StoredVersion { metadata, created_on: modified }))
     }
 
     /// An object and its modification time (RFC 3339), or None when it does not exist.
-    pub async fn get_object(&self, key: &str) -> Result<Option<(Bytes, Option<String>)>, ApiError> {
+    pub async fn get_object(&self, key: &ObjectKey) -> Result<Option<(Bytes, Option<String>)>, ApiError> {
+        let key = key.as_str();
         let what = || format!("reading s3://{}/{key}", self.bucket);
         let response = match self.s3.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(r) => r,
@@ -173,10 +224,10 @@ impl Store {
     }
 
     /// Deletes every stored version of a script.
-    pub async fn delete_versions(&self, account: &str, script: &str) -> Result<usize, ApiError> {
-        let prefix = format!("{account}/{script}/");
-        let mut pages =
-            self.s3.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
+    pub async fn delete_versions(&self, account: &AccountId, script: &ScriptName) -> Result<usize, ApiError> {
+        let prefix = ObjectKey::script_prefix(account, script);
+        let prefix = prefix.as_str();
+        let mut pages = self.s3.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
         let mut keys = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| s3_error(&format!("listing s3://{}/{prefix}", self.bucket), e))?;
@@ -202,7 +253,8 @@ impl Store {
     // --- Kubernetes ---
 
     /// The account's namespace (one per account) and WorkerAccount, created when missing.
-    pub async fn ensure_account(&self, account: &str) -> Result<(), ApiError> {
+    pub async fn ensure_account(&self, account: &AccountId) -> Result<(), ApiError> {
+        let account = account.as_str();
         let namespace = self.namespace(account);
         if let Placement::PerAccount = self.placement {
             let namespaces: Api<Namespace> = Api::all(self.kube.clone());
@@ -241,42 +293,47 @@ impl Store {
     /// The account's WorkerDeployment of `script`, or None (also when another account owns that name).
     pub async fn deployment(
         &self,
-        account: &str,
-        script: &str,
+        account: &AccountId,
+        script: &ScriptName,
     ) -> Result<Option<WorkerDeployment>, ApiError> {
         let found = self
-            .api::<WorkerDeployment>(account)
-            .get_opt(script)
+            .api::<WorkerDeployment>(account.as_str())
+            .get_opt(script.as_str())
             .await
             .map_err(|e| kube_error("reading a WorkerDeployment", e))?;
-        Ok(found.filter(|d| belongs_to(d, account)))
+        Ok(found.filter(|d| belongs_to(d, account.as_str())))
     }
 
     /// The account's WorkerDeployment of `script`, or Cloudflare's "not found".
-    pub async fn existing(&self, account: &str, script: &str) -> Result<WorkerDeployment, ApiError> {
-        self.deployment(account, script).await?.ok_or_else(|| ApiError::script_not_found(script))
+    pub async fn existing(
+        &self,
+        account: &AccountId,
+        script: &ScriptName,
+    ) -> Result<WorkerDeployment, ApiError> {
+        self.deployment(account, script).await?.ok_or_else(|| ApiError::script_not_found(script.as_str()))
     }
 
     /// Refuses a script name another account already uses in a shared namespace.
-    pub async fn check_name_free(&self, account: &str, script: &str) -> Result<(), ApiError> {
+    pub async fn check_name_free(&self, account: &AccountId, script: &ScriptName) -> Result<(), ApiError> {
         let found = self
-            .api::<WorkerDeployment>(account)
-            .get_opt(script)
+            .api::<WorkerDeployment>(account.as_str())
+            .get_opt(script.as_str())
             .await
             .map_err(|e| kube_error("reading a WorkerDeployment", e))?;
         match found {
-            Some(d) if !belongs_to(&d, account) => Err(ApiError::Invalid(format!(
-                "the worker name {script:?} is taken in this server's shared namespace; choose another \
-                 name (or run the API with --namespace-per-account)"
+            Some(d) if !belongs_to(&d, account.as_str()) => Err(ApiError::Invalid(format!(
+                "the worker name {:?} is taken in this server's shared namespace; choose another \
+                 name (or run the API with --namespace-per-account)",
+                script.as_str()
             ))),
             _ => Ok(()),
         }
     }
 
-    pub async fn deployments(&self, account: &str) -> Result<Vec<WorkerDeployment>, ApiError> {
+    pub async fn deployments(&self, account: &AccountId) -> Result<Vec<WorkerDeployment>, ApiError> {
         let params = ListParams::default().labels(&format!("{ACCOUNT_LABEL}={account}"));
         let list = self
-            .api::<WorkerDeployment>(account)
+            .api::<WorkerDeployment>(account.as_str())
             .list(&params)
             .await
             .map_err(|e| kube_error("listing WorkerDeployments", e))?;
@@ -284,32 +341,38 @@ impl Store {
     }
 
     /// Points the script's WorkerDeployment at `template` (server-side apply; created if missing).
+    /// `undo` records what this deployment replaced, for a refused trigger call of the same deploy
+    /// (see `undo`); None when this apply is itself an undo, or changes nothing that runs.
     pub async fn apply_template(
         &self,
-        account: &str,
-        script: &str,
+        account: &AccountId,
+        script: &ScriptName,
         template: &WorkerTemplate,
         message: Option<&str>,
+        undo: Option<&UndoRecord>,
     ) -> Result<WorkerDeployment, ApiError> {
         let mut annotations = json!({ DEPLOYED_AT: Timestamp::now().to_string() });
         if let Some(message) = message.filter(|m| !m.is_empty()) {
             annotations[DEPLOY_MESSAGE] = json!(message);
         }
+        if let Some(undo) = undo {
+            annotations[UNDO] = json!(undo.to_annotation());
+        }
         let body = json!({
             "apiVersion": WorkerDeployment::api_version(&()),
             "kind": WorkerDeployment::kind(&()),
             "metadata": {
-                "name": script,
-                "namespace": self.namespace(account),
-                "labels": labels(account),
+                "name": script.as_str(),
+                "namespace": self.namespace(account.as_str()),
+                "labels": labels(account.as_str()),
                 "annotations": annotations,
             },
             "spec": { "template": template },
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let applied = self
-            .api::<WorkerDeployment>(account)
-            .patch(script, &params, &Patch::Apply(&body))
+            .api::<WorkerDeployment>(account.as_str())
+            .patch(script.as_str(), &params, &Patch::Apply(&body))
             .await
             .map_err(|e| kube_error("applying the WorkerDeployment", e))?;
         info!(%account, %script, version = template.version_id.as_deref().unwrap_or_default(), "template applied");
@@ -317,15 +380,15 @@ impl Store {
     }
 
     /// Deletes the script's WorkerDeployment (its releases go with it) and its Secret.
-    pub async fn delete_script(&self, account: &str, script: &str) -> Result<(), ApiError> {
+    pub async fn delete_script(&self, account: &AccountId, script: &ScriptName) -> Result<(), ApiError> {
         let params = DeleteParams::background();
-        match self.api::<WorkerDeployment>(account).delete(script, &params).await {
+        match self.api::<WorkerDeployment>(account.as_str()).delete(script.as_str(), &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(kube_error("deleting the WorkerDeployment", e)),
         }
         if self.secret(account, script).await?.is_some() {
-            match self.api::<Secret>(account).delete(&secret_name(script), &params).await {
+            match self.api::<Secret>(account.as_str()).delete(&secret_name(script.as_str()), &params).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(kube_error("deleting the script's Secret", e)),
@@ -335,11 +398,15 @@ impl Store {
     }
 
     /// The releases made for the script's WorkerDeployment.
-    pub async fn releases(&self, account: &str, script: &str) -> Result<Vec<WorkerRelease>, ApiError> {
+    pub async fn releases(
+        &self,
+        account: &AccountId,
+        script: &ScriptName,
+    ) -> Result<Vec<WorkerRelease>, ApiError> {
         let params =
             ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={script},{ACCOUNT_LABEL}={account}"));
         let list = self
-            .api::<WorkerRelease>(account)
+            .api::<WorkerRelease>(account.as_str())
             .list(&params)
             .await
             .map_err(|e| kube_error("listing WorkerReleases", e))?;
@@ -349,28 +416,33 @@ impl Store {
     // --- Secrets: values pass through, never logged ---
 
     /// The script's Secret, or None.
-    pub async fn secret(&self, account: &str, script: &str) -> Result<Option<Secret>, ApiError> {
+    pub async fn secret(&self, account: &AccountId, script: &ScriptName) -> Result<Option<Secret>, ApiError> {
         let found = self
-            .api::<Secret>(account)
-            .get_opt(&secret_name(script))
+            .api::<Secret>(account.as_str())
+            .get_opt(&secret_name(script.as_str()))
             .await
             .map_err(|e| kube_error("reading the script's Secret", e))?;
-        Ok(found.filter(|s| belongs_to(s, account)))
+        Ok(found.filter(|s| belongs_to(s, account.as_str())))
     }
 
-    /// Sets one key of the script's Secret, creating the Secret (owned by the WorkerDeployment, so
-    /// it goes when the worker goes) if needed.
-    pub async fn put_secret(
+    /// Sets keys of the script's Secret in one write, creating the Secret (owned by the
+    /// WorkerDeployment, so it goes when the worker goes) if needed.
+    pub async fn put_secrets(
         &self,
         deployment: &WorkerDeployment,
-        account: &str,
-        key: &str,
-        value: &str,
+        account: &AccountId,
+        values: &BTreeMap<SecretKey, String>,
     ) -> Result<(), ApiError> {
-        let script = deployment.name_any();
-        let name = secret_name(&script);
-        let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value);
-        let update = json!({"data": {key: encoded}});
+        let account = account.as_str();
+        let name = secret_name(&deployment.name_any());
+        let encoded: serde_json::Map<String, Value> = values
+            .iter()
+            .map(|(key, value)| {
+                let value = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value);
+                (key.as_str().to_owned(), json!(value))
+            })
+            .collect();
+        let update = json!({"data": encoded});
         let found = self
             .api::<Secret>(account)
             .get_opt(&name)
@@ -385,6 +457,10 @@ impl Store {
             Some(_) => return self.merge_secret(account, &name, &update).await,
             None => {}
         }
+        let data = values
+            .iter()
+            .map(|(key, value)| (key.as_str().to_owned(), k8s_openapi::ByteString(value.as_bytes().to_vec())))
+            .collect();
         let object = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -394,16 +470,13 @@ impl Store {
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([(
-                key.to_owned(),
-                k8s_openapi::ByteString(value.as_bytes().to_vec()),
-            )])),
+            data: Some(data),
             ..Secret::default()
         };
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
         match self.api::<Secret>(account).create(&params, &object).await {
             Ok(_) => Ok(()),
-            // Created meanwhile by a concurrent put: add the key to it.
+            // Created meanwhile by a concurrent put: add the keys to it.
             Err(kube::Error::Api(e)) if e.code == 409 => self.merge_secret(account, &name, &update).await,
             Err(e) => Err(kube_error("creating the script's Secret", e)),
         }
@@ -419,13 +492,29 @@ impl Store {
     }
 
     /// Removes one key of the script's Secret; false when it had no such key.
-    pub async fn delete_secret_key(&self, account: &str, script: &str, key: &str) -> Result<bool, ApiError> {
+    pub async fn delete_secret_key(
+        &self,
+        account: &AccountId,
+        script: &ScriptName,
+        key: &SecretKey,
+    ) -> Result<bool, ApiError> {
         let Some(secret) = self.secret(account, script).await? else { return Ok(false) };
-        if !secret.data.as_ref().is_some_and(|d| d.contains_key(key)) {
+        if !secret.data.as_ref().is_some_and(|d| d.contains_key(key.as_str())) {
             return Ok(false);
         }
-        self.merge_secret(account, &secret_name(script), &json!({"data": {key: null}})).await?;
+        let body = json!({"data": {key.as_str(): null}});
+        self.merge_secret(account.as_str(), &secret_name(script.as_str()), &body).await?;
         Ok(true)
+    }
+
+    /// The names of the script's secrets (never their values).
+    pub async fn secret_names(
+        &self,
+        account: &AccountId,
+        script: &ScriptName,
+    ) -> Result<Vec<String>, ApiError> {
+        let secret = self.secret(account, script).await?;
+        Ok(secret.and_then(|s| s.data).into_iter().flat_map(|data| data.into_keys()).collect())
     }
 }
 

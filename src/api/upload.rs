@@ -12,6 +12,8 @@ use serde_json::{json, Map, Value};
 
 use super::envelope::ApiError;
 use super::limits::Limits;
+use super::path::{AccountId, ScriptName, VersionId};
+use super::store::ObjectKey;
 use crate::crd::{VarType, WorkerTemplate, WorkerVar};
 use crate::worker::names::{check_module_path, check_worker_name, tenant_env_prefix};
 use crate::worker::{ModuleContent, ModuleKind, Overrides, Worker, WorkerFiles, METADATA_FILE};
@@ -108,13 +110,112 @@ fn form_error(error: MultipartError, limits: &Limits) -> ApiError {
     }
 }
 
-/// The metadata fields an upload may carry. Fields that do not change what runs (`logpush`,
-/// `observability`, `placement`, `limits`, `tail_consumers`, `keep_bindings`, ...) are accepted and
-/// not stored.
+/// What this server does with one top-level field of an upload's metadata.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stored with the version and served.
+    Served,
+    /// Accepted: the value asks for nothing this server would have to do (an empty list, `false`,
+    /// `observability`: a worker's logs go to workerd's output, where the pod's log collects them).
+    NothingToDo,
+    /// Refused, saying which setting and why.
+    Refused(String),
+}
+
+/// Every top-level metadata field wrangler 4.86.0 can send (`createWorkerUploadForm`, the draft
+/// worker of `secret put` / `secret bulk`, `versions secret put`, with `unsafe.metadata` any other
+/// name), and `usage_model` from Cloudflare's API. Each has a verdict in [`metadata_verdict`].
+pub const METADATA_FIELDS: [&str; 20] = [
+    "main_module",
+    "body_part",
+    "bindings",
+    "compatibility_date",
+    "compatibility_flags",
+    "keep_bindings",
+    "annotations",
+    "migrations",
+    "capnp_schema",
+    "logpush",
+    "placement",
+    "tail_consumers",
+    "streaming_tail_consumers",
+    "limits",
+    "keep_assets",
+    "assets",
+    "observability",
+    "cache_options",
+    "containers",
+    "usage_model",
+];
+
+/// An empty setting: absent in all but name (null, false, [] or {}).
+fn is_empty_setting(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// The verdict on metadata field `field` with `value`: every field is served or refused by name,
+/// never dropped, so a deploy never silently loses a setting.
+pub fn metadata_verdict(field: &str, value: &Value) -> Verdict {
+    let refused = |message: &str| Verdict::Refused(message.to_owned());
+    let unless_empty = |message: &str| {
+        if is_empty_setting(value) {
+            Verdict::NothingToDo
+        } else {
+            refused(message)
+        }
+    };
+    match field {
+        "main_module"
+        | "bindings"
+        | "compatibility_date"
+        | "compatibility_flags"
+        | "keep_bindings"
+        | "annotations" => Verdict::Served,
+        // Where a worker's console output and exceptions go is not a per-worker choice here.
+        "observability" => Verdict::NothingToDo,
+        // No assets are served, so a version has none to keep.
+        "keep_assets" if value.is_boolean() || value.is_null() => Verdict::NothingToDo,
+        "keep_assets" => refused("keep_assets must be true or false"),
+        "body_part" => refused(
+            "the service-worker format (body_part) is not supported: upload ES modules (wrangler \
+             does by default; main_module names the entry)",
+        ),
+        "logpush" => unless_empty("logpush (logpush = true) is not served yet"),
+        "tail_consumers" => unless_empty("tail consumers (tail_consumers) are not served yet"),
+        "streaming_tail_consumers" => {
+            unless_empty("streaming tail consumers (streaming_tail_consumers) are not served yet")
+        }
+        "placement" if value["mode"] == "off" && value.get("hint").is_none() => Verdict::NothingToDo,
+        "placement" => {
+            unless_empty("placement ([placement] mode) is not served: a worker runs in its account's pods")
+        }
+        "limits" => unless_empty("limits ([limits] cpu_ms, subrequests) are not enforced yet"),
+        "migrations" => unless_empty("migrations (Durable Objects) are not served yet"),
+        "assets" => unless_empty("static assets ([assets]) are not served yet"),
+        "containers" => unless_empty("containers ([[containers]]) are not served"),
+        "cache_options" if value["enabled"] == false => Verdict::NothingToDo,
+        "cache_options" => unless_empty("the cache setting ([cache] enabled) is not served yet"),
+        "capnp_schema" => unless_empty("unsafe Cap'n Proto schemas (capnp_schema) are not served"),
+        "usage_model" if value.is_null() || value == "standard" => Verdict::NothingToDo,
+        "usage_model" => refused("usage models other than \"standard\" are not served"),
+        other => Verdict::Refused(format!(
+            "metadata field {other:?} is not known to this server (refused rather than dropped)"
+        )),
+    }
+}
+
+/// The annotations a version keeps: wrangler's `--message` and `--tag`.
+const ANNOTATIONS: [&str; 2] = ["workers/message", "workers/tag"];
+
+/// The metadata fields this server serves; every other field has passed [`metadata_verdict`].
 #[derive(Debug, Deserialize)]
 struct UploadMetadata {
     main_module: Option<String>,
-    body_part: Option<String>,
     compatibility_date: Option<String>,
     #[serde(default)]
     compatibility_flags: Vec<String>,
@@ -124,9 +225,32 @@ struct UploadMetadata {
     annotations: BTreeMap<String, Value>,
     #[serde(default)]
     keep_bindings: Vec<String>,
-    migrations: Option<Value>,
-    assets: Option<Value>,
-    containers: Option<Value>,
+}
+
+/// Parses the metadata part: every field gets its verdict; all refusals are named in one error.
+fn parse_metadata(bytes: &[u8]) -> Result<UploadMetadata, ApiError> {
+    let invalid = |e: serde_json::Error| {
+        ApiError::Invalid(format!("the `metadata` part is not valid upload metadata JSON: {e}"))
+    };
+    let fields: Map<String, Value> = serde_json::from_slice(bytes).map_err(invalid)?;
+    let refusals: Vec<String> = fields
+        .iter()
+        .filter_map(|(field, value)| match metadata_verdict(field, value) {
+            Verdict::Refused(message) => Some(message),
+            Verdict::Served | Verdict::NothingToDo => None,
+        })
+        .collect();
+    if !refusals.is_empty() {
+        return Err(ApiError::Invalid(format!(
+            "the upload asks for what this server does not serve: {}",
+            refusals.join("; ")
+        )));
+    }
+    let served: Map<String, Value> = fields
+        .into_iter()
+        .filter(|(field, value)| metadata_verdict(field, value) == Verdict::Served && !value.is_null())
+        .collect();
+    serde_json::from_value(Value::Object(served)).map_err(invalid)
 }
 
 /// Validates a whole upload for worker `script`. Pure: nothing is read or written.
@@ -175,9 +299,7 @@ pub fn validate(script: &str, mut parts: Vec<Part>, limits: &Limits) -> Result<U
     let metadata_bytes = metadata_bytes.ok_or_else(|| {
         ApiError::Invalid("the upload has no `metadata` part (Cloudflare's script upload format)".into())
     })?;
-    let raw: UploadMetadata = serde_json::from_slice(&metadata_bytes).map_err(|e| {
-        ApiError::Invalid(format!("the `metadata` part is not valid upload metadata JSON: {e}"))
-    })?;
+    let raw = parse_metadata(&metadata_bytes)?;
     let keep = Keep {
         text: raw.keep_bindings.iter().any(|k| k == "plain_text"),
         json: raw.keep_bindings.iter().any(|k| k == "json"),
@@ -254,26 +376,8 @@ pub fn check_module_type(name: &str, content_type: Option<&str>) -> Result<(), A
 }
 
 fn stored_metadata(raw: UploadMetadata) -> Result<Value, ApiError> {
-    let main_module = match (raw.main_module, raw.body_part) {
-        (Some(main), _) => main,
-        (None, Some(_)) => {
-            return Err(ApiError::Invalid(
-                "the service-worker format (body_part) is not supported: upload ES modules \
-                 (wrangler does by default; main_module names the entry)"
-                    .into(),
-            ))
-        }
-        (None, None) => return Err(ApiError::Invalid("the metadata names no main_module".into())),
-    };
-    for (field, present) in [
-        ("assets", raw.assets.is_some()),
-        ("migrations (Durable Objects)", raw.migrations.is_some()),
-        ("containers", raw.containers.is_some()),
-    ] {
-        if present {
-            return Err(ApiError::Invalid(format!("{field} are not supported by this server yet")));
-        }
-    }
+    let main_module =
+        raw.main_module.ok_or_else(|| ApiError::Invalid("the metadata names no main_module".into()))?;
     let mut bindings = Vec::new();
     let mut names = BTreeSet::new();
     for binding in raw.bindings {
@@ -323,11 +427,23 @@ fn stored_metadata(raw: UploadMetadata) -> Result<Value, ApiError> {
     }
     stored.insert("bindings".into(), Value::Array(bindings));
     // wrangler's --message and --tag: shown again by `versions list` and `deployments list`.
-    let annotations: Map<String, Value> = raw
-        .annotations
-        .into_iter()
-        .filter(|(k, v)| (k == "workers/message" || k == "workers/tag") && v.is_string())
-        .collect();
+    let mut annotations = Map::new();
+    for (key, value) in raw.annotations {
+        if !ANNOTATIONS.contains(&key.as_str()) {
+            return Err(ApiError::Invalid(format!(
+                "annotation {key:?} is not served (only workers/message and workers/tag)"
+            )));
+        }
+        match value {
+            Value::String(_) => {
+                annotations.insert(key, value);
+            }
+            Value::Null => {}
+            other => {
+                return Err(ApiError::Invalid(format!("annotation {key:?} must be a string, not {other}")))
+            }
+        }
+    }
     if !annotations.is_empty() {
         stored.insert("annotations".into(), Value::Object(annotations));
     }
@@ -357,11 +473,6 @@ pub fn inherit_vars(metadata: &mut Value, keep: &Keep, running: &WorkerTemplate)
     }
 }
 
-/// Where a version's files are: `<account>/<script>/<version-id>/`.
-pub fn version_prefix(account: &str, script: &str, version: &str) -> String {
-    format!("{account}/{script}/{version}/")
-}
-
 /// The Secret holding a script's secrets (in the account's namespace). A WorkerDeployment name is
 /// at most 63 characters, so this stays well inside a Secret name's 253.
 pub fn secret_name(script: &str) -> String {
@@ -373,9 +484,9 @@ pub fn secret_name(script: &str) -> String {
 /// gets exactly the template an upload would have applied: the same release.
 pub fn template_for(
     bucket: &str,
-    account: &str,
-    script: &str,
-    version: &str,
+    account: &AccountId,
+    script: &ScriptName,
+    version: &VersionId,
     metadata: &Value,
 ) -> Result<WorkerTemplate, String> {
     let text = |key: &str| metadata[key].as_str().map(str::to_owned);
@@ -399,15 +510,18 @@ pub fn template_for(
         }
     }
     Ok(WorkerTemplate {
-        script_name: script.to_owned(),
-        script_urls: vec![format!("s3://{bucket}/{}", version_prefix(account, script, version))],
+        script_name: script.as_str().to_owned(),
+        script_urls: vec![format!(
+            "s3://{bucket}/{}",
+            ObjectKey::version_prefix(account, script, version).as_str()
+        )],
         main_module: Some(text("main_module").ok_or("stored metadata names no main_module")?),
         compatibility_date: text("compatibility_date"),
         compatibility_flags: flags,
         vars,
-        secret_ref: Some(secret_name(script)),
+        secret_ref: Some(secret_name(script.as_str())),
         env_prefix: None,
-        version_id: Some(version.to_owned()),
+        version_id: Some(version.as_str().to_owned()),
     })
 }
 
@@ -425,7 +539,7 @@ mod tests {
 
     const MAIN: &str = r#"{"main_module":"index.js","compatibility_date":"2024-09-23","bindings":[
         {"name":"GREETING","type":"plain_text","text":"hi"},{"name":"CFG","type":"json","json":{"a":[1,2]}},
-        {"name":"OLD","type":"secret_text"}],"annotations":{"workers/message":"m","other":"x"},
+        {"name":"OLD","type":"secret_text"}],"annotations":{"workers/message":"m"},
         "observability":{"enabled":false}}"#;
 
     fn upload(parts: Vec<Part>) -> Result<Upload, ApiError> {
@@ -565,7 +679,9 @@ mod tests {
     fn the_template_follows_the_stored_metadata() {
         let u = upload(vec![metadata(MAIN), part("index.js", "export default {}")]).unwrap();
         let v = "0b8a5b8e-6f4e-4c39-9a57-2c4d2b7d8f10";
-        let t = template_for("workers", "1234", "hello", v, &u.metadata).unwrap();
+        let (account, script) = (AccountId::parse("1234").unwrap(), ScriptName::parse("hello").unwrap());
+        let version = VersionId::parse(v).unwrap();
+        let t = template_for("workers", &account, &script, &version, &u.metadata).unwrap();
         assert_eq!(t.script_urls, [format!("s3://workers/1234/hello/{v}/")]);
         assert_eq!(t.main_module.as_deref(), Some("index.js"));
         assert_eq!(t.compatibility_date.as_deref(), Some("2024-09-23"));
@@ -580,6 +696,72 @@ mod tests {
         );
         // Read back from S3 it is the same template: the same release.
         let reread: Value = serde_json::from_slice(u.metadata.to_string().as_bytes()).unwrap();
-        assert_eq!(template_for("workers", "1234", "hello", v, &reread).unwrap(), t);
+        assert_eq!(template_for("workers", &account, &script, &version, &reread).unwrap(), t);
+    }
+
+    /// Every top-level field wrangler 4.86.0 can send, with what this server does with it.
+    #[test]
+    fn every_metadata_field_is_served_or_refused_by_name() {
+        use Verdict::{NothingToDo, Served};
+        let refused = |words: &str| Verdict::Refused(words.to_owned());
+        let table: Vec<(&str, Value, Verdict)> = vec![
+            ("main_module", json!("index.js"), Served),
+            ("body_part", json!("worker.js"), refused("service-worker format (body_part)")),
+            ("bindings", json!([]), Served),
+            ("compatibility_date", json!("2024-09-23"), Served),
+            ("compatibility_flags", json!(["nodejs_compat"]), Served),
+            ("keep_bindings", json!(["plain_text", "secret_text"]), Served),
+            ("annotations", json!({"workers/message": "m"}), Served),
+            ("migrations", json!({"new_tag": "v1"}), refused("migrations (Durable Objects)")),
+            ("capnp_schema", json!("schema.capnp"), refused("capnp_schema")),
+            ("logpush", json!(false), NothingToDo),
+            ("logpush", json!(true), refused("logpush")),
+            ("placement", json!({"mode": "off"}), NothingToDo),
+            ("placement", json!({"mode": "smart"}), refused("placement ([placement] mode)")),
+            ("placement", json!({"mode": "targeted", "region": "x"}), refused("placement")),
+            ("tail_consumers", json!([]), NothingToDo),
+            ("tail_consumers", json!([{"service": "x"}]), refused("tail consumers")),
+            ("streaming_tail_consumers", json!([]), NothingToDo),
+            ("streaming_tail_consumers", json!([{"service": "x"}]), refused("streaming tail consumers")),
+            ("limits", json!({"cpu_ms": 50}), refused("limits")),
+            ("keep_assets", json!(true), NothingToDo),
+            ("assets", json!({"jwt": "x"}), refused("static assets")),
+            ("observability", json!({"enabled": true, "head_sampling_rate": 0.5}), NothingToDo),
+            ("cache_options", json!({"enabled": false}), NothingToDo),
+            ("cache_options", json!({"enabled": true}), refused("cache")),
+            ("containers", json!([]), NothingToDo),
+            ("containers", json!([{"class_name": "C"}]), refused("containers")),
+            ("usage_model", json!("standard"), NothingToDo),
+            ("usage_model", json!("unbound"), refused("usage model")),
+            ("no_such_field", json!(1), refused("\"no_such_field\" is not known")),
+        ];
+        for field in METADATA_FIELDS {
+            assert!(table.iter().any(|(f, _, _)| *f == field), "{field} has no row");
+        }
+        for (field, value, expected) in table {
+            let got = metadata_verdict(field, &value);
+            match (&expected, &got) {
+                (Verdict::Refused(words), Verdict::Refused(message)) => {
+                    assert!(message.contains(words), "{field}={value}: {message:?} lacks {words:?}")
+                }
+                _ => assert_eq!(got, expected, "{field}={value}"),
+            }
+        }
+    }
+
+    #[test]
+    fn refused_fields_are_all_named_and_nothing_is_dropped() {
+        let js = || part("index.js", "export default {}");
+        let meta = r#"{"main_module":"index.js","logpush":true,"tail_consumers":[{"service":"t"}],
+            "limits":{"cpu_ms":5},"frobnicate":1}"#;
+        let message = invalid(vec![metadata(meta), js()]);
+        for words in ["logpush", "tail consumers", "limits", "\"frobnicate\""] {
+            assert!(message.contains(words), "{message:?} lacks {words:?}");
+        }
+        let odd_annotation = r#"{"main_module":"index.js","annotations":{"workers/x":"y"}}"#;
+        assert!(invalid(vec![metadata(odd_annotation), js()]).contains("workers/x"));
+        // wrangler's draft worker (`secret put`/`secret bulk` on a new worker) passes.
+        let draft = r#"{"main_module":"index.js","bindings":[],"logpush":false}"#;
+        assert!(upload(vec![metadata(draft), js()]).is_ok());
     }
 }

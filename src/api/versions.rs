@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
 use super::envelope::{json_body, ok, ApiError};
+use super::path::{AccountId, ScriptName, ScriptPath, VersionId, VersionPath};
 use super::store::{DEPLOYED_AT, DEPLOY_MESSAGE};
+use super::undo::UndoRecord;
 use super::upload::{inherit_vars, read_parts, template_for, validate, Upload};
 use super::Shared;
 use crate::crd::{VarType, WorkerDeployment, WorkerRelease, WorkerTemplate};
@@ -149,28 +151,20 @@ pub fn known_versions(deployment: &WorkerDeployment, releases: &[WorkerRelease])
     ids
 }
 
-fn check_version_id(id: &str) -> Result<(), ApiError> {
-    // A version id becomes part of an S3 key: only a canonical UUID is let through.
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
-        _ => Err(ApiError::NotFound(format!("version {id:?} not found (a version id is a UUID)"))),
-    }
-}
-
 /// The template of version `id`: from its release when there is one (exactly what was built), else
 /// from what its upload stored.
-async fn version_info(
+pub(super) async fn version_info(
     api: &Shared,
-    account: &str,
-    script: &str,
+    account: &AccountId,
+    script: &ScriptName,
     deployment: Option<&WorkerDeployment>,
     releases: &[WorkerRelease],
-    id: &str,
+    id: &VersionId,
 ) -> Result<Option<VersionInfo>, ApiError> {
-    check_version_id(id)?;
     let stored = api.store.version(account, script, id).await?;
-    let release = releases.iter().find(|r| r.spec.template.version_id.as_deref() == Some(id));
-    let current = deployment.filter(|d| d.spec.template.version_id.as_deref() == Some(id));
+    let is_id = |v: &Option<String>| v.as_deref() == Some(id.as_str());
+    let release = releases.iter().find(|r| is_id(&r.spec.template.version_id));
+    let current = deployment.filter(|d| is_id(&d.spec.template.version_id));
     let template = match (release, current, &stored) {
         (Some(r), _, _) => r.spec.template.clone(),
         (None, Some(d), _) => d.spec.template.clone(),
@@ -185,7 +179,7 @@ async fn version_info(
         .unwrap_or_default();
     let annotations = stored.as_ref().map(|s| s.metadata["annotations"].clone()).filter(Value::is_object);
     Ok(Some(VersionInfo {
-        id: id.to_owned(),
+        id: id.as_str().to_owned(),
         created_on,
         template,
         annotations: annotations.unwrap_or_else(|| json!({})),
@@ -196,11 +190,11 @@ async fn version_info(
 /// template that runs it. Refused uploads store nothing.
 pub async fn receive(
     api: &Shared,
-    account: &str,
-    script: &str,
+    account: &AccountId,
+    script: &ScriptName,
     headers: &HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Result<(String, Upload, WorkerTemplate), ApiError> {
+) -> Result<(VersionId, Upload, WorkerTemplate), ApiError> {
     let limit = api.limits.max_upload_bytes;
     let length =
         headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -214,7 +208,7 @@ pub async fn receive(
         ApiError::Invalid(format!("the upload is not a multipart/form-data body: {}", e.body_text()))
     })?;
     let parts = read_parts(&mut multipart, &api.limits).await?;
-    let mut upload = validate(script, parts, &api.limits)?;
+    let mut upload = validate(script.as_str(), parts, &api.limits)?;
     api.store.check_name_free(account, script).await?;
     check_startup(api, &upload).await?;
     if !upload.keep.is_empty() {
@@ -222,7 +216,7 @@ pub async fn receive(
             inherit_vars(&mut upload.metadata, &upload.keep, &running.spec.template);
         }
     }
-    let version = uuid::Uuid::new_v4().to_string();
+    let version = VersionId::new_random();
     let template = template_for(&api.store.bucket, account, script, &version, &upload.metadata)
         .map_err(ApiError::Backend)?;
     api.store.put_version(account, script, &version, &upload).await?;
@@ -255,13 +249,13 @@ async fn check_startup(api: &Shared, upload: &Upload) -> Result<(), ApiError> {
 /// stores a version without deploying it.
 pub async fn upload(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let (version, upload, template) = receive(&api, &account, &script, &headers, multipart).await?;
     let info = VersionInfo {
-        id: version,
+        id: version.as_str().to_owned(),
         created_on: k8s_openapi::jiff::Timestamp::now().to_string(),
         template,
         annotations: upload.metadata.get("annotations").cloned().unwrap_or_else(|| json!({})),
@@ -272,11 +266,13 @@ pub async fn upload(
 /// `GET .../versions`: newest first.
 pub async fn list(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
 ) -> Result<Response, ApiError> {
     let deployment = api.store.existing(&account, &script).await?;
     let releases = api.store.releases(&account, &script).await?;
-    let ids = known_versions(&deployment, &releases);
+    // Ids written by hand into a template or release that are not UUIDs name no stored version.
+    let ids: Vec<VersionId> =
+        known_versions(&deployment, &releases).iter().filter_map(|id| VersionId::parse(id).ok()).collect();
     let found = futures::future::try_join_all(
         ids.iter().map(|id| version_info(&api, &account, &script, Some(&deployment), &releases, id)),
     )
@@ -291,7 +287,7 @@ pub async fn list(
 /// `GET .../versions/{id}`.
 pub async fn get(
     State(api): State<Shared>,
-    Path((account, script, id)): Path<(String, String, String)>,
+    VersionPath { account, script, version: id }: VersionPath,
 ) -> Result<Response, ApiError> {
     let deployment = api.store.deployment(&account, &script).await?;
     let releases = match &deployment {
@@ -307,7 +303,7 @@ pub async fn get(
 /// `GET .../deployments`: newest first.
 pub async fn deployments(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
 ) -> Result<Response, ApiError> {
     let deployment = api.store.existing(&account, &script).await?;
     let releases = api.store.releases(&account, &script).await?;
@@ -331,7 +327,7 @@ struct Traffic {
 }
 
 /// The one version a deployment request sends all traffic to.
-pub fn single_version(request: &DeployRequest) -> Result<String, ApiError> {
+pub fn single_version(request: &DeployRequest) -> Result<VersionId, ApiError> {
     if request.strategy.as_deref().is_some_and(|s| s != "percentage") {
         return Err(ApiError::Invalid(format!(
             "deployment strategy {:?} is not supported (only \"percentage\")",
@@ -339,7 +335,7 @@ pub fn single_version(request: &DeployRequest) -> Result<String, ApiError> {
         )));
     }
     match request.versions.as_slice() {
-        [only] if (only.percentage - 100.0).abs() < f64::EPSILON => Ok(only.version_id.clone()),
+        [only] if (only.percentage - 100.0).abs() < f64::EPSILON => VersionId::parse(&only.version_id),
         _ => Err(ApiError::Invalid(
             "a deployment here sends 100% of traffic to one version: gradual deployments (several \
              versions, or less than 100%) are not supported by this server"
@@ -352,7 +348,7 @@ pub fn single_version(request: &DeployRequest) -> Result<String, ApiError> {
 /// `wrangler versions deploy`).
 pub async fn deploy(
     State(api): State<Shared>,
-    Path((account, script)): Path<(String, String)>,
+    ScriptPath { account, script }: ScriptPath,
     body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body)?;
@@ -368,7 +364,8 @@ pub async fn deploy(
         .ok_or_else(|| ApiError::NotFound(format!("version {version} of worker {script:?} not found")))?;
     let message = request.annotations.get("workers/message").and_then(Value::as_str);
     api.store.ensure_account(&account).await?;
-    let applied = api.store.apply_template(&account, &script, &info.template, message).await?;
+    let undo = UndoRecord::new(deployment.as_ref(), &version, k8s_openapi::jiff::Timestamp::now());
+    let applied = api.store.apply_template(&account, &script, &info.template, message, Some(&undo)).await?;
     let entry = history(&applied, &[])
         .into_iter()
         .next()
@@ -451,7 +448,7 @@ mod tests {
         let one = parse(&format!(
             r#"{{"strategy":"percentage","versions":[{{"version_id":"{V1}","percentage":100}}]}}"#
         ));
-        assert_eq!(single_version(&one).unwrap(), V1);
+        assert_eq!(single_version(&one).unwrap().as_str(), V1);
         let split = parse(&format!(
             r#"{{"versions":[{{"version_id":"{V1}","percentage":50}},{{"version_id":"{V2}","percentage":50}}]}}"#
         ));
@@ -461,9 +458,9 @@ mod tests {
     #[test]
     fn version_ids_must_be_uuids() {
         let mixed = "0b8a5b8e-6f4e-4c39-9a57-2c4d2b7d8f10";
-        assert!(check_version_id(V1).is_ok() && check_version_id(mixed).is_ok());
+        assert!(VersionId::parse(V1).is_ok() && VersionId::parse(mixed).is_ok());
         for bad in ["../x", "x", "11111111111141118111111111111111", &mixed.to_uppercase()] {
-            assert!(check_version_id(bad).is_err(), "{bad}");
+            assert!(VersionId::parse(bad).is_err(), "{bad}");
         }
     }
 }
