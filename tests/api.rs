@@ -405,28 +405,239 @@ fn keep_vars_keeps_the_running_vars() {
     assert!(names().is_empty(), "without keep_vars the upload's (no) vars are the vars");
 }
 
+/// `wrangler delete` asks what depends on the worker first (references, tail producers), then
+/// deletes the service; `--force` skips the questions.
 #[test]
 fn wrangler_delete_removes_the_worker_its_secret_and_its_versions() {
     let env = Env::start("api-delete", false, &[]);
     let wrangler = env.wrangler(TOKEN_A, Some(A));
     let project = tempdir();
     let dir = project.path();
-    write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("bye").as_bytes())]);
-    wrangler.ok(dir, &["deploy"]);
-    assert!(wrangler.run_with_input(dir, &["secret", "put", "K"], Some("v")).success());
-    assert!(!env.keys(&format!("{A}/hello/")).is_empty());
+    let gone = |env: &Env| {
+        assert!(env.cluster.get("workerdeployment", "hello").is_none());
+        assert!(env.cluster.get("secret", "hello-secrets").is_none());
+        assert!(env.keys(&format!("{A}/hello/")).is_empty());
+        let (code, reply) = curl(
+            "GET",
+            &format!("{}/accounts/{A}/workers/services/hello", env.api.url),
+            Some(TOKEN_A),
+            Body::None,
+        );
+        assert_eq!((code, &reply["errors"][0]["code"]), (404, &json!(10007)));
+    };
+    for args in [&["delete"][..], &["delete", "--force"][..]] {
+        write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("bye").as_bytes())]);
+        wrangler.ok(dir, &["deploy"]);
+        assert!(wrangler.run_with_input(dir, &["secret", "put", "K"], Some("v")).success());
+        assert!(!env.keys(&format!("{A}/hello/")).is_empty());
+        let run = wrangler.ok(dir, args);
+        assert!(run.text().contains("Successfully deleted hello"), "{args:?}: {}", run.text());
+        gone(&env);
+    }
+    let log = env.api.log();
+    for route in ["/references", "/tails/by-consumer/{script_name}"] {
+        assert!(
+            log.lines().any(|l| l.contains(route) && l.contains("status=200")),
+            "wrangler delete asked {route}:\n{log}"
+        );
+    }
+    // Both answer "not found" for a worker that does not exist.
+    for path in ["workers/scripts/hello/references", "workers/tails/by-consumer/hello"] {
+        let url = format!("{}/accounts/{A}/{path}", env.api.url);
+        let (code, reply) = curl("GET", &url, Some(TOKEN_A), Body::None);
+        assert_eq!((code, &reply["errors"][0]["code"]), (404, &json!(10007)), "{path}: {reply}");
+    }
+}
 
-    let run = wrangler.ok(dir, &["delete", "--force"]);
-    assert!(env.cluster.get("workerdeployment", "hello").is_none(), "{}", run.text());
-    assert!(env.cluster.get("secret", "hello-secrets").is_none());
-    assert!(env.keys(&format!("{A}/hello/")).is_empty());
+/// `wrangler secret bulk`: the settings GET lists the worker's bindings (secrets by name), the
+/// settings PATCH keeps them and sets the new secrets in the worker's Secret, and nothing else
+/// changes; on a worker that does not exist wrangler creates a draft first.
+#[test]
+fn secret_bulk_sets_secrets_and_changes_nothing_else() {
+    let env = Env::start("api-secret-bulk", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    let dir = project.path();
+    let toml = format!("{HELLO_TOML}[vars]\nGREETING = \"hi\"\nCFG = {{ n = 1 }}\n");
+    write(dir, &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("bulk").as_bytes())]);
+    wrangler.ok(dir, &["deploy"]);
+    assert!(wrangler.run_with_input(dir, &["secret", "put", "OLD"], Some("old-value")).success());
+    assert!(wrangler.run_with_input(dir, &["secret", "put", "KEPT"], Some("kept-value")).success());
+    let before = env.cluster.get("workerdeployment", "hello").unwrap();
+
+    const VALUE: &str = "bulk-s3cr3t-6e0d";
+    let secrets = format!(r#"{{"API_KEY":"{VALUE}","OLD":"renewed"}}"#);
+    write(dir, &[("secrets.json", secrets.as_bytes())]);
+    let run = wrangler.ok(dir, &["secret", "bulk", "secrets.json"]);
+    assert!(run.text().contains("2 secrets successfully uploaded"), "{}", run.text());
+    let secret = env.cluster.get("secret", "hello-secrets").unwrap();
+    assert_eq!(secret["data"]["API_KEY"], base64_of(VALUE));
+    assert_eq!(secret["data"]["OLD"], base64_of("renewed"));
+    assert_eq!(secret["data"]["KEPT"], base64_of("kept-value"));
+    let after = env.cluster.get("workerdeployment", "hello").unwrap();
+    assert_eq!(after["spec"], before["spec"], "the code and vars did not change");
+    assert_eq!(after["metadata"]["generation"], before["metadata"]["generation"]);
+
+    // The settings list the vars with their values and the secrets by name only.
+    let settings = format!("{}/accounts/{A}/workers/scripts/hello/settings", env.api.url);
+    let (code, reply) = curl("GET", &settings, Some(TOKEN_A), Body::None);
+    assert_eq!(code, 200, "{reply}");
+    let bindings = reply["result"]["bindings"].to_string();
+    for name in ["GREETING", "CFG", "API_KEY", "OLD", "KEPT"] {
+        assert!(bindings.contains(name), "{name} missing: {bindings}");
+    }
+    assert!(!bindings.contains(VALUE) && !bindings.contains("renewed"), "{bindings}");
+
+    // A PATCH that would change a var, or leave a binding out, is refused by name; nothing changes.
+    let files = tempdir();
+    let keep = r#"{"type":"json","name":"CFG"},{"type":"secret_text","name":"API_KEY"},
+        {"type":"secret_text","name":"OLD"},{"type":"secret_text","name":"KEPT"}"#;
+    for (settings_json, words) in [
+        (
+            format!(r#"{{"bindings":[{{"type":"plain_text","name":"GREETING","text":"changed"}},{keep}]}}"#),
+            "GREETING",
+        ),
+        (format!(r#"{{"bindings":[{keep}]}}"#), "var \"GREETING\" is left out"),
+        (
+            format!(r#"{{"bindings":[{{"type":"plain_text","name":"GREETING"}},{keep}],"logpush":true}}"#),
+            "logpush",
+        ),
+    ] {
+        let (code, reply) =
+            curl("PATCH", &settings, Some(TOKEN_A), Body::Form(settings_form(files.path(), &settings_json)));
+        assert_eq!((code, &reply["errors"][0]["code"]), (400, &json!(10021)), "{reply}");
+        let message = reply["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{message:?} does not say {words:?}");
+    }
+    assert_eq!(env.cluster.get("secret", "hello-secrets").unwrap()["data"], secret["data"]);
+    assert_eq!(env.cluster.get("workerdeployment", "hello").unwrap()["spec"], before["spec"]);
+
+    // A worker that does not exist yet: wrangler creates a draft (no compatibility date), then
+    // sets the secrets.
+    let fresh = tempdir();
+    write(
+        fresh.path(),
+        &[("wrangler.toml", "name = \"fresh\"\n".as_bytes()), ("secrets.json", secrets.as_bytes())],
+    );
+    let run = wrangler.ok(fresh.path(), &["secret", "bulk", "secrets.json"]);
+    assert!(run.text().contains("2 secrets successfully uploaded"), "{}", run.text());
+    let draft = env.cluster.get("workerdeployment", "fresh").expect("the draft worker");
+    assert_eq!(draft["spec"]["template"]["mainModule"], "fresh.mjs");
+    assert_eq!(env.cluster.get("secret", "fresh-secrets").unwrap()["data"]["API_KEY"], base64_of(VALUE));
+
+    // The values are nowhere but in the Secrets.
+    assert!(!env.api.log().contains(VALUE), "the value is not logged");
+    for (key, content) in env.s3.objects(BUCKET) {
+        assert!(!String::from_utf8_lossy(&content).contains(VALUE), "the value reached S3 in {key}");
+    }
+}
+
+/// Cron schedules, routes and custom domains come after the code is live, in calls the upload does
+/// not announce: refused, they undo the deploy (the previous version runs again; a first deploy's
+/// worker is deleted), and wrangler's error names the setting.
+#[test]
+fn a_refused_trigger_undoes_the_deploy() {
+    let env = Env::start("api-triggers", false, &[]);
+    let wrangler = env.wrangler(TOKEN_A, Some(A));
+    let project = tempdir();
+    let dir = project.path();
+    let current =
+        || env.cluster.get("workerdeployment", "hello").unwrap()["spec"]["template"]["versionId"].clone();
+    write(dir, &[("wrangler.toml", HELLO_TOML.as_bytes()), ("index.js", hello_js("one").as_bytes())]);
+    let v1 = wrangler.ok(dir, &["deploy"]).version_id();
+
+    for (extra, words) in [
+        ("[triggers]\ncrons = [\"*/5 * * * *\"]\n", "cron triggers ([triggers] crons) are not served yet"),
+        (
+            "routes = [{ pattern = \"example.com/*\", zone_name = \"example.com\" }]\n",
+            "routes (route / routes in the config) are not served yet",
+        ),
+        (
+            "workers_dev = true\nroutes = [{ pattern = \"app.example.com\", custom_domain = true }]\n",
+            "custom domains (routes with custom_domain = true) are not served yet",
+        ),
+    ] {
+        let toml = format!("{HELLO_TOML}{extra}");
+        write(dir, &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("two").as_bytes())]);
+        let run = wrangler.run(dir, &["deploy"]);
+        assert!(!run.success(), "{extra}: {}", run.text());
+        let expected = format!("{words}; the previous version keeps running");
+        assert!(run.text().contains(&expected), "{extra}: no {expected:?} in\n{}", run.text());
+        assert_eq!(current(), v1.as_str(), "{extra}: the first version runs again");
+        let wd = env.cluster.get("workerdeployment", "hello").unwrap();
+        let message = wd["metadata"]["annotations"]["workerbundle.dev/deployment-message"].as_str();
+        assert!(message.is_some_and(|m| m.contains("undone")), "{wd}");
+    }
+
+    // Empty lists are what a worker without triggers sends: served.
+    let toml = format!("{HELLO_TOML}[triggers]\ncrons = []\n");
+    write(dir, &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("three").as_bytes())]);
+    let v3 = wrangler.ok(dir, &["deploy"]).version_id();
+    assert_eq!(current(), v3.as_str());
+
+    // A first deploy with crons leaves no worker behind.
+    let fresh = tempdir();
+    let toml = "name = \"cronw\"\nmain = \"index.js\"\ncompatibility_date = \"2024-09-23\"\n[triggers]\ncrons = [\"0 0 * * *\"]\n";
+    write(fresh.path(), &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("cron").as_bytes())]);
+    let run = wrangler.run(fresh.path(), &["deploy"]);
+    assert!(!run.success());
+    assert!(run.text().contains("worker \"cronw\" was new and has been deleted"), "{}", run.text());
+    assert!(env.cluster.get("workerdeployment", "cronw").is_none());
+    assert!(env.keys(&format!("{A}/cronw/")).is_empty(), "{:?}", env.keys(&format!("{A}/cronw/")));
     let (code, reply) = curl(
         "GET",
-        &format!("{}/accounts/{A}/workers/services/hello", env.api.url),
+        &format!("{}/accounts/{A}/workers/services/cronw", env.api.url),
         Some(TOKEN_A),
         Body::None,
     );
     assert_eq!((code, &reply["errors"][0]["code"]), (404, &json!(10007)));
+
+    // logpush and tail consumers are refused by name at upload; observability is served.
+    for (extra, words) in [
+        ("logpush = true\n", "logpush"),
+        ("tail_consumers = [{ service = \"tailer\" }]\n", "tail consumers"),
+        ("[limits]\ncpu_ms = 50\n", "limits"),
+    ] {
+        let toml = format!("{HELLO_TOML}{extra}");
+        write(dir, &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("four").as_bytes())]);
+        let run = wrangler.run(dir, &["deploy"]);
+        assert!(!run.success() && run.text().contains(words), "{extra}: {}", run.text());
+        assert_eq!(current(), v3.as_str());
+    }
+    let toml = format!("{HELLO_TOML}[observability]\nenabled = true\nhead_sampling_rate = 0.5\n");
+    write(dir, &[("wrangler.toml", toml.as_bytes()), ("index.js", hello_js("five").as_bytes())]);
+    let v5 = wrangler.ok(dir, &["deploy"]).version_id();
+    assert_eq!(current(), v5.as_str());
+}
+
+/// The same through `workerbundle dev`, where the worker really answers: a redeploy with cron
+/// triggers fails and the first version keeps answering.
+#[test]
+fn a_deploy_with_crons_leaves_the_old_version_answering() {
+    use support::dev::{wait_for_answer, write_project, Dev};
+    let dir = tempdir();
+    let mut dev = Dev::start(dir.path());
+    let (wrangler, _) = dev.wrangler();
+    let project = dir.path().join("hello");
+    write_project(&project, "v1");
+    wrangler.ok(&project, &["deploy"]);
+    let url = dev.serving("hello");
+    wait_for_answer(&url, "hi v1 token=undefined", &dev);
+
+    write_project(&project, "v2");
+    let toml = std::fs::read_to_string(project.join("wrangler.toml")).unwrap();
+    let toml = toml.replace("[vars]", "[triggers]\ncrons = [\"*/5 * * * *\"]\n\n[vars]");
+    std::fs::write(project.join("wrangler.toml"), toml).unwrap();
+    let run = wrangler.run(&project, &["deploy"]);
+    assert!(!run.success(), "{}", run.text());
+    assert!(run.text().contains("cron triggers ([triggers] crons) are not served yet"), "{}", run.text());
+    // The first version answers, and keeps answering while the controllers settle.
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let answer = support::dev::get(&url);
+        assert_eq!(answer.as_deref(), Some("hi v1 token=undefined"), "\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// `wrangler secret put` on a worker that does not exist yet creates a draft worker, as on
@@ -572,14 +783,28 @@ fn route_body(method: &str, path: &str, files: &std::path::Path, js: &[u8], vers
         ("PUT", p) if p.ends_with("/secrets") => {
             Body::Json(r#"{"name":"K","text":"stolen","type":"secret_text"}"#.into())
         }
-        ("PUT", p) if p.ends_with("/schedules") => Body::Json("[]".into()),
+        ("PUT", p) if p.ends_with("/schedules") || p.ends_with("/routes") => Body::Json("[]".into()),
+        ("PUT", p) if p.ends_with("/domains/records") => Body::Json(r#"{"origins":[]}"#.into()),
+        ("POST", p) if p.ends_with("/domains/changeset") => Body::Json("[]".into()),
         ("POST", p) if p.ends_with("/deployments") => {
             Body::Json(format!(r#"{{"versions":[{{"version_id":"{version}","percentage":100}}]}}"#))
         }
-        ("POST" | "PATCH", _) => Body::Json(r#"{"enabled":false}"#.into()),
+        ("PATCH", p) if p.ends_with("/settings") => Body::Form(settings_form(files, r#"{"bindings":[]}"#)),
+        ("PATCH", _) => Body::Json(r#"{"observability":{"enabled":false}}"#.into()),
+        ("POST", _) => Body::Json(r#"{"enabled":false}"#.into()),
         _ => Body::None,
     }
 }
+
+/// The form of a settings PATCH (`wrangler secret bulk`): one part, `settings`, without a type.
+fn settings_form(dir: &std::path::Path, settings: &str) -> Vec<String> {
+    let file = dir.join("settings.part");
+    std::fs::write(&file, settings).unwrap();
+    vec![format!("settings=<{}", file.display())]
+}
+
+/// A zone id as Cloudflare's: 32 hex digits.
+const ZONE: &str = "0123456789abcdef0123456789abcdef";
 
 /// Every route of the router's own table, so a route added later is covered too.
 #[test]
@@ -617,7 +842,8 @@ fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
                 .replace("{account_id}", account)
                 .replace("{script_name}", "hello")
                 .replace("{version_id}", &version)
-                .replace("{secret_name}", "K");
+                .replace("{secret_name}", "K")
+                .replace("{zone_id}", ZONE);
             format!("{}{path}", env.api.url)
         };
         let method = route.method.as_str();
@@ -637,14 +863,23 @@ fn every_route_refuses_another_accounts_token_and_missing_or_bad_tokens() {
             assert_eq!(got, 403, "{method} {} with another account's token: {reply}", route.path);
             assert_eq!(reply["success"], false);
             assert_eq!(reply["errors"][0]["code"], 10000);
-        } else {
+        } else if route.path == "/memberships" {
             let (got, reply) = curl(method, &fill(B), Some(TOKEN_A), body());
             assert_eq!(got, 200, "{method} {}: {reply}", route.path);
             let ids: Vec<&Value> =
                 reply["result"].as_array().unwrap().iter().map(|m| &m["account"]["id"]).collect();
             assert_eq!(ids, [&json!(A)], "a token sees its own accounts only");
+        } else {
+            // The zone lookups of a routes deploy: placeholders that hold no account's data.
+            let (got, reply) = curl(method, &fill(B), Some(TOKEN_A), body());
+            assert_eq!(got, 200, "{method} {}: {reply}", route.path);
+            assert!(!reply.to_string().contains(&version), "{reply}");
         }
     }
+    // A zone lookup naming another account is refused.
+    let zones = format!("{}/zones?name=example.com&account.id={B}", env.api.url);
+    let (got, reply) = curl("GET", &zones, Some(TOKEN_A), Body::None);
+    assert_eq!((got, &reply["errors"][0]["code"]), (403, &json!(10000)), "{reply}");
 
     // Nothing of B's changed, nothing was made for A.
     assert_eq!(env.s3.objects(BUCKET), objects_before);
