@@ -12,7 +12,8 @@ fn workerd_environment(data: &std::path::Path) -> Vec<String> {
     // A replaced workerd drains for a moment before it stops.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let serving = loop {
-        let serving: Vec<String> = workerds(data).into_iter().filter(|l| l.contains("/workerd serve ")).collect();
+        let serving: Vec<String> =
+            workerds(data).into_iter().filter(|l| l.contains("/workerd serve ")).collect();
         if serving.len() == 1 || std::time::Instant::now() > deadline {
             break serving;
         }
@@ -21,7 +22,11 @@ fn workerd_environment(data: &std::path::Path) -> Vec<String> {
     assert_eq!(serving.len(), 1, "{serving:?}");
     let pid = serving[0].split_whitespace().next().unwrap().to_owned();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    environ.split(|b| *b == 0).filter(|v| !v.is_empty()).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+    environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
 }
 
 #[test]
@@ -31,9 +36,12 @@ fn a_secret_named_to_set_ld_preload_stays_a_secret_of_its_worker() {
     let (wrangler, _) = dev.wrangler();
     // The attack as found: worker `ld`, secret `PRELOAD` once became LD_PRELOAD; and two
     // workers whose names and secrets once met in one variable (`col` + `X_K`, `col-x` + `K`).
-    let source = "export default { async fetch(request, env) { return new Response(JSON.stringify(env)); } };\n";
+    let source =
+        "export default { async fetch(request, env) { return new Response(JSON.stringify(env)); } };\n";
     let mut urls = Vec::new();
-    for (worker, secret, value) in [("ld", "PRELOAD", "/tmp/evil.so"), ("col", "X_K", "mine"), ("col-x", "K", "theirs")] {
+    for (worker, secret, value) in
+        [("ld", "PRELOAD", "/tmp/evil.so"), ("col", "X_K", "mine"), ("col-x", "K", "theirs")]
+    {
         let project = dir.path().join(worker);
         write_worker(&project, worker, source, "");
         wrangler.ok(&project, &["deploy"]);

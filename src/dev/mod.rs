@@ -200,7 +200,8 @@ pub async fn run(options: DevOptions, registries: Registries) -> Result<(), DevE
 
     // The runner.
     let (runner, notices) =
-        runner::Runner::new(client.clone(), registries, data.join("run"), layouts, ports, bound).map_err(setup)?;
+        runner::Runner::new(client.clone(), registries, data.join("run"), layouts, ports, bound)
+            .map_err(setup)?;
     let runner = tokio::spawn(runner.run(notices, stopped()));
 
     crate::shutdown_signal().await;

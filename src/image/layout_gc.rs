@@ -28,17 +28,21 @@ impl Layout {
         for descriptor in self.index()?.manifests() {
             let digest = Digest::parse(descriptor.digest().as_ref()).ok_or_else(|| LayoutError::Invalid {
                 dir: self.dir().to_path_buf(),
-                message: format!("index.json lists {}, not a sha256 digest: nothing collected", descriptor.digest()),
+                message: format!(
+                    "index.json lists {}, not a sha256 digest: nothing collected",
+                    descriptor.digest()
+                ),
             })?;
             let bytes = fs::read(self.blob_path(&digest)).map_err(|source| LayoutError::Read {
                 dir: self.dir().to_path_buf(),
                 what: format!("manifest {digest}"),
                 source,
             })?;
-            let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| LayoutError::Invalid {
-                dir: self.dir().to_path_buf(),
-                message: format!("manifest {digest} is not an image manifest ({e}): nothing collected"),
-            })?;
+            let manifest: ImageManifest =
+                serde_json::from_slice(&bytes).map_err(|e| LayoutError::Invalid {
+                    dir: self.dir().to_path_buf(),
+                    message: format!("manifest {digest} is not an image manifest ({e}): nothing collected"),
+                })?;
             live.insert(digest.hex().to_owned());
             for referenced in std::iter::once(manifest.config()).chain(manifest.layers()) {
                 let hex = referenced.digest().as_ref().trim_start_matches("sha256:").to_owned();
@@ -85,7 +89,11 @@ mod tests {
         let packaged = crate::base_image::package_image(
             &[crate::base_image::PackagedLayer { role: "test", layer: &layer, created_by: "test".into() }],
             &crate::base_image::Recipe::parse(crate::base_image::BUILTIN_RECIPE).unwrap().config,
-            &crate::base_image::ImageLabels { title: "t".into(), version: "1".into(), description: "d".into() },
+            &crate::base_image::ImageLabels {
+                title: "t".into(),
+                version: "1".into(),
+                description: "d".into(),
+            },
             0,
         )
         .unwrap();

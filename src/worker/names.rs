@@ -163,7 +163,24 @@ mod tests {
     /// A worker named `ld` with a secret `PRELOAD` once set LD_PRELOAD in workerd's environment.
     #[test]
     fn no_prefix_reaches_a_variable_the_loader_or_libc_reads() {
-        for bad in ["", "L", "LD", "LD_", "ld_", "LD_X_", "MALLOC_", "GLIBC_", "LC_", "T", "TZ", "G", "WORKERBUNDLE_", "WORKERBUNDLE_LOG_", "P", "SSL_CERT_"] {
+        for bad in [
+            "",
+            "L",
+            "LD",
+            "LD_",
+            "ld_",
+            "LD_X_",
+            "MALLOC_",
+            "GLIBC_",
+            "LC_",
+            "T",
+            "TZ",
+            "G",
+            "WORKERBUNDLE_",
+            "WORKERBUNDLE_LOG_",
+            "P",
+            "SSL_CERT_",
+        ] {
             assert!(check_env_prefix(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(check_env_prefix(&default_env_prefix("ld")).is_err(), "the name-based prefix of `ld`");

@@ -72,7 +72,9 @@ fn overrides(template: &WorkerTemplate) -> Overrides {
         compatibility_flags: template.compatibility_flags.clone(),
         vars: template.vars.iter().map(var_of).collect(),
         // A tenant's worker: never a prefix made from its name (see `tenant_env_prefix`).
-        env_prefix: Some(template.env_prefix.clone().unwrap_or_else(|| tenant_env_prefix(&template.script_name))),
+        env_prefix: Some(
+            template.env_prefix.clone().unwrap_or_else(|| tenant_env_prefix(&template.script_name)),
+        ),
     }
 }
 
