@@ -35,9 +35,7 @@ fn a_worker_that_cannot_start_is_refused_and_its_sibling_never_stops() {
     let mut dev = Dev::start(dir.path());
     let (wrangler, _) = dev.wrangler();
     let sibling = dir.path().join("sibling");
-    write_worker(&sibling, "sibling", &sibling_source("sibling"), "");
-    wrangler.ok(&sibling, &["deploy"]);
-    let url = dev.serving("sibling");
+    let url = dev.deploy(&wrangler, &sibling, "sibling", &sibling_source("sibling"), "");
     wait_for_answer(&url, "sibling", &dev);
 
     let stored = files_under(&dev.data.join("s3"));
@@ -87,12 +85,8 @@ fn a_redeploy_and_a_secret_change_never_refuse_a_siblings_request() {
     let (wrangler, _) = dev.wrangler();
     let changing = dir.path().join("changing");
     let sibling = dir.path().join("sibling");
-    write_worker(&sibling, "sibling", &sibling_source("sibling"), "");
-    wrangler.ok(&sibling, &["deploy"]);
-    let sibling_url = dev.serving("sibling");
-    write_worker(&changing, "changing", &sibling_source("v1"), "");
-    wrangler.ok(&changing, &["deploy"]);
-    let changing_url = dev.serving("changing");
+    let sibling_url = dev.deploy(&wrangler, &sibling, "sibling", &sibling_source("sibling"), "");
+    let changing_url = dev.deploy(&wrangler, &changing, "changing", &sibling_source("v1"), "");
     wait_for_answer(&sibling_url, "sibling", &dev);
     wait_for_answer(&changing_url, "v1", &dev);
 
@@ -135,9 +129,7 @@ fn a_busy_port_is_named_and_kept_ports_survive_a_restart_and_a_second_dev_exits_
     let mut dev = Dev::start_with(dir.path(), &range);
     let (wrangler, _) = dev.wrangler();
     let project = dir.path().join("hello");
-    write_worker(&project, "hello", &sibling_source("hello"), "");
-    wrangler.ok(&project, &["deploy"]);
-    let url = dev.serving("hello");
+    let url = dev.deploy(&wrangler, &project, "hello", &sibling_source("hello"), "");
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, first, "the busy port was handed out");
     assert!((first..=first + 20).contains(&port), "{url} is outside --worker-ports {range}");
@@ -193,9 +185,7 @@ fn a_worker_in_a_loop_stalls_its_siblings_only_until_the_watchdog_restarts_them(
     let mut dev = Dev::start(dir.path());
     let (wrangler, _) = dev.wrangler();
     let sibling = dir.path().join("sibling");
-    write_worker(&sibling, "sibling", &sibling_source("sibling"), "");
-    wrangler.ok(&sibling, &["deploy"]);
-    let sibling_url = dev.serving("sibling");
+    let sibling_url = dev.deploy(&wrangler, &sibling, "sibling", &sibling_source("sibling"), "");
     let spinner = dir.path().join("spinner");
     write_worker(
         &spinner,

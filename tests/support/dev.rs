@@ -157,6 +157,21 @@ pub fn workerds(data: &Path) -> Vec<String> {
 }
 
 impl Dev {
+    /// Writes worker `name` into `project`, deploys it with wrangler and returns the URL dev serves
+    /// it on.
+    pub fn deploy(
+        &mut self,
+        wrangler: &super::wrangler::Wrangler,
+        project: &Path,
+        name: &str,
+        source: &str,
+        extra: &str,
+    ) -> String {
+        write_worker(project, name, source, extra);
+        wrangler.ok(project, &["deploy"]);
+        self.serving(name)
+    }
+
     /// wrangler pointed at this dev, from the exports it printed.
     pub fn wrangler(&mut self) -> (super::wrangler::Wrangler, String) {
         let api = self.export("CLOUDFLARE_API_BASE_URL");
